@@ -1,0 +1,179 @@
+"""Saved model directories: weights in safetensors, everything else in JSON. Never pickle.
+
+A model directory holds:
+  model.json          format version, architecture, layer list, preprocessing, class names,
+                      dataset and split version, metrics
+  weights.safetensors the state dict (float32 tensors)
+The layer list is what the compiler traces, so the compiler needs neither torch nor this module.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from medhe.data.preprocess import Preprocessing
+from medhe.errors import ModelFormatError, UnsupportedLayerError
+from medhe.nn.layers import PolyAct
+from medhe.nn.model import HECNN, ArchConfig
+
+MODEL_FORMAT = "medhe-model"
+MODEL_FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+WEIGHTS_FILE = "weights.safetensors"
+
+SUPPORTED_LAYERS = ("Conv2d", "AvgPool2d", "BatchNorm2d", "BatchNorm1d", "PolyAct", "ReLU", "Flatten", "Linear")
+
+
+@dataclass
+class ModelCard:
+    """Everything about a model except its weights."""
+
+    arch: ArchConfig
+    preprocessing: Preprocessing
+    class_names: list[str]
+    dataset: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+
+
+def describe_layers(model: nn.Sequential) -> list[dict]:
+    """The layer list of a torch Sequential, with state-dict keys of each layer's tensors."""
+    described = []
+    for index, layer in enumerate(model):
+        prefix = f"layers.{index}."
+        kind = type(layer).__name__
+        if isinstance(layer, nn.Conv2d):
+            if layer.groups != 1 or layer.dilation != (1, 1) or layer.padding_mode != "zeros":
+                raise UnsupportedLayerError(
+                    f"layer {index}: Conv2d with groups/dilation/non-zero padding is not supported"
+                )
+            described.append({
+                "type": "conv2d", "in_channels": layer.in_channels, "out_channels": layer.out_channels,
+                "kernel_size": list(layer.kernel_size), "stride": list(layer.stride),
+                "padding": list(layer.padding), "weight": prefix + "weight",
+                "bias": prefix + "bias" if layer.bias is not None else None,
+            })
+        elif isinstance(layer, nn.AvgPool2d):
+            kernel = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
+            stride = layer.stride if isinstance(layer.stride, int) else layer.stride[0]
+            if layer.padding not in (0, (0, 0)) or layer.ceil_mode:
+                raise UnsupportedLayerError(f"layer {index}: AvgPool2d with padding/ceil_mode is not supported")
+            described.append({"type": "avgpool2d", "kernel_size": kernel, "stride": stride})
+        elif isinstance(layer, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            described.append({
+                "type": "batchnorm", "eps": layer.eps, "weight": prefix + "weight", "bias": prefix + "bias",
+                "running_mean": prefix + "running_mean", "running_var": prefix + "running_var",
+            })
+        elif isinstance(layer, PolyAct):
+            described.append({"type": "poly", "coef": prefix + "coef"})
+        elif isinstance(layer, nn.ReLU):
+            described.append({"type": "relu"})
+        elif isinstance(layer, nn.Flatten):
+            described.append({"type": "flatten"})
+        elif isinstance(layer, nn.Linear):
+            described.append({
+                "type": "linear", "in_features": layer.in_features, "out_features": layer.out_features,
+                "weight": prefix + "weight", "bias": prefix + "bias" if layer.bias is not None else None,
+            })
+        else:
+            raise UnsupportedLayerError(
+                f"layer {index} is {kind}; supported layers: {', '.join(SUPPORTED_LAYERS)}"
+            )
+    return described
+
+
+def save_model(directory: str | Path, model: HECNN, card: ModelCard) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in model.state_dict().items()
+             if not k.endswith("num_batches_tracked")}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    doc = {
+        "format": MODEL_FORMAT,
+        "format_version": MODEL_FORMAT_VERSION,
+        "arch": card.arch.to_dict(),
+        "layers": describe_layers(model.layers),
+        "input_shape": [card.arch.in_channels, card.arch.image_size, card.arch.image_size],
+        "preprocessing": card.preprocessing.to_dict(),
+        "class_names": list(card.class_names),
+        "dataset": card.dataset,
+        "metrics": card.metrics,
+    }
+    (directory / MODEL_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
+    return directory
+
+
+def read_model_json(directory: str | Path) -> dict:
+    """The validated model.json of a model directory (no torch needed)."""
+    directory = Path(directory)
+    path = directory / MODEL_JSON
+    if not path.is_file():
+        raise ModelFormatError(f"{directory} is not a medhe model directory: {MODEL_JSON} is missing")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
+    if doc.get("format") != MODEL_FORMAT or doc.get("format_version") != MODEL_FORMAT_VERSION:
+        raise ModelFormatError(
+            f"{path}: expected format {MODEL_FORMAT!r} version {MODEL_FORMAT_VERSION}, "
+            f"got {doc.get('format')!r} version {doc.get('format_version')!r}"
+        )
+    for key in ("arch", "layers", "preprocessing", "class_names"):
+        if key not in doc:
+            raise ModelFormatError(f"{path} lacks the field {key!r}")
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise ModelFormatError(f"{directory} lacks {WEIGHTS_FILE}")
+    return doc
+
+
+def load_model(directory: str | Path) -> tuple[HECNN, ModelCard]:
+    """Rebuild the torch model (eval mode) and its card from a model directory."""
+    directory = Path(directory)
+    doc = read_model_json(directory)
+    arch = ArchConfig.from_dict(doc["arch"])
+    card = ModelCard(
+        arch=arch,
+        preprocessing=Preprocessing.from_dict(doc["preprocessing"]),
+        class_names=list(doc["class_names"]),
+        dataset=doc.get("dataset", {}),
+        metrics=doc.get("metrics", {}),
+    )
+    model = HECNN(arch)
+    state = load_file(str(directory / WEIGHTS_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ModelFormatError(
+            f"{directory / WEIGHTS_FILE} does not match the architecture: missing {missing}, "
+            f"unexpected {unexpected}"
+        )
+    model.eval()
+    return model, card
+
+
+SHIPPED_MODELS = ("br35h", "pneumoniamnist")
+
+
+def shipped_models_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A model directory from a path or the name of a model shipped in the package."""
+    path = Path(name_or_path)
+    if (path / MODEL_JSON).is_file():
+        return path
+    if str(name_or_path) in SHIPPED_MODELS:
+        shipped = shipped_models_dir() / str(name_or_path)
+        if (shipped / MODEL_JSON).is_file():
+            return shipped
+        raise ModelFormatError(f"the shipped model {name_or_path!r} is missing from {shipped}; reinstall medhe")
+    raise ModelFormatError(
+        f"{name_or_path!r} is neither a model directory (with {MODEL_JSON}) nor a shipped model "
+        f"({', '.join(SHIPPED_MODELS)})"
+    )
