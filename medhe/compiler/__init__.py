@@ -1,0 +1,6 @@
+"""Compiler: trace a trained model -> depth-optimisation passes -> CKKS parameters -> plan."""
+
+from medhe.compiler.compile import compile_model, format_report
+from medhe.compiler.plan import Plan
+
+__all__ = ["Plan", "compile_model", "format_report"]

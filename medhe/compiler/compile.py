@@ -1,0 +1,109 @@
+"""compile_model: trace -> passes -> parameters -> lowering -> Plan."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from medhe.compiler.ir import NAIVE_LEVELS, Op
+from medhe.compiler.layout import image_layout
+from medhe.compiler.lower import lower_ops
+from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
+from medhe.compiler.plan import LEVEL_COST, Plan
+from medhe.compiler.trace import trace_model_dir
+from medhe.errors import PlanError
+from medhe.params import MAX_LOG_Q_128, CKKSParams, choose_params
+
+
+def model_digest(model_dir: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("model.json", "weights.safetensors"):
+        h.update((model_dir / name).read_bytes())
+    return h.hexdigest()
+
+
+def slots_needed(ops: list[Op], input_shape: tuple[int, ...]) -> int:
+    """Slots the widest layer needs with channels in power-of-two blocks of the input image."""
+    block = 1 << int(np.ceil(np.log2(input_shape[1] * input_shape[2])))
+    widest = max([input_shape[0]] + [op.out_shape[0] for op in ops if len(op.out_shape) == 3])
+    return widest * block
+
+
+def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict) -> list[dict]:
+    """One row per traced layer: naive levels, levels after optimisation, rotations."""
+    after = {}
+    for op in optimized:
+        names = op.name.split("+")
+        cost = 1 if op.kind in WEIGHTED + ("square",) else 0
+        rotations = sum(plan.instructions[i].rotations for i in owners.get(op.name, []))
+        after[names[0]] = (op.describe(), cost, rotations)
+        for other in names[1:]:
+            after[other] = (f"merged into {names[0]}", 0, 0)
+    rows = []
+    for op in traced:
+        lowered, cost, rotations = after.get(op.name, ("folded into a neighbour", 0, 0))
+        rows.append({"layer": op.name, "op": op.describe(), "levels_before": NAIVE_LEVELS[op.kind],
+                     "levels_after": cost, "rotations": rotations, "lowered_as": lowered})
+    return rows
+
+
+def compile_model(
+    model_dir: str | Path,
+    *,
+    params: CKKSParams | None = None,
+    poly_modulus_degree: int | None = None,
+    log_scale_bits: int | None = None,
+    insecure_for_tests: bool = False,
+) -> Plan:
+    model_dir = Path(model_dir)
+    traced, doc = trace_model_dir(model_dir)
+    optimized = optimize(traced)
+    depth = optimized_levels(optimized)
+    input_shape = tuple(doc["input_shape"])
+    if params is None:
+        params = choose_params(depth, slots_needed(optimized, input_shape), log_scale_bits=log_scale_bits,
+                               poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
+    if params.levels < depth:
+        n = params.poly_modulus_degree
+        fits = max(0, (MAX_LOG_Q_128[n] - 2 * params.coeff_modulus_bits[0]) // params.log_scale_bits)
+        raise PlanError(
+            f"model needs {depth} levels but the parameters give {params.levels} (N={n}; at 128-bit "
+            f"security N={n} holds about {fits} levels of {params.log_scale_bits} bits); use "
+            f"poly_modulus_degree={2 * n} or a model with fewer activations"
+        )
+    n = params.slot_count
+    in_layout, _ = image_layout(input_shape, n)
+    instructions, out_layout, owners = lower_ops(optimized, in_layout, n)
+    plan = Plan(params, input_shape, in_layout, out_layout, instructions, list(doc["class_names"]),
+                doc["preprocessing"], model_digest(model_dir))
+    if plan.depth != depth:
+        raise PlanError(f"internal: lowering used {plan.depth} levels, the optimised IR counts {depth}")
+    plan.report = {
+        "layers": layer_table(traced, optimized, plan, owners),
+        "levels_before": naive_levels(traced),
+        "levels_after": depth,
+        "levels_available": params.levels,
+        "rotations": plan.rotation_count(),
+        "rotation_keys": len(plan.rotation_steps()),
+        "params": params.to_dict(),
+        "security_bits": params.security_bits,
+    }
+    return plan
+
+
+def format_report(report: dict) -> str:
+    rows = report["layers"]
+    lines = [f"{'layer':<14}{'op':<28}{'levels before':>14}{'levels after':>13}{'rotations':>10}  lowered as"]
+    for r in rows:
+        lines.append(f"{r['layer']:<14}{r['op'][:27]:<28}{r['levels_before']:>14}{r['levels_after']:>13}"
+                     f"{r['rotations']:>10}  {r['lowered_as']}")
+    p = report["params"]
+    lines.append(f"{'total':<42}{report['levels_before']:>14}{report['levels_after']:>13}{report['rotations']:>10}")
+    lines.append(f"CKKS: N={p['poly_modulus_degree']}, primes {p['coeff_modulus_bits']} "
+                 f"({sum(p['coeff_modulus_bits'])} bits), scale 2^{p['log_scale_bits']}, "
+                 f"{report['levels_available']} levels, "
+                 + ("128-bit security" if report["security_bits"] >= 128 else "INSECURE (tests only)")
+                 + f"; {report['rotation_keys']} rotation keys")
+    return "\n".join(lines)

@@ -1,0 +1,243 @@
+"""Lower optimised IR ops to slot instructions (latency mode: one image per ciphertext).
+
+- conv / merged linear maps: the diagonal method over the slot vector with baby-step giant-step
+  (rotations = babies + giants, one plaintext multiply per diagonal), on layouts where a
+  convolution's diagonals are few: channels in power-of-two blocks, so a diagonal is one
+  (kernel offset, channel shift) pair.
+- sum pooling: a sum of rotations, no level; the layout's grid steps double.
+- dense: replicate -> multiply -> reduce. The input is copied to one offset per output neuron
+  with a few doubling rotations, multiplied once by the weights, and each neuron's dot product
+  summed with rotations along the input layout's axes. The compiler checks that no copy lands
+  on a slot holding something else, using the support (which slots can be non-zero) it tracks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medhe.compiler.ir import Op, linear_sparse
+from medhe.compiler.layout import Layout, signed_step
+from medhe.compiler.plan import AddPlain, Linear, RotSum, SquareOp
+from medhe.errors import PlanError
+
+
+# --- support tracking ------------------------------------------------------------------------
+def support_after(instruction, support: np.ndarray) -> np.ndarray:
+    """Slots that may be non-zero after the instruction, given those before it."""
+    n = support.size
+    if instruction.kind == "linear":
+        out = np.zeros(n, dtype=bool)
+        for (g, _), diag in zip(instruction.pairs, instruction.diagonals):
+            out |= np.roll(diag != 0, -g)
+        if instruction.bias is not None:
+            out |= instruction.bias != 0
+        return out
+    if instruction.kind == "rotsum":
+        for stage in instruction.stages:
+            new = np.zeros(n, dtype=bool)
+            for offset in stage:
+                new |= np.roll(support, -offset)
+            support = new
+        return support
+    if instruction.kind == "add_plain":
+        return support | (instruction.vector != 0)
+    return support
+
+
+# --- diagonal method -------------------------------------------------------------------------
+def bsgs_split(ks: list[int], n: int) -> dict[int, tuple[int, int]]:
+    """Split each diagonal index k into giant + baby (mod n) minimising the rotation count."""
+    best, best_cost = None, None
+    m = 1
+    while m <= n:
+        for centered in (False, True):
+            pairs = {}
+            for k in ks:
+                b = k % m
+                if centered and b >= m // 2 and m > 1:
+                    b -= m
+                pairs[k] = ((k - b) % n, b % n)
+            cost = len({b for _, b in pairs.values()} - {0}) + len({g for g, _ in pairs.values()} - {0})
+            if best_cost is None or cost < best_cost:
+                best, best_cost = pairs, cost
+        m *= 2
+    return best
+
+
+def lower_matrix(matrix, bias: np.ndarray, in_layout: Layout, out_layout: Layout, n: int, layer: str) -> Linear:
+    coo = matrix.tocoo()
+    out_slots_all = out_layout.slots(n)
+    if np.unique(out_slots_all).size != out_slots_all.size:
+        raise PlanError(f"{layer}: output layout maps two values to one slot")
+    out_slots = out_slots_all[coo.row]
+    candidates = in_layout.replica_slots(n)[:, coo.col]
+    offsets = (candidates - out_slots[None, :]) % n
+    distance = np.minimum(offsets, n - offsets)
+    # Of the copies of an input, read the nearest: for a conv it is the one in the same block.
+    chosen = offsets[np.argmin(distance, axis=0), np.arange(offsets.shape[1])]
+    ks = np.unique(chosen)
+    split = bsgs_split([int(k) for k in ks], n)
+    pairs, diagonals = [], []
+    for k in ks:
+        mask = chosen == k
+        diag = np.zeros(n)
+        np.add.at(diag, out_slots[mask], coo.data[mask])
+        g, b = split[int(k)]
+        pairs.append((signed_step(g, n), signed_step(b, n)))
+        diagonals.append(np.roll(diag, g))
+    bias_vector = np.zeros(n)
+    bias_vector[out_slots_all] = bias
+    babies = sorted({b for _, b in pairs}, key=abs)
+    giants = sorted({g for g, _ in pairs}, key=abs)
+    return Linear(babies, giants, pairs, np.array(diagonals), bias_vector if np.any(bias) else None, layer)
+
+
+# --- replicate, multiply, reduce ---------------------------------------------------------------
+def _sum_stages(length: int, step: int) -> list[list[int]]:
+    """Rotation stages whose composition sums offsets 0, step, ..., (length-1)*step."""
+    if length <= 1:
+        return []
+    if length & (length - 1) == 0:
+        stages, span = [], 1
+        while span < length:
+            stages.append([0, span * step])
+            span *= 2
+        return stages
+    return [[d * step for d in range(length)]]
+
+
+def _forbidden_differences(input_slots: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """r - r' values that would pull a non-zero slot onto a product slot: {t - s}."""
+    n = support.size
+    forbidden = np.zeros(n, dtype=bool)
+    for s in np.unique(input_slots):
+        forbidden |= np.roll(support, -int(s))
+    forbidden[0] = False
+    return forbidden
+
+
+def _differences(lengths: tuple[int, int], steps: tuple[int, int], n: int) -> np.ndarray:
+    a = np.arange(-(lengths[0] - 1), lengths[0])[:, None] * steps[0]
+    b = np.arange(-(lengths[1] - 1), lengths[1])[None, :] * steps[1]
+    d = ((a + b) % n).ravel()
+    return d[d != 0]
+
+
+def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray, n: int):
+    """Offsets R = AP(L1, s1) + AP(L2, s2) with L1*L2 >= outputs (powers of two) such that the
+    copies never collide with anything non-zero. Returns (L1, s1, L2, s2) or None."""
+    forbidden = _forbidden_differences(input_slots, support)
+    total = 1 << int(np.ceil(np.log2(max(outputs, 1))))
+    shapes = [(total // (1 << e), 1 << e) for e in range(int(np.log2(total)) + 1)]
+    for l1, l2 in shapes:
+        for s1 in range(1, n // 2):
+            if l1 > 1 and forbidden[_differences((l1, 1), (s1, 0), n)].any():
+                continue
+            if l1 == 1 and s1 > 1:
+                break
+            span1 = (l1 - 1) * s1 + 1
+            for s2 in ([0] if l2 == 1 else range(span1, n // 2)):
+                if l2 > 1 and forbidden[_differences((l1, l2), (s1, s2), n)].any():
+                    continue
+                if (l1 - 1) * s1 + (l2 - 1) * s2 >= n // 2:
+                    break
+                return l1, s1, l2, s2
+    return None
+
+
+def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
+    """Instructions and output layout for a dense op, or None when no safe replication exists."""
+    matrix, bias = linear_sparse(op)
+    weight = matrix.toarray()
+    outputs, features = weight.shape
+    s_slots = in_layout.slots(n)
+    base = int(s_slots[0])
+    instructions = []
+    s_set = (s_slots[:, None] - s_slots[None, :]) % n
+    reps = np.asarray(in_layout.replicas[:outputs]) if len(in_layout.replicas) >= outputs else None
+    if reps is not None and not np.isin(((reps[:, None] - reps[None, :]) % n)[~np.eye(len(reps), dtype=bool)], s_set).any():
+        offsets = reps
+        out_dims, out_steps = (len(reps),), (int(reps[1]) if len(reps) > 1 else 1,)
+    else:
+        found = find_replication(outputs, s_slots, support, n)
+        if found is None:
+            return None
+        l1, s1, l2, s2 = found
+        offsets = (np.arange(l2)[:, None] * s2 + np.arange(l1)[None, :] * s1).ravel()[:outputs]
+        out_dims, out_steps = (l2, l1), (s2, s1)
+        stages = [[signed_step(-o, n) for o in stage] for stage in _sum_stages(l1, s1) + _sum_stages(l2, s2)]
+        instructions.append(RotSum(stages, op.name + ":replicate"))
+    products = np.zeros(n)
+    product_slots = (s_slots[None, :] + offsets[:, None]) % n
+    if np.unique(product_slots).size != product_slots.size:
+        raise PlanError(f"{op.name}: replicated copies overlap")
+    products[product_slots.ravel()] = weight.ravel()
+    instructions.append(Linear([0], [0], [(0, 0)], products[None, :], None, op.name + ":multiply"))
+    reduce_stages, replicas = [], [0]
+    for dim, step in zip(in_layout.dims, in_layout.steps):
+        reduce_stages += [[signed_step(o, n) for o in stage] for stage in _sum_stages(dim, step)]
+        if dim * step == n:
+            # Summing a whole cyclic axis leaves the total in every position along it.
+            replicas = [r + d * step for r in replicas for d in range(dim)]
+    instructions.append(RotSum(reduce_stages, op.name + ":reduce"))
+    out_layout = Layout(outputs, base, out_dims, out_steps, tuple(sorted(int(r) % n for r in replicas)))
+    bias_vector = np.zeros(n)
+    bias_vector[out_layout.slots(n)] = bias
+    if np.any(bias):
+        instructions.append(AddPlain(bias_vector, op.name + ":bias"))
+    return instructions, out_layout
+
+
+def conv_out_layout(op: Op, in_layout: Layout, n: int) -> Layout:
+    c_in, h, w = op.in_shape
+    c_out, ho, wo = op.out_shape
+    block, row_step, col_step = in_layout.steps
+    stride = max(1, h // ho) if ho else 1
+    if c_out * block > n:
+        raise PlanError(f"{op.name}: {c_out} channels in blocks of {block} need {c_out * block} slots, "
+                        f"the ciphertext has {n}; use at most {n // block} channels")
+    return Layout(c_out * ho * wo, in_layout.base, (c_out, ho, wo), (block, row_step * stride, col_step * stride))
+
+
+def lower_ops(ops: list[Op], in_layout: Layout, n: int):
+    """All instructions, the output layout, and per-op (name -> instruction indices)."""
+    layout = in_layout
+    support = np.zeros(n, dtype=bool)
+    support[in_layout.replica_slots(n).ravel()] = True
+    instructions, owners = [], {}
+
+    def emit(items, name):
+        nonlocal support
+        for item in items:
+            owners.setdefault(name, []).append(len(instructions))
+            instructions.append(item)
+            support = support_after(item, support)
+
+    for op in ops:
+        if op.kind in ("conv2d",) or (op.kind == "linear_map" and len(op.out_shape) == 3):
+            out_layout = conv_out_layout(op, layout, n)
+            matrix, bias = linear_sparse(op)
+            emit([lower_matrix(matrix, bias, layout, out_layout, n, op.name)], op.name)
+            layout = out_layout
+        elif op.kind == "sumpool2d":
+            block, row_step, col_step = layout.steps
+            k = op.kernel
+            stages = [[dx * col_step for dx in range(k)], [dy * row_step for dy in range(k)]]
+            emit([RotSum([[signed_step(o, n) for o in s] for s in stages], op.name)], op.name)
+            layout = Layout(int(np.prod(op.out_shape)), layout.base, op.out_shape,
+                            (block, row_step * op.stride, col_step * op.stride), layout.replicas)
+        elif op.kind == "square":
+            emit([SquareOp(op.name)], op.name)
+        elif op.kind == "flatten":
+            layout = Layout(layout.size, layout.base, layout.dims, layout.steps, layout.replicas)
+        elif op.kind in ("dense", "linear_map"):
+            lowered = lower_dense_rmr(op, layout, support, n)
+            if lowered is None:
+                out_layout = Layout(op.out_shape[0], 0, (op.out_shape[0],), (1,))
+                matrix, bias = linear_sparse(op)
+                lowered = ([lower_matrix(matrix, bias, layout, out_layout, n, op.name)], out_layout)
+            emit(lowered[0], op.name)
+            layout = lowered[1]
+        else:
+            raise PlanError(f"no lowering for {op.kind} ({op.name})")
+    return instructions, layout, owners

@@ -1,0 +1,120 @@
+"""CKKS parameters: chosen from the plan's depth and validated against the 128-bit HE standard."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
+from medhe.errors import ConfigError, InsecureParametersError
+
+# Largest total coefficient modulus (bits, special prime included) for 128-bit classical security
+# with a ternary secret: HomomorphicEncryption.org standard, table 1 (also SEAL's CoeffModulus.MaxBitCount).
+MAX_LOG_Q_128 = {1024: 27, 2048: 54, 4096: 109, 8192: 218, 16384: 438, 32768: 881}
+MAX_PRIME_BITS = 60
+
+
+@dataclass(frozen=True)
+class CKKSParams:
+    """poly_modulus_degree N, prime sizes (first = result prime, last = special key-switching
+    prime, in between one prime per level), and the encoding scale."""
+
+    poly_modulus_degree: int
+    coeff_modulus_bits: tuple[int, ...]
+    log_scale_bits: int
+    insecure_for_tests: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.poly_modulus_degree
+        if n not in MAX_LOG_Q_128:
+            raise ConfigError(f"poly_modulus_degree must be one of {sorted(MAX_LOG_Q_128)}, got {n}")
+        if len(self.coeff_modulus_bits) < 3:
+            raise ConfigError("coeff_modulus_bits needs a result prime, at least one level and a special prime")
+        if any(b < 20 or b > MAX_PRIME_BITS for b in self.coeff_modulus_bits):
+            raise ConfigError(f"every prime must have 20..{MAX_PRIME_BITS} bits, got {self.coeff_modulus_bits}")
+        if not self.insecure_for_tests and self.total_bits > MAX_LOG_Q_128[n]:
+            raise InsecureParametersError(
+                f"N={n} with a {self.total_bits}-bit modulus is below 128-bit security "
+                f"(at most {MAX_LOG_Q_128[n]} bits); use a larger N or fewer levels, or pass "
+                "insecure_for_tests=True in tests only"
+            )
+
+    @property
+    def slot_count(self) -> int:
+        return self.poly_modulus_degree // 2
+
+    @property
+    def total_bits(self) -> int:
+        return sum(self.coeff_modulus_bits)
+
+    @property
+    def levels(self) -> int:
+        """Multiplicative levels available (rescales before only the result prime is left)."""
+        return len(self.coeff_modulus_bits) - 2
+
+    @property
+    def security_bits(self) -> int:
+        return 128 if self.total_bits <= MAX_LOG_Q_128[self.poly_modulus_degree] else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["coeff_modulus_bits"] = list(self.coeff_modulus_bits)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CKKSParams":
+        try:
+            return cls(
+                poly_modulus_degree=int(d["poly_modulus_degree"]),
+                coeff_modulus_bits=tuple(int(b) for b in d["coeff_modulus_bits"]),
+                log_scale_bits=int(d["log_scale_bits"]),
+                insecure_for_tests=bool(d.get("insecure_for_tests", False)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"invalid CKKS parameters {d!r}: {exc}") from exc
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def choose_params(
+    depth: int,
+    min_slots: int,
+    *,
+    log_scale_bits: int | None = None,
+    integer_bits: int = 16,
+    poly_modulus_degree: int | None = None,
+    insecure_for_tests: bool = False,
+) -> CKKSParams:
+    """Smallest N whose 128-bit modulus budget holds `depth` levels and `min_slots` slots.
+
+    The result prime and the special prime get `integer_bits` more than the scale, so decrypted
+    values up to 2**integer_bits keep full precision. Without an explicit scale, the largest one
+    the budget allows (capped at 40 bits) is used: more scale bits, less CKKS noise.
+    """
+    if depth < 1:
+        raise ConfigError(f"depth must be at least 1, got {depth}")
+    candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(MAX_LOG_Q_128)
+    reasons = []
+    for n in candidates:
+        if n // 2 < min_slots:
+            reasons.append(f"N={n}: {n // 2} slots < {min_slots} needed")
+            continue
+        budget = MAX_LOG_Q_128[n]
+        scale = log_scale_bits or min(40, (budget - 2 * integer_bits) // (depth + 2))
+        if insecure_for_tests and not log_scale_bits:
+            scale = max(scale, 30)  # small test rings: keep precision, security is waived
+        edge = min(MAX_PRIME_BITS, scale + integer_bits)
+        bits = (edge,) + (scale,) * depth + (edge,)
+        if sum(bits) > budget and not insecure_for_tests:
+            levels_fit = max(0, (budget - 2 * edge) // scale)
+            reasons.append(f"N={n}: needs {sum(bits)} bits, 128-bit security allows {budget} ({levels_fit} levels at {scale}-bit scale)")
+            continue
+        if scale < 20:
+            reasons.append(f"N={n}: only a {scale}-bit scale fits")
+            continue
+        return CKKSParams(n, bits, scale, insecure_for_tests=insecure_for_tests)
+    raise InsecureParametersError(
+        f"no parameters fit depth {depth} at 128-bit security: " + "; ".join(reasons)
+        + ". Use a shallower model (fewer activations) or pass insecure_for_tests=True in tests only"
+    )

@@ -1,0 +1,39 @@
+"""The small interface the executor needs from an FHE library.
+
+Server-side backends hold public material only (relinearisation and Galois keys); encryption
+and decryption live on the client side (`ClientBackend`)."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    slot_count: int
+
+    def encode(self, values: np.ndarray, like: Any, scale: float) -> Any:
+        """A plaintext at the level of ciphertext `like`, with the given scale."""
+
+    def rescale_divisor(self, ct: Any) -> float:
+        """The prime a rescale of `ct` divides by (plaintexts encoded at this scale keep the
+        ciphertext's scale exact through multiply + rescale)."""
+
+    def scale(self, ct: Any) -> float: ...
+    def levels_left(self, ct: Any) -> int: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def add_plain(self, a: Any, pt: Any) -> Any: ...
+    def multiply_plain(self, a: Any, pt: Any) -> Any: ...
+    def square(self, a: Any) -> Any:
+        """Square and relinearise (no rescale)."""
+
+    def rescale(self, a: Any) -> Any: ...
+    def rotate(self, a: Any, steps: int) -> Any: ...
+    def serialize(self, ct: Any) -> bytes: ...
+    def deserialize(self, data: bytes) -> Any: ...
+
+
+class ClientBackend(Backend, Protocol):
+    def encrypt(self, values: np.ndarray) -> Any: ...
+    def decrypt(self, ct: Any) -> np.ndarray: ...

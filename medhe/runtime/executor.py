@@ -1,0 +1,79 @@
+"""Runs a plan's instructions on any backend. Plaintexts are encoded once per plan and level and
+cached, since the scales at every step are the same for every image."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from medhe.compiler.plan import Plan
+from medhe.errors import PlanError
+
+
+class Executor:
+    def __init__(self, plan: Plan, backend) -> None:
+        if backend.slot_count != plan.params.slot_count:
+            raise PlanError(f"backend has {backend.slot_count} slots, the plan needs {plan.params.slot_count}")
+        self.plan = plan
+        self.backend = backend
+        self._cache: dict[tuple, Any] = {}
+
+    def _plain(self, key: tuple, values: np.ndarray, like, scale: float):
+        full_key = key + (self.backend.levels_left(like), round(scale))
+        pt = self._cache.get(full_key)
+        if pt is None:
+            pt = self.backend.encode(values, like, scale)
+            self._cache[full_key] = pt
+        return pt
+
+    def _linear(self, index: int, ins, x):
+        be = self.backend
+        divisor = be.rescale_divisor(x)
+        rotated = {b: (x if b == 0 else be.rotate(x, b)) for b in ins.babies}
+        per_giant: dict[int, Any] = {}
+        for p, (g, b) in enumerate(ins.pairs):
+            pt = self._plain(("d", index, p), ins.diagonals[p], x, divisor)
+            term = be.multiply_plain(rotated[b], pt)
+            per_giant[g] = term if g not in per_giant else be.add(per_giant[g], term)
+        acc = None
+        for g, partial in per_giant.items():
+            moved = partial if g == 0 else be.rotate(partial, g)
+            acc = moved if acc is None else be.add(acc, moved)
+        if ins.bias is not None:
+            acc = be.add_plain(acc, self._plain(("b", index), ins.bias, acc, be.scale(acc)))
+        return be.rescale(acc)
+
+    def _rotsum(self, ins, x):
+        be = self.backend
+        for stage in ins.stages:
+            total = None
+            for offset in stage:
+                term = x if offset == 0 else be.rotate(x, offset)
+                total = term if total is None else be.add(total, term)
+            x = total
+        return x
+
+    def run(self, ct, *, trace: list | None = None, timings: dict | None = None):
+        """Evaluate the plan on an input ciphertext. With `trace`, each instruction's output is
+        appended (for per-layer checks against the plaintext model)."""
+        be = self.backend
+        x = ct
+        for index, ins in enumerate(self.plan.instructions):
+            start = time.perf_counter()
+            if ins.kind == "linear":
+                x = self._linear(index, ins, x)
+            elif ins.kind == "rotsum":
+                x = self._rotsum(ins, x)
+            elif ins.kind == "square":
+                x = be.rescale(be.square(x))
+            elif ins.kind == "add_plain":
+                x = be.add_plain(x, self._plain(("a", index), ins.vector, x, be.scale(x)))
+            else:
+                raise PlanError(f"unknown instruction {ins.kind}")
+            if timings is not None:
+                timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
+            if trace is not None:
+                trace.append(x)
+        return x
