@@ -128,20 +128,27 @@ def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray,
     copies never collide with anything non-zero. Returns (L1, s1, L2, s2) or None."""
     forbidden = _forbidden_differences(input_slots, support)
     total = 1 << int(np.ceil(np.log2(max(outputs, 1))))
+    max_step = min(n // 2, 4096)
     shapes = [(total // (1 << e), 1 << e) for e in range(int(np.log2(total)) + 1)]
     for l1, l2 in shapes:
-        for s1 in range(1, n // 2):
-            if l1 > 1 and forbidden[_differences((l1, 1), (s1, 0), n)].any():
+        s1_options = range(1, max_step) if l1 > 1 else [1]
+        for s1 in s1_options:
+            first = (np.arange(-(l1 - 1), l1) * s1) % n
+            if forbidden[first[first != 0]].any():
                 continue
-            if l1 == 1 and s1 > 1:
-                break
+            if l2 == 1:
+                return l1, s1, 1, 0
             span1 = (l1 - 1) * s1 + 1
-            for s2 in ([0] if l2 == 1 else range(span1, n // 2)):
-                if l2 > 1 and forbidden[_differences((l1, l2), (s1, s2), n)].any():
-                    continue
-                if (l1 - 1) * s1 + (l2 - 1) * s2 >= n // 2:
-                    break
-                return l1, s1, l2, s2
+            s2 = np.arange(span1, max_step)
+            a = np.arange(-(l1 - 1), l1) * s1
+            b = np.arange(1, l2)
+            # r - r' with a non-zero second digit (b > 0 covers b < 0 by symmetry of forbidden? no:
+            # forbidden is not symmetric, so check both signs).
+            diffs = (a[None, :, None] + b[None, None, :] * s2[:, None, None])
+            bad = forbidden[diffs % n].any(axis=(1, 2)) | forbidden[(-diffs) % n].any(axis=(1, 2))
+            good = np.flatnonzero(~bad)
+            if good.size:
+                return l1, s1, l2, int(s2[good[0]])
     return None
 
 
@@ -182,7 +189,7 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
     instructions.append(RotSum(reduce_stages, op.name + ":reduce"))
     out_layout = Layout(outputs, base, out_dims, out_steps, tuple(sorted(int(r) % n for r in replicas)))
     bias_vector = np.zeros(n)
-    bias_vector[out_layout.slots(n)] = bias
+    bias_vector[out_layout.replica_slots(n)] = bias[None, :]  # every copy needs its bias
     if np.any(bias):
         instructions.append(AddPlain(bias_vector, op.name + ":bias"))
     return instructions, out_layout

@@ -27,7 +27,9 @@ class ArchConfig:
     in_channels: int = 1
     conv_channels: tuple[int, ...] = (8, 8, 8)
     kernel_size: int = 3
-    hidden_units: int = 32
+    # 16 hidden units: the dense layer's replicate-multiply-reduce lowering fits 16 copies of
+    # its input between the conv grid's values (32 would need a second pass of rotations).
+    hidden_units: int = 16
     num_classes: int = 2
     activation: str = "poly"
 

@@ -13,12 +13,12 @@ from medhe.errors import PlanError
 
 
 class Executor:
-    def __init__(self, plan: Plan, backend) -> None:
+    def __init__(self, plan: Plan, backend, *, cache: dict | None = None) -> None:
         if backend.slot_count != plan.params.slot_count:
             raise PlanError(f"backend has {backend.slot_count} slots, the plan needs {plan.params.slot_count}")
         self.plan = plan
         self.backend = backend
-        self._cache: dict[tuple, Any] = {}
+        self._cache: dict[tuple, Any] = {} if cache is None else cache
 
     def _plain(self, key: tuple, values: np.ndarray, like, scale: float):
         full_key = key + (self.backend.levels_left(like), round(scale))

@@ -1,0 +1,124 @@
+"""The clinic's side: holds the secret key, encrypts images, decrypts diagnoses."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from medhe.compiler.plan import Plan
+from medhe.errors import ConfigError, InvalidMessage
+from medhe.protocol import wire
+from medhe.runtime.clear import ClearBackend
+
+BACKENDS = ("seal", "clear")
+
+
+def _client_backend(kind: str, plan: Plan, secret_key: bytes | None):
+    if kind == "seal":
+        from medhe.runtime.seal_backend import SEALClientBackend
+        return SEALClientBackend(plan.params, secret_key=secret_key)
+    if kind == "clear":
+        return ClearBackend(plan.params)
+    raise ConfigError(f"backend must be one of {BACKENDS}, got {kind!r}")
+
+
+class Client:
+    """Keygen, evaluation-key export, encrypt_image, decrypt_logits.
+
+    The secret key stays inside this object; `export_secret_key` / `save_secret_key` are the
+    only ways out, and both must be called explicitly.
+    """
+
+    def __init__(self, plan: Plan, *, backend: str = "seal", secret_key: bytes | None = None,
+                 key_id: str | None = None) -> None:
+        self.plan = plan
+        self.backend_kind = backend
+        self._backend = _client_backend(backend, plan, secret_key)
+        self.key_id = key_id or secrets.token_hex(8)
+        self._ids = {"plan_digest": plan.digest(), "params_digest": plan.params.digest()}
+        self._preprocessing = None
+
+    def __repr__(self) -> str:
+        return f"Client(key_id={self.key_id!r}, backend={self.backend_kind!r})"
+
+    # --- keys ---------------------------------------------------------------------------------
+    def evaluation_keys(self) -> bytes:
+        """Public evaluation material for the server: relinearization keys and Galois keys for
+        exactly the rotation steps the plan uses. Contains no secret key."""
+        steps = self.plan.rotation_steps()
+        if self.backend_kind == "seal":
+            relin, galois = self._backend.evaluation_keys(steps)
+        else:
+            relin, galois = b"", b""
+        return wire.encode_parts("evaluation_keys", [relin, galois], key_id=self.key_id,
+                                 extra={"rotation_steps": steps, "backend": self.backend_kind}, **self._ids)
+
+    def export_secret_key(self) -> bytes:
+        """The secret key as a versioned message. Keep it on the client machine."""
+        key = self._backend.export_secret_key() if self.backend_kind == "seal" else b""
+        return wire.encode("secret_key", key, key_id=self.key_id, extra={"backend": self.backend_kind}, **self._ids)
+
+    def save_secret_key(self, path: str | Path) -> Path:
+        path = Path(path)
+        data = self.export_secret_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return path
+
+    @classmethod
+    def from_secret_key(cls, plan: Plan, data: bytes) -> "Client":
+        msg = wire.decode(data, expect_kind="secret_key", plan_digest=plan.digest(), params_digest=plan.params.digest())
+        backend = msg.extra.get("backend", "seal")
+        return cls(plan, backend=backend, secret_key=msg.payload or None, key_id=msg.key_id)
+
+    @classmethod
+    def load(cls, plan: Plan, path: str | Path) -> "Client":
+        return cls.from_secret_key(plan, Path(path).read_bytes())
+
+    # --- images ---------------------------------------------------------------------------------
+    def preprocess(self, image) -> np.ndarray:
+        """A file path or a 2-D grayscale array in [0, 1] -> the model input (C, H, W)."""
+        from medhe.data.images import image_to_gray01, load_image
+        from medhe.data.preprocess import Preprocessing
+
+        if self._preprocessing is None:
+            self._preprocessing = Preprocessing.from_dict(self.plan.preprocessing)
+        gray = load_image(image) if isinstance(image, (str, Path)) else image_to_gray01(np.asarray(image))
+        return self._preprocessing.apply(gray)
+
+    def pack(self, model_input: np.ndarray) -> np.ndarray:
+        """Place a preprocessed input (C, H, W) into the slot vector, copies included."""
+        x = np.asarray(model_input, dtype=np.float64)
+        if x.shape != tuple(self.plan.input_shape):
+            raise ConfigError(f"model input must have shape {tuple(self.plan.input_shape)}, got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ConfigError("model input contains NaN or infinite values")
+        n = self.plan.params.slot_count
+        vector = np.zeros(n)
+        vector[self.plan.input_layout.replica_slots(n)] = x.reshape(-1)[None, :]
+        return vector
+
+    def encrypt_input(self, model_input: np.ndarray) -> bytes:
+        ct = self._backend.encrypt(self.pack(model_input))
+        return wire.encode("ciphertext", self._backend.serialize(ct), key_id=self.key_id, **self._ids)
+
+    def encrypt_image(self, image) -> bytes:
+        """Preprocess (exactly as in training) and encrypt one image: one ciphertext message."""
+        return self.encrypt_input(self.preprocess(image))
+
+    def decrypt_logits(self, result: bytes) -> np.ndarray:
+        msg = wire.decode(result, expect_kind="result", key_id=self.key_id, **self._ids)
+        ct = self._backend.deserialize(msg.payload)
+        values = self._backend.decrypt(ct)
+        return values[self.plan.output_layout.slots(self.plan.params.slot_count)]
+
+    def diagnosis(self, logits: np.ndarray) -> tuple[str, np.ndarray]:
+        """Predicted class name and softmax probabilities."""
+        z = np.asarray(logits, dtype=np.float64)
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        return self.plan.class_names[int(np.argmax(p))], p

@@ -1,0 +1,119 @@
+"""The wire format: every message is
+
+    b"MEDHE" | format version (u16, big endian) | header length (u32) | header JSON | payload
+
+The header names the message kind, the plan digest, the CKKS parameter digest, the key id, and
+the payload's length and sha256. `decode` checks all of it (and size limits) before anything
+touches the payload; a peer's malformed message becomes one InvalidMessage. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from dataclasses import dataclass
+
+from medhe.errors import InvalidMessage
+
+MAGIC = b"MEDHE"
+FORMAT_VERSION = 1
+KINDS = ("evaluation_keys", "ciphertext", "result", "secret_key")
+MAX_HEADER_BYTES = 64 * 1024
+# A fresh ciphertext at N=16384 is about 2 MB; Galois keys for a plan can reach about 1 GB.
+MAX_PAYLOAD_BYTES = {"ciphertext": 64 * 2**20, "result": 64 * 2**20, "evaluation_keys": 4 * 2**30,
+                     "secret_key": 64 * 2**20}
+_PREFIX = struct.Struct(">5sHI")
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str
+    plan_digest: str
+    params_digest: str
+    key_id: str
+    payload: bytes
+    extra: dict
+
+    def parts(self, names: list[str]) -> list[bytes]:
+        """Split a payload made by `pack_parts`."""
+        sizes = self.extra.get("part_sizes")
+        if not isinstance(sizes, list) or len(sizes) != len(names) or sum(sizes) != len(self.payload):
+            raise InvalidMessage(f"{self.kind} message: expected parts {names}")
+        out, offset = [], 0
+        for size in sizes:
+            out.append(self.payload[offset: offset + size])
+            offset += size
+        return out
+
+
+def encode(kind: str, payload: bytes, *, plan_digest: str, params_digest: str, key_id: str,
+           extra: dict | None = None) -> bytes:
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}")
+    header = {
+        "kind": kind, "plan_digest": plan_digest, "params_digest": params_digest, "key_id": key_id,
+        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "extra": extra or {},
+    }
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+
+
+def encode_parts(kind: str, parts: list[bytes], *, extra: dict | None = None, **ids) -> bytes:
+    extra = dict(extra or {})
+    extra["part_sizes"] = [len(p) for p in parts]
+    return encode(kind, b"".join(parts), extra=extra, **ids)
+
+
+def decode(data: bytes, *, expect_kind: str, plan_digest: str, params_digest: str,
+           key_id: str | None = None) -> Message:
+    """Parse and validate a message. Raises InvalidMessage saying what was expected."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidMessage(f"expected a {expect_kind} message as bytes, got {type(data).__name__}")
+    data = bytes(data)
+    if len(data) < _PREFIX.size or data[:5] != MAGIC:
+        raise InvalidMessage(f"not a medhe message (expected it to start with {MAGIC!r})")
+    _, version, header_len = _PREFIX.unpack_from(data)
+    if version != FORMAT_VERSION:
+        raise InvalidMessage(f"message format version {version}; this medhe reads version {FORMAT_VERSION}")
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+        raise InvalidMessage("message header is truncated or too large")
+    try:
+        header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidMessage("message header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidMessage("message header must be a JSON object")
+    kind = header.get("kind")
+    if kind != expect_kind:
+        raise InvalidMessage(f"expected a {expect_kind} message, got {kind!r}")
+    payload = data[_PREFIX.size + header_len:]
+    if header.get("payload_bytes") != len(payload):
+        raise InvalidMessage(f"{kind} message is truncated: header says {header.get('payload_bytes')} "
+                             f"payload bytes, got {len(payload)}")
+    if len(payload) > MAX_PAYLOAD_BYTES[kind]:
+        raise InvalidMessage(f"{kind} payload of {len(payload)} bytes exceeds the limit of {MAX_PAYLOAD_BYTES[kind]}")
+    if header.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
+        raise InvalidMessage(f"{kind} payload does not match its checksum (corrupted in transit)")
+    if header.get("plan_digest") != plan_digest:
+        raise InvalidMessage(f"{kind} message was made for plan {str(header.get('plan_digest'))[:12]}, "
+                             f"this is plan {plan_digest[:12]}; compile the same model on both sides")
+    if header.get("params_digest") != params_digest:
+        raise InvalidMessage(f"{kind} message was made for other CKKS parameters")
+    if key_id is not None and header.get("key_id") != key_id:
+        raise InvalidMessage(f"{kind} message is for key id {header.get('key_id')!r}, expected {key_id!r}")
+    extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
+    return Message(kind, plan_digest, params_digest, str(header.get("key_id")), payload, extra)
+
+
+def peek_key_id(data: bytes) -> str:
+    """The key id a message claims, read before full validation (to find the key set)."""
+    try:
+        _, _, header_len = _PREFIX.unpack_from(data)
+        if header_len > MAX_HEADER_BYTES:
+            raise ValueError
+        header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
+        return str(header["key_id"])
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise InvalidMessage("not a medhe message with a key id") from None

@@ -1,0 +1,194 @@
+"""Microsoft SEAL CKKS through TenSEAL's low-level `sealapi`. All cryptography happens in SEAL.
+
+`SEALServerBackend` is built from public material only (relinearisation and Galois keys);
+`SEALClientBackend` owns the secret key and never writes it out except through
+`export_secret_key()`. Nothing here pickles: SEAL's own binary format is the only encoding.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from medhe.errors import BackendError, InvalidMessage, MissingKeyError
+from medhe.params import CKKSParams
+
+try:
+    import tenseal.sealapi as seal
+except ImportError as exc:  # pragma: no cover - tenseal is a hard dependency
+    raise BackendError("tenseal is not installed; pip install tenseal==0.3.18") from exc
+
+_TMP_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def _save(obj) -> bytes:
+    """SEAL objects serialise to files only through sealapi; a RAM-backed temp file is the bridge."""
+    with tempfile.TemporaryDirectory(dir=_TMP_ROOT) as tmp:
+        path = os.path.join(tmp, "obj")
+        obj.save(path)
+        return Path(path).read_bytes()
+
+
+def _load(obj, context, data: bytes, what: str):
+    with tempfile.TemporaryDirectory(dir=_TMP_ROOT) as tmp:
+        path = os.path.join(tmp, "obj")
+        Path(path).write_bytes(data)
+        try:
+            obj.load(context, path)
+        except Exception as exc:  # SEAL raises plain exceptions on any invalid buffer
+            raise InvalidMessage(f"{what} is not valid for these CKKS parameters") from exc
+    return obj
+
+
+def make_context(params: CKKSParams):
+    parms = seal.EncryptionParameters(seal.SCHEME_TYPE.CKKS)
+    parms.set_poly_modulus_degree(params.poly_modulus_degree)
+    parms.set_coeff_modulus(seal.CoeffModulus.Create(params.poly_modulus_degree, list(params.coeff_modulus_bits)))
+    level = seal.SEC_LEVEL_TYPE.NONE if params.insecure_for_tests else seal.SEC_LEVEL_TYPE.TC128
+    context = seal.SEALContext(parms, True, level)
+    if not context.parameters_set():
+        raise BackendError(f"SEAL rejected the parameters {params}: {context.parameters_error_message()}")
+    return context
+
+
+class SEALServerBackend:
+    """Evaluation with public material only."""
+
+    def __init__(self, params: CKKSParams, relin_keys: bytes | None = None, galois_keys: bytes | None = None,
+                 *, context=None) -> None:
+        # The context is public (parameters only) and can be shared by many key sets.
+        self.params = params
+        self.context = context or make_context(params)
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.evaluator = seal.Evaluator(self.context)
+        self.slot_count = self.encoder.slot_count()
+        self.relin_keys = _load(seal.RelinKeys(), self.context, relin_keys, "relinearization keys") if relin_keys else None
+        self.galois_keys = _load(seal.GaloisKeys(), self.context, galois_keys, "Galois keys") if galois_keys else None
+        self.rotations = 0
+
+    # --- encoding and bookkeeping -----------------------------------------------------------
+    def encode(self, values: np.ndarray, like, scale: float):
+        pt = seal.Plaintext()
+        self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), like.parms_id(), float(scale), pt)
+        return pt
+
+    def rescale_divisor(self, ct) -> float:
+        return float(self.context.get_context_data(ct.parms_id()).parms().coeff_modulus()[-1].value())
+
+    def scale(self, ct) -> float:
+        return ct.scale
+
+    def levels_left(self, ct) -> int:
+        return self.context.get_context_data(ct.parms_id()).chain_index()
+
+    # --- evaluation ---------------------------------------------------------------------------
+    def _run(self, what: str, fn, *args):
+        out = seal.Ciphertext()
+        try:
+            fn(*args, out)
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError(f"SEAL {what} failed: {exc}") from exc
+        return out
+
+    def add(self, a, b):
+        return self._run("add", self.evaluator.add, a, b)
+
+    def add_plain(self, a, pt):
+        return self._run("add_plain", self.evaluator.add_plain, a, pt)
+
+    def multiply_plain(self, a, pt):
+        return self._run("multiply_plain", self.evaluator.multiply_plain, a, pt)
+
+    def square(self, a):
+        if self.relin_keys is None:
+            raise MissingKeyError("squaring needs relinearization keys; register the client's evaluation keys")
+        out = self._run("square", self.evaluator.square, a)
+        self.evaluator.relinearize_inplace(out, self.relin_keys)
+        return out
+
+    def rescale(self, a):
+        return self._run("rescale", self.evaluator.rescale_to_next, a)
+
+    def rotate(self, a, steps: int):
+        if self.galois_keys is None:
+            raise MissingKeyError("rotations need Galois keys; register the client's evaluation keys")
+        self.rotations += 1
+        try:
+            return self._run(f"rotation by {steps}", self.evaluator.rotate_vector, a, int(steps), self.galois_keys)
+        except BackendError as exc:
+            raise MissingKeyError(f"no Galois key for rotation step {steps}; the keys do not match the plan") from exc
+
+    # --- wire -----------------------------------------------------------------------------------
+    def serialize(self, ct) -> bytes:
+        return _save(ct)
+
+    def deserialize(self, data: bytes):
+        ct = _load(seal.Ciphertext(), self.context, data, "ciphertext")
+        if not seal.is_valid_for(ct, self.context):
+            raise InvalidMessage("ciphertext is not valid for these CKKS parameters")
+        return ct
+
+
+class SEALClientBackend:
+    """Holds the secret key: encrypts, decrypts, and makes the evaluation keys the server needs."""
+
+    def __init__(self, params: CKKSParams, *, secret_key: bytes | None = None) -> None:
+        self.params = params
+        self.context = make_context(params)
+        self.encoder = seal.CKKSEncoder(self.context)
+        self.slot_count = self.encoder.slot_count()
+        if secret_key is not None:
+            self._keygen = seal.KeyGenerator(self.context, _load(seal.SecretKey(), self.context, secret_key, "secret key"))
+        else:
+            self._keygen = seal.KeyGenerator(self.context)
+        self._secret_key = self._keygen.secret_key()
+        public_key = seal.PublicKey()
+        self._keygen.create_public_key(public_key)
+        self.encryptor = seal.Encryptor(self.context, public_key)
+        self.decryptor = seal.Decryptor(self.context, self._secret_key)
+
+    def __repr__(self) -> str:
+        return f"SEALClientBackend(N={self.params.poly_modulus_degree}, secret key held)"
+
+    def evaluation_keys(self, rotation_steps: list[int]) -> tuple[bytes, bytes]:
+        """Serialized relinearization keys and Galois keys for exactly these rotation steps."""
+        relin = seal.RelinKeys()
+        self._keygen.create_relin_keys(relin)
+        galois_bytes = b""
+        if rotation_steps:
+            galois = seal.GaloisKeys()
+            elements = self.context.key_context_data().galois_tool().get_elts_from_steps(list(rotation_steps))
+            self._keygen.create_galois_keys(elements, galois)
+            galois_bytes = _save(galois)
+        return _save(relin), galois_bytes
+
+    def export_secret_key(self) -> bytes:
+        """The secret key, serialized. Only this explicit call ever writes it out."""
+        return _save(self._secret_key)
+
+    def encrypt(self, values: np.ndarray):
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (self.slot_count,):
+            raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
+        pt = seal.Plaintext()
+        self.encoder.encode(values.tolist(), 2.0 ** self.params.log_scale_bits, pt)
+        ct = seal.Ciphertext()
+        self.encryptor.encrypt(pt, ct)
+        return ct
+
+    def decrypt(self, ct) -> np.ndarray:
+        pt = seal.Plaintext()
+        self.decryptor.decrypt(ct, pt)
+        return np.asarray(self.encoder.decode_double(pt))
+
+    def serialize(self, ct) -> bytes:
+        return _save(ct)
+
+    def deserialize(self, data: bytes):
+        ct = _load(seal.Ciphertext(), self.context, data, "ciphertext")
+        if not seal.is_valid_for(ct, self.context):
+            raise InvalidMessage("ciphertext is not valid for these CKKS parameters")
+        return ct
