@@ -110,8 +110,8 @@ def choose_params(
             levels_fit = max(0, (budget - 2 * edge) // scale)
             reasons.append(f"N={n}: needs {sum(bits)} bits, 128-bit security allows {budget} ({levels_fit} levels at {scale}-bit scale)")
             continue
-        if scale < 20:
-            reasons.append(f"N={n}: only a {scale}-bit scale fits")
+        if scale < 24:
+            reasons.append(f"N={n}: {depth} levels leave only a {scale}-bit scale")
             continue
         return CKKSParams(n, bits, scale, insecure_for_tests=insecure_for_tests)
     raise InsecureParametersError(

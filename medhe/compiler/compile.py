@@ -49,19 +49,21 @@ def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict)
     return rows
 
 
-def compile_model(
-    model_dir: str | Path,
+def compile_ops(
+    traced: list[Op],
+    input_shape: tuple[int, ...],
     *,
+    class_names: list[str],
+    preprocessing: dict,
+    digest_of_model: str,
     params: CKKSParams | None = None,
     poly_modulus_degree: int | None = None,
     log_scale_bits: int | None = None,
     insecure_for_tests: bool = False,
 ) -> Plan:
-    model_dir = Path(model_dir)
-    traced, doc = trace_model_dir(model_dir)
+    """Passes, parameter choice and lowering for a traced op list."""
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
-    input_shape = tuple(doc["input_shape"])
     if params is None:
         params = choose_params(depth, slots_needed(optimized, input_shape), log_scale_bits=log_scale_bits,
                                poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
@@ -75,9 +77,9 @@ def compile_model(
         )
     n = params.slot_count
     in_layout, _ = image_layout(input_shape, n)
-    instructions, out_layout, owners = lower_ops(optimized, in_layout, n)
-    plan = Plan(params, input_shape, in_layout, out_layout, instructions, list(doc["class_names"]),
-                doc["preprocessing"], model_digest(model_dir))
+    instructions, out_layout, owners, checkpoints = lower_ops(optimized, in_layout, n)
+    plan = Plan(params, input_shape, in_layout, out_layout, instructions, list(class_names),
+                preprocessing, digest_of_model)
     if plan.depth != depth:
         raise PlanError(f"internal: lowering used {plan.depth} levels, the optimised IR counts {depth}")
     plan.report = {
@@ -89,8 +91,18 @@ def compile_model(
         "rotation_keys": len(plan.rotation_steps()),
         "params": params.to_dict(),
         "security_bits": params.security_bits,
+        # For per-layer checks: after instruction i, optimised op k's output sits in this layout.
+        "checkpoints": [{"op": k, "instruction": i, "layout": lay.to_dict()} for k, i, lay in checkpoints],
     }
     return plan
+
+
+def compile_model(model_dir: str | Path, **options) -> Plan:
+    """Compile a saved model directory (see compile_ops for the options)."""
+    model_dir = Path(model_dir)
+    traced, doc = trace_model_dir(model_dir)
+    return compile_ops(traced, tuple(doc["input_shape"]), class_names=doc["class_names"],
+                       preprocessing=doc["preprocessing"], digest_of_model=model_digest(model_dir), **options)
 
 
 def format_report(report: dict) -> str:

@@ -196,22 +196,31 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
 
 
 def conv_out_layout(op: Op, in_layout: Layout, n: int) -> Layout:
+    """Outputs on the input's grid (every stride-th position) when they fit in its frame, so a
+    diagonal is one (kernel offset, channel shift) pair; otherwise a fresh compact layout."""
     c_in, h, w = op.in_shape
     c_out, ho, wo = op.out_shape
     block, row_step, col_step = in_layout.steps
-    stride = max(1, h // ho) if ho else 1
+    stride = op.stride if op.kind == "conv2d" else max(1, h // ho)
+    fits = ((wo - 1) * stride + 1) * col_step <= row_step and \
+        (ho - 1) * stride * row_step + (wo - 1) * stride * col_step < block
+    if not fits:
+        block = 1 << int(np.ceil(np.log2(ho * wo)))
+        row_step, col_step, stride = wo, 1, 1
     if c_out * block > n:
         raise PlanError(f"{op.name}: {c_out} channels in blocks of {block} need {c_out * block} slots, "
                         f"the ciphertext has {n}; use at most {n // block} channels")
-    return Layout(c_out * ho * wo, in_layout.base, (c_out, ho, wo), (block, row_step * stride, col_step * stride))
+    base = in_layout.base if fits else 0
+    return Layout(c_out * ho * wo, base, (c_out, ho, wo), (block, row_step * stride, col_step * stride))
 
 
 def lower_ops(ops: list[Op], in_layout: Layout, n: int):
-    """All instructions, the output layout, and per-op (name -> instruction indices)."""
+    """All instructions, the output layout, per-op (name -> instruction indices), and checkpoints:
+    (op index, last instruction index, output layout) to compare each layer with the oracle."""
     layout = in_layout
     support = np.zeros(n, dtype=bool)
     support[in_layout.replica_slots(n).ravel()] = True
-    instructions, owners = [], {}
+    instructions, owners, checkpoints = [], {}, []
 
     def emit(items, name):
         nonlocal support
@@ -220,7 +229,7 @@ def lower_ops(ops: list[Op], in_layout: Layout, n: int):
             instructions.append(item)
             support = support_after(item, support)
 
-    for op in ops:
+    for op_index, op in enumerate(ops):
         if op.kind in ("conv2d",) or (op.kind == "linear_map" and len(op.out_shape) == 3):
             out_layout = conv_out_layout(op, layout, n)
             matrix, bias = linear_sparse(op)
@@ -247,4 +256,6 @@ def lower_ops(ops: list[Op], in_layout: Layout, n: int):
             layout = lowered[1]
         else:
             raise PlanError(f"no lowering for {op.kind} ({op.name})")
-    return instructions, layout, owners
+        if op.kind != "flatten":
+            checkpoints.append((op_index, len(instructions) - 1, layout))
+    return instructions, layout, owners, checkpoints

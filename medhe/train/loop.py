@@ -1,0 +1,264 @@
+"""The training loop: Adam + cross-entropy, LR schedule, light augmentation, early stopping.
+
+Inputs are already preprocessed arrays shaped (n, 1, S, S) (see medhe.data.preprocess), so the
+loop knows nothing about data sets. Runs are seeded and deterministic on CPU: the same seed,
+data and settings give the same weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from torch import nn
+
+from medhe.errors import ConfigError
+from medhe.nn.model import HECNN, ArchConfig
+from medhe.train.metrics import binary_report
+
+SCHEDULES = ("cosine", "step", "constant")
+STOP_METRICS = ("auc", "loss")
+TORCH_THREADS = 2
+
+
+@contextmanager
+def _deterministic_torch(threads: int):
+    """Deterministic kernels and a fixed thread count for the duration of a run."""
+    previous_threads = torch.get_num_threads()
+    previous_det = torch.are_deterministic_algorithms_enabled()
+    previous_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        torch.use_deterministic_algorithms(previous_det, warn_only=previous_warn)
+
+
+def _check_arrays(name: str, images, labels, arch: ArchConfig) -> tuple[np.ndarray, np.ndarray]:
+    images = np.asarray(images, dtype=np.float32)
+    labels = np.asarray(labels).reshape(-1).astype(np.int64)
+    expected = (arch.in_channels, arch.image_size, arch.image_size)
+    if images.ndim != 4 or images.shape[1:] != expected:
+        raise ConfigError(
+            f"{name} images must be preprocessed to (n, {', '.join(map(str, expected))}), "
+            f"got {images.shape}; use Preprocessing.apply_batch"
+        )
+    if images.shape[0] != labels.shape[0]:
+        raise ConfigError(f"{name}: {images.shape[0]} images but {labels.shape[0]} labels")
+    if images.shape[0] == 0:
+        raise ConfigError(f"{name} set is empty")
+    if labels.min() < 0 or labels.max() >= arch.num_classes:
+        raise ConfigError(f"{name} labels must be in [0, {arch.num_classes}), got {labels.min()}..{labels.max()}")
+    return images, labels
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, max_shift: int = 2,
+                  vertical_flip: bool = False) -> np.ndarray:
+    """Random horizontal flips (and optionally vertical) and integer shifts of up to max_shift.
+
+    Shifted-in pixels take each image's minimum, the (normalised) background value, so a shift
+    never introduces a bright border.
+    """
+    out = images.copy()
+    n, _, height, width = out.shape
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip][..., ::-1]
+    if vertical_flip:
+        vflip = rng.random(n) < 0.5
+        out[vflip] = out[vflip][..., ::-1, :]
+    if max_shift > 0:
+        shifts = rng.integers(-max_shift, max_shift + 1, size=(n, 2))
+        for i in np.nonzero(shifts.any(axis=1))[0]:
+            dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+            shifted = np.full_like(out[i], out[i].min())
+            src_y = slice(max(0, -dy), height - max(0, dy))
+            dst_y = slice(max(0, dy), height - max(0, -dy))
+            src_x = slice(max(0, -dx), width - max(0, dx))
+            dst_x = slice(max(0, dx), width - max(0, -dx))
+            shifted[:, dst_y, dst_x] = out[i][:, src_y, src_x]
+            out[i] = shifted
+    return np.ascontiguousarray(out)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images, batch_size: int = 512) -> np.ndarray:
+    """Logits of a preprocessed (n, C, S, S) array, in eval mode, in batches."""
+    was_training = model.training
+    model.eval()
+    images = np.asarray(images, dtype=np.float32)
+    chunks = [model(torch.from_numpy(images[i:i + batch_size])).numpy()
+              for i in range(0, images.shape[0], batch_size)]
+    model.train(was_training)
+    return np.concatenate(chunks, axis=0) if chunks else np.zeros((0, 2), dtype=np.float32)
+
+
+def softmax_positive(logits: np.ndarray) -> np.ndarray:
+    """P(class 1) from two-class logits, computed stably."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp[:, 1] / exp.sum(axis=1)
+
+
+def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> dict:
+    logits = predict_logits(model, images)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    report = binary_report(labels, softmax_positive(logits))
+    return {"loss": loss, "accuracy": report["accuracy"], "auc": report["auc"]}
+
+
+def _make_scheduler(optimizer, schedule: str, total_steps: int):
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, total_steps))
+    if schedule == "step":
+        # x0.1 at 1/2 and 3/4 of the run.
+        milestones = [max(1, total_steps // 2), max(2, (3 * total_steps) // 4)]
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=0.1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _is_better(current: dict, best: dict | None, stop_metric: str) -> bool:
+    if best is None:
+        return True
+    if stop_metric == "loss" or current["auc"] is None or best["auc"] is None:
+        return current["loss"] < best["loss"]
+    # AUC first; at equal AUC (common once it saturates) the lower loss wins.
+    if current["auc"] != best["auc"]:
+        return current["auc"] > best["auc"]
+    return current["loss"] < best["loss"]
+
+
+def train_model(
+    arch: ArchConfig,
+    train_images,
+    train_labels,
+    stop_images,
+    stop_labels,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    patience: int,
+    seed: int,
+    augment: bool,
+    progress: bool = True,
+    schedule: str = "cosine",
+    weight_decay: float = 1e-4,
+    stop_metric: str = "auc",
+    max_shift: int = 2,
+    vertical_flip: bool = False,
+    grad_clip: float = 5.0,
+) -> tuple[HECNN, dict]:
+    """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
+
+    The early-stopping ("stop") set only picks the epoch whose weights are kept; report final
+    numbers on a set that played no part in training. ``patience`` epochs without improvement of
+    ``stop_metric`` end the run (0 disables early stopping but still restores the best epoch).
+    """
+    if epochs < 1 or batch_size < 2 or lr <= 0 or patience < 0:
+        raise ConfigError(
+            f"need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0; got epochs={epochs}, "
+            f"batch_size={batch_size}, lr={lr}, patience={patience}"
+        )
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    if stop_metric not in STOP_METRICS:
+        raise ConfigError(f"stop_metric must be one of {STOP_METRICS}, got {stop_metric!r}")
+    train_images, train_labels = _check_arrays("training", train_images, train_labels, arch)
+    stop_images, stop_labels = _check_arrays("early-stopping", stop_images, stop_labels, arch)
+
+    from tqdm.auto import tqdm
+
+    with _deterministic_torch(TORCH_THREADS):
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = HECNN(arch)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+        n = train_images.shape[0]
+        steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
+        scheduler = _make_scheduler(optimizer, schedule, epochs * steps_per_epoch)
+        loss_fn = nn.CrossEntropyLoss()
+
+        history: dict = {
+            "seed": seed, "epochs_max": epochs, "batch_size": batch_size, "lr": lr,
+            "schedule": schedule, "weight_decay": weight_decay, "augment": bool(augment),
+            "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
+            "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
+            "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
+        }
+        best: dict | None = None
+        best_state = None
+        best_epoch = 0
+        since_best = 0
+        start = time.perf_counter()
+        show = progress and sys.stderr.isatty()
+        bar = tqdm(range(1, epochs + 1), desc=f"train {arch.activation}", unit="epoch",
+                   disable=not show, leave=False, file=sys.stderr)
+        for epoch in bar:
+            epoch_start = time.perf_counter()
+            model.train()
+            order = rng.permutation(n)
+            total_loss, total_correct, seen = 0.0, 0, 0
+            for begin in range(0, n, batch_size):
+                idx = order[begin:begin + batch_size]
+                if idx.size < 2:  # batch norm cannot train on a single example
+                    continue
+                x = train_images[idx]
+                if augment:
+                    x = augment_batch(x, rng, max_shift=max_shift, vertical_flip=vertical_flip)
+                xb = torch.from_numpy(x)
+                yb = torch.from_numpy(train_labels[idx])
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(xb)
+                loss = loss_fn(logits, yb)
+                if not torch.isfinite(loss):
+                    raise ConfigError(
+                        f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr "
+                        f"(now {lr}) or use --activation relu to compare"
+                    )
+                loss.backward()
+                if grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                scheduler.step()
+                total_loss += loss.item() * idx.size
+                total_correct += int((logits.argmax(1) == yb).sum())
+                seen += idx.size
+            stop = _evaluate(model, stop_images, stop_labels)
+            record = {
+                "epoch": epoch,
+                "lr_end": float(optimizer.param_groups[0]["lr"]),
+                "train_loss": total_loss / seen,
+                "train_accuracy": total_correct / seen,
+                "stop_loss": stop["loss"],
+                "stop_accuracy": stop["accuracy"],
+                "stop_auc": stop["auc"],
+                "seconds": time.perf_counter() - epoch_start,
+            }
+            history["epochs"].append(record)
+            if _is_better(stop, best, stop_metric):
+                best, best_epoch, since_best = stop, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", stop_auc=f"{stop['auc'] or 0:.4f}",
+                            stop_acc=f"{stop['accuracy']:.3f}", best=best_epoch)
+            if patience and since_best >= patience:
+                history["stopped_early"] = True
+                break
+        else:
+            history["stopped_early"] = False
+        bar.close()
+        model.load_state_dict(best_state)
+        model.eval()
+        history["best_epoch"] = best_epoch
+        history["best_stop"] = best
+        history["epochs_run"] = len(history["epochs"])
+        history["train_seconds"] = time.perf_counter() - start
+    return model, history

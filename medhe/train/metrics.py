@@ -1,0 +1,129 @@
+"""Binary classification metrics and the two plots shipped next to each trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from medhe.errors import ConfigError
+
+
+def _as_binary_labels(labels) -> np.ndarray:
+    labels = np.asarray(labels).reshape(-1)
+    if labels.size and not np.isin(labels, (0, 1)).all():
+        raise ConfigError(f"binary labels must be 0 or 1, got values {sorted(set(labels.tolist()))[:10]}")
+    return labels.astype(np.int64)
+
+
+def _as_probabilities(prob, n: int) -> np.ndarray:
+    prob = np.asarray(prob, dtype=np.float64).reshape(-1)
+    if prob.shape[0] != n:
+        raise ConfigError(f"expected {n} probabilities (one per label), got {prob.shape[0]}")
+    if prob.size and (np.nanmin(prob) < 0.0 or np.nanmax(prob) > 1.0 or np.isnan(prob).any()):
+        raise ConfigError("probabilities must lie in [0, 1]")
+    return prob
+
+
+def _safe_div(num: int, den: int) -> float | None:
+    return float(num / den) if den else None
+
+
+def binary_report(labels, prob_positive, threshold: float = 0.5) -> dict:
+    """Accuracy, ROC AUC, sensitivity, specificity and the confusion matrix.
+
+    Class 1 is the positive (disease) class. The confusion matrix is [[TN, FP], [FN, TP]]
+    (rows = truth, columns = prediction, as sklearn). AUC is None when only one class is present;
+    sensitivity/specificity are None when their denominator is zero.
+    """
+    labels = _as_binary_labels(labels)
+    prob = _as_probabilities(prob_positive, labels.shape[0])
+    if labels.size == 0:
+        raise ConfigError("cannot report metrics on an empty set")
+    pred = (prob >= threshold).astype(np.int64)
+    tp = int(((pred == 1) & (labels == 1)).sum())
+    tn = int(((pred == 0) & (labels == 0)).sum())
+    fp = int(((pred == 1) & (labels == 0)).sum())
+    fn = int(((pred == 0) & (labels == 1)).sum())
+    auc = float(roc_auc_score(labels, prob)) if len(np.unique(labels)) == 2 else None
+    return {
+        "n": int(labels.size),
+        "n_positive": int(labels.sum()),
+        "n_negative": int(labels.size - labels.sum()),
+        "threshold": float(threshold),
+        "accuracy": float((tp + tn) / labels.size),
+        "auc": auc,
+        "sensitivity": _safe_div(tp, tp + fn),
+        "specificity": _safe_div(tn, tn + fp),
+        "confusion_matrix": [[tn, fp], [fn, tp]],
+    }
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_roc_png(path: str | Path, labels, prob, title: str = "ROC curve") -> Path:
+    """ROC curve with the AUC in the legend and the chance diagonal."""
+    labels = _as_binary_labels(labels)
+    prob = _as_probabilities(prob, labels.shape[0])
+    if len(np.unique(labels)) != 2:
+        raise ConfigError("a ROC curve needs both classes in the labels")
+    fpr, tpr, _ = roc_curve(labels, prob)
+    auc = roc_auc_score(labels, prob)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    try:
+        ax.plot(fpr, tpr, lw=2, label=f"model (AUC = {auc:.3f})")
+        ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance (AUC = 0.5)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.01)
+        ax.set_xlabel("False positive rate (1 - specificity)")
+        ax.set_ylabel("True positive rate (sensitivity)")
+        ax.set_title(f"{title} (n = {labels.size})")
+        ax.legend(loc="lower right")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def save_confusion_png(path: str | Path, labels, pred, class_names, title: str = "Confusion matrix") -> Path:
+    """Confusion matrix with counts in the cells (rows = truth, columns = prediction)."""
+    labels = _as_binary_labels(labels)
+    pred = _as_binary_labels(pred)
+    if pred.shape != labels.shape:
+        raise ConfigError(f"expected {labels.size} predictions, got {pred.size}")
+    if len(class_names) != 2:
+        raise ConfigError(f"expected 2 class names, got {list(class_names)}")
+    matrix = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(matrix, (labels, pred), 1)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 4.0), dpi=100)
+    try:
+        ax.imshow(matrix, cmap="Blues")
+        threshold = matrix.max() / 2 if matrix.max() else 0.5
+        for i in range(2):
+            for j in range(2):
+                ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=14,
+                        color="white" if matrix[i, j] > threshold else "black")
+        ax.set_xticks([0, 1], labels=list(class_names))
+        ax.set_yticks([0, 1], labels=list(class_names))
+        ax.set_xlabel("Predicted label")
+        ax.set_ylabel("True label")
+        accuracy = float(np.trace(matrix) / matrix.sum()) if matrix.sum() else float("nan")
+        ax.set_title(f"{title} (accuracy = {accuracy:.3f})")
+        fig.tight_layout()
+        path = Path(path)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path

@@ -1,0 +1,185 @@
+"""Compiler and lowering against torch on the clear backend (slot-exact, no HE library)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medhe.compiler import Plan
+from medhe.compiler.ir import run_ops
+from medhe.compiler.layout import Layout
+from medhe.compiler.passes import (absorb_activation, absorb_pooling, fold_batchnorm, merge_linear,
+                                   naive_levels, optimize, optimized_levels)
+from medhe.errors import InsecureParametersError, PlanError, UnsupportedLayerError
+from medhe.nn.layers import PolyAct
+from medhe.nn.model import HECNN, ArchConfig
+from medhe.params import CKKSParams, choose_params
+from medhe.runtime.clear import ClearBackend
+from tests.helpers import compile_torch, randomize_bn, run_plan, torch_out, trace_torch
+
+EXACT = 1e-9
+
+
+def clear_run(plan, x, trace=None):
+    backend = ClearBackend(plan.params)
+    return run_plan(plan, backend, backend, x, trace)
+
+
+CONV_GRID = list(itertools.product((6, 8, 11), (1, 3, 5), (1, 2), (0, 1, 2), ((1, 3), (2, 4))))
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding,channels", CONV_GRID)
+def test_conv_lowering_matches_torch(size, kernel, stride, padding, channels):
+    if kernel > size + 2 * padding:
+        pytest.skip("kernel larger than the padded input")
+    c_in, c_out = channels
+    seq = nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding)).double()
+    x = np.random.randn(c_in, size, size)
+    plan = compile_torch(seq, (c_in, size, size))
+    np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
+
+
+@pytest.mark.parametrize("size,kernel", [(8, 2), (12, 2), (9, 3), (12, 3)])
+def test_avgpool_after_conv_is_absorbed_and_exact(size, kernel):
+    seq = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AvgPool2d(kernel)).double()
+    x = np.random.randn(2, size, size)
+    plan = compile_torch(seq, (2, size, size))
+    assert plan.depth == 1, "the pool must cost no level"
+    np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
+
+
+@pytest.mark.parametrize("features,outputs", [(8, 2), (16, 5), (32, 16)])
+def test_dense_lowering_matches_torch(features, outputs):
+    side = int(np.sqrt(features)) if int(np.sqrt(features)) ** 2 == features else None
+    shape = (1, side, side) if side else (2, 4, features // 8)
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(features, outputs)).double()
+    x = np.random.randn(*shape)
+    plan = compile_torch(seq, shape)
+    np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
+
+
+def test_activation_costs_one_level_and_matches():
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), PolyAct(), nn.Flatten(),
+                        nn.Linear(4 * 36, 3)).double()
+    randomize_bn(seq)
+    with torch.no_grad():
+        seq[2].coef.copy_(torch.tensor([0.3, -0.4, 0.1]))
+    x = np.random.randn(1, 6, 6)
+    plan = compile_torch(seq, (1, 6, 6))
+    assert plan.depth == 3  # conv, square, dense: BN and the polynomial's a, b, c cost nothing
+    np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
+
+
+def _default_model(image_size: int) -> nn.Module:
+    model = HECNN(ArchConfig(image_size=image_size)).double()
+    randomize_bn(model)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, PolyAct):
+                m.coef.add_(torch.randn(3) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_each_pass_preserves_the_function(image_size):
+    model = _default_model(image_size)
+    ops = trace_torch(model.layers, (1, image_size, image_size))
+    x = np.random.randn(3, 1, image_size, image_size)
+    with torch.no_grad():
+        reference = model(torch.tensor(x)).numpy()
+    np.testing.assert_allclose(run_ops(ops, x), reference, atol=1e-9)
+    for step in (fold_batchnorm, absorb_pooling, absorb_activation, merge_linear):
+        ops = step(ops)
+        np.testing.assert_allclose(run_ops(ops, x), reference, atol=1e-9, err_msg=step.__name__)
+    assert [o.kind for o in ops].count("batchnorm") == 0
+    assert [o.kind for o in ops].count("poly") == 0
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_default_model_end_to_end_and_per_layer_on_clear_backend(image_size):
+    model = _default_model(image_size)
+    plan = compile_torch(model.layers, (1, image_size, image_size))
+    assert plan.report["levels_before"] == 20 and plan.report["levels_after"] == 9
+    assert plan.params.poly_modulus_degree == 16384 and plan.params.security_bits == 128
+    x = np.random.randn(1, image_size, image_size)
+    trace = []
+    logits = clear_run(plan, x, trace)
+    np.testing.assert_allclose(logits, torch_out(model.layers, x), atol=EXACT)
+    # Per layer: every op's output, read from the slots of its layout, equals the optimised IR.
+    ops = optimize(trace_torch(model.layers, (1, image_size, image_size)))
+    _, intermediates = run_ops(ops, x[None], collect=True)
+    n = plan.params.slot_count
+    checkpoints = plan.report["checkpoints"]
+    assert len(checkpoints) == len(ops) - 1  # every op but flatten
+    for point in checkpoints:
+        slots = Layout.from_dict(point["layout"]).slots(n)
+        np.testing.assert_allclose(trace[point["instruction"]].values[slots],
+                                   intermediates[point["op"]][0].reshape(-1), atol=EXACT,
+                                   err_msg=ops[point["op"]].name)
+
+
+def test_merge_linear_merges_consecutive_linear_layers():
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1), PolyAct(),
+                        nn.Flatten(), nn.Linear(2 * 64, 8), nn.Linear(8, 3)).double()
+    x = np.random.randn(1, 8, 8)
+    ops = trace_torch(seq, (1, 8, 8))
+    merged = optimize(ops)
+    assert [o.kind for o in merged] == ["linear_map", "square", "linear_map"]
+    assert naive_levels(ops) == 6 and optimized_levels(merged) == 3
+    plan = compile_torch(seq, (1, 8, 8))
+    np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
+
+
+def test_unsupported_layer_lists_supported_ones():
+    with pytest.raises(UnsupportedLayerError, match="Conv2d.*Linear"):
+        trace_torch(nn.Sequential(nn.MaxPool2d(2)), (1, 4, 4))
+    relu_model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU())
+    with pytest.raises(UnsupportedLayerError, match="supported layer types"):
+        trace_torch(relu_model, (1, 6, 6))
+
+
+def test_parameters_refuse_weak_security_without_opt_in():
+    with pytest.raises(InsecureParametersError, match="128-bit"):
+        CKKSParams(8192, (60, 40, 40, 40, 60), 40)
+    assert CKKSParams(8192, (60, 40, 40, 40, 60), 40, insecure_for_tests=True).security_bits == 0
+    with pytest.raises(InsecureParametersError, match="levels"):
+        choose_params(40, 8192)
+    with pytest.raises(PlanError, match="needs 9 levels"):
+        model = _default_model(28)
+        compile_torch(model.layers, (1, 28, 28), params=CKKSParams(16384, (60, 40, 40, 40, 60), 40))
+
+
+def test_chosen_parameters_fit_the_128_bit_bound():
+    for depth in range(1, 11):
+        p = choose_params(depth, 4096)
+        assert p.levels == depth and p.total_bits <= {8192: 218, 16384: 438, 32768: 881}[p.poly_modulus_degree]
+
+
+def test_plan_round_trip_and_tamper_detection(tmp_path):
+    model = _default_model(28)
+    plan = compile_torch(model.layers, (1, 28, 28))
+    plan.save(tmp_path / "plan")
+    loaded = Plan.load(tmp_path / "plan")
+    assert loaded.digest() == plan.digest()
+    x = np.random.randn(1, 28, 28)
+    np.testing.assert_allclose(clear_run(loaded, x), clear_run(plan, x), atol=0)
+    doc = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    doc["instructions"][1]["stages"][0][1] += 1
+    (tmp_path / "plan" / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="digest"):
+        Plan.load(tmp_path / "plan")
+
+
+def test_rotation_keys_limited_to_plan_steps():
+    model = _default_model(28)
+    plan = compile_torch(model.layers, (1, 28, 28))
+    used = set()
+    for ins in plan.instructions:
+        used |= ins.steps
+    assert set(plan.rotation_steps()) == used
+    assert len(used) < 64, "one Galois key per used step, not a full power-of-two set"
