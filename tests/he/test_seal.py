@@ -1,0 +1,101 @@
+"""Lowerings on real SEAL CKKS with small parameters, explicitly insecure-for-tests."""
+
+from __future__ import annotations
+
+import gc
+
+import numpy as np
+import pytest
+from torch import nn
+
+from medhe.errors import InvalidMessage
+from medhe.nn.layers import PolyAct
+from medhe.protocol.client import Client
+from medhe.protocol.server import Server
+from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend, seal
+from tests.helpers import SMALL_N, ckks_tolerance, compile_torch, randomize_bn, run_plan, torch_out
+
+pytestmark = pytest.mark.he
+
+
+def seal_run(plan, x):
+    client = SEALClientBackend(plan.params)
+    relin, galois = client.evaluation_keys(plan.rotation_steps())
+    server = SEALServerBackend(plan.params, relin, galois or None)
+    return run_plan(plan, server, client, x)
+
+
+def small_plan(seq, shape):
+    return compile_torch(seq, shape, poly_modulus_degree=SMALL_N, insecure_for_tests=True)
+
+
+@pytest.mark.parametrize("size,kernel,stride,padding", [(8, 3, 1, 1), (8, 3, 2, 1), (9, 5, 1, 2), (8, 1, 1, 0), (10, 3, 2, 0)])
+def test_conv_on_seal_matches_torch(size, kernel, stride, padding):
+    seq = nn.Sequential(nn.Conv2d(2, 3, kernel, stride=stride, padding=padding)).double()
+    x = np.random.randn(2, size, size)
+    plan = small_plan(seq, (2, size, size))
+    assert plan.params.insecure_for_tests
+    expected = torch_out(seq, x)
+    np.testing.assert_allclose(seal_run(plan, x), expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
+
+
+def test_pool_dense_activation_on_seal_match_torch():
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
+                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
+    randomize_bn(seq)
+    x = np.random.randn(1, 16, 16)
+    plan = small_plan(seq, (1, 16, 16))
+    expected = torch_out(seq, x)
+    got = seal_run(plan, x)
+    np.testing.assert_allclose(got, expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
+    assert np.argmax(got) == np.argmax(expected)
+
+
+def test_server_holds_no_secret_key_and_writes_none(tmp_path):
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(), nn.Flatten(), nn.Linear(2 * 64, 2)).double()
+    plan = small_plan(seq, (1, 8, 8))
+    client = Client(plan, backend="seal")
+    keys = client.evaluation_keys()
+    server = Server(plan, backend="seal", key_dir=tmp_path / "server")
+    server.register_keys(keys)
+    result = server.evaluate(client.encrypt_image(np.random.rand(8, 8)))
+    client.decrypt_logits(result)
+
+    # Nothing reachable from the server object is a secret key or a decryptor.
+    seen, stack = set(), [server]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        assert not isinstance(obj, (seal.SecretKey, seal.Decryptor, SEALClientBackend)), type(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__"):
+            stack.extend(vars(obj).values())
+
+    # No file the server wrote, nor the key message, contains the secret key's bytes.
+    secret = client.export_secret_key()
+    secret_payload = secret[-4096:]  # a chunk of the serialized key polynomial
+    written = [p.read_bytes() for p in (tmp_path / "server").rglob("*") if p.is_file()]
+    assert written, "the server should have stored the registered keys"
+    for blob in written + [keys, result]:
+        for start in range(0, len(secret_payload) - 64, 512):
+            assert secret_payload[start: start + 64] not in blob
+
+
+def test_ciphertext_from_another_parameter_set_is_refused():
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
+    plan = small_plan(seq, (1, 8, 8))
+    server_backend = SEALServerBackend(plan.params)
+    other = compile_torch(seq, (1, 8, 8), poly_modulus_degree=8192, insecure_for_tests=True)
+    other_client = SEALClientBackend(other.params)
+    foreign = other_client.serialize(other_client.encrypt(np.zeros(other.params.slot_count)))
+    with pytest.raises(InvalidMessage):
+        server_backend.deserialize(foreign)
+    with pytest.raises(InvalidMessage):
+        server_backend.deserialize(b"\x00" * 100)
+    gc.collect()

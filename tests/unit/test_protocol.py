@@ -1,0 +1,137 @@
+"""Client/server roles and wire format on the clear backend (no HE library)."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+from torch import nn
+
+from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
+from medhe.nn.layers import PolyAct
+from medhe.protocol import wire
+from medhe.protocol.client import Client
+from medhe.protocol.server import Server
+from tests.helpers import compile_torch, randomize_bn, torch_out
+
+SIZE = 8
+
+
+@pytest.fixture
+def model():
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(2), PolyAct(),
+                        nn.Flatten(), nn.Linear(2 * 16, 2)).double()
+    return randomize_bn(seq)
+
+
+@pytest.fixture
+def plan(model):
+    return compile_torch(model, (1, SIZE, SIZE))
+
+
+@pytest.fixture
+def parties(plan, tmp_path):
+    client = Client(plan, backend="clear")
+    server = Server(plan, backend="clear", key_dir=tmp_path / "keys")
+    server.register_keys(client.evaluation_keys())
+    return client, server
+
+
+def test_round_trip_matches_plaintext(model, parties):
+    client, server = parties
+    image = np.random.rand(SIZE, SIZE)
+    x = client.preprocess(image)
+    logits = client.decrypt_logits(server.evaluate(client.encrypt_image(image)))
+    np.testing.assert_allclose(logits, torch_out(model, x), atol=1e-9)
+    label, probs = client.diagnosis(logits)
+    assert label == client.plan.class_names[int(np.argmax(logits))] and abs(probs.sum() - 1) < 1e-12
+
+
+def test_secret_key_export_is_explicit_and_round_trips(plan, parties):
+    client, server = parties
+    result = server.evaluate(client.encrypt_image(np.random.rand(SIZE, SIZE)))
+    restored = Client.from_secret_key(plan, client.export_secret_key())
+    assert restored.key_id == client.key_id
+    np.testing.assert_array_equal(restored.decrypt_logits(result), client.decrypt_logits(result))
+    assert "secret" not in repr(client).lower() or "held" in repr(client).lower()
+
+
+def _tamper_header(message: bytes, **changes) -> bytes:
+    magic, version, header_len = struct.unpack_from(">5sHI", message)
+    import json
+
+    header = json.loads(message[11: 11 + header_len])
+    header.update(changes)
+    new = json.dumps(header).encode()
+    return struct.pack(">5sHI", magic, version, len(new)) + new + message[11 + header_len:]
+
+
+def test_wire_negatives_each_raise_a_clear_error(plan, parties):
+    client, server = parties
+    good = client.encrypt_image(np.random.rand(SIZE, SIZE))
+    cases = {
+        "truncated": (good[:-10], "truncated"),
+        "not a message": (b"hello world, not medhe", "not a medhe message"),
+        "wrong version": (good[:5] + struct.pack(">H", 99) + good[7:], "version 99"),
+        "wrong plan hash": (_tamper_header(good, plan_digest="0" * 64), "plan"),
+        "wrong params": (_tamper_header(good, params_digest="0" * 64), "parameters"),
+        "wrong kind": (_tamper_header(good, kind="result"), "expected a ciphertext"),
+        "corrupted payload": (good[:-1] + bytes([good[-1] ^ 1]), "checksum"),
+    }
+    for name, (bad, pattern) in cases.items():
+        with pytest.raises(InvalidMessage, match=pattern):
+            server.evaluate(bad)
+    with pytest.raises(MissingKeyError, match="key id"):
+        server.evaluate(_tamper_header(good, key_id="0123456789abcdef"))
+    # The server keeps working and keeps its keys after all of that.
+    assert client.key_id in server.key_ids
+    client.decrypt_logits(server.evaluate(good))
+
+
+def test_ciphertext_from_another_key_set_is_refused(plan, parties):
+    _, server = parties
+    stranger = Client(plan, backend="clear")
+    with pytest.raises(MissingKeyError, match=stranger.key_id):
+        server.evaluate(stranger.encrypt_image(np.random.rand(SIZE, SIZE)))
+
+
+def test_result_for_another_client_is_refused(plan, parties):
+    client, server = parties
+    other = Client(plan, backend="clear")
+    server.register_keys(other.evaluation_keys())
+    result = server.evaluate(other.encrypt_image(np.random.rand(SIZE, SIZE)))
+    with pytest.raises(InvalidMessage, match="key id"):
+        client.decrypt_logits(result)
+
+
+def test_oversized_payload_is_refused(plan):
+    limit = wire.MAX_PAYLOAD_BYTES["ciphertext"]
+    ids = {"plan_digest": plan.digest(), "params_digest": plan.params.digest()}
+    big = wire.encode("ciphertext", b"\0" * (limit + 1), key_id="0123456789abcdef", **ids)
+    with pytest.raises(InvalidMessage, match="exceeds"):
+        wire.decode(big, expect_kind="ciphertext", **ids)
+
+
+def test_registered_keys_survive_a_server_restart(plan, parties, tmp_path):
+    client, _ = parties
+    restarted = Server(plan, backend="clear", key_dir=tmp_path / "keys")
+    assert client.key_id in restarted.key_ids
+    client.decrypt_logits(restarted.evaluate(client.encrypt_image(np.random.rand(SIZE, SIZE))))
+
+
+def test_bad_inputs_name_what_was_expected(plan, parties):
+    client, _ = parties
+    with pytest.raises(ConfigError, match=r"shape \(1, 8, 8\)"):
+        client.encrypt_input(np.zeros((1, 7, 7)))
+    bad = np.zeros((1, SIZE, SIZE))
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ConfigError, match="NaN"):
+        client.encrypt_input(bad)
+
+
+def test_evaluation_keys_for_another_plan_are_refused(model, parties):
+    client, _ = parties
+    other_plan = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double(), (1, SIZE, SIZE))
+    with pytest.raises(InvalidMessage, match="plan"):
+        Server(other_plan, backend="clear").register_keys(client.evaluation_keys())
