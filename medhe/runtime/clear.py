@@ -69,6 +69,11 @@ class ClearBackend:
         self._same_level(a, b, "add")
         return ClearCiphertext(a.values + b.values, a.level, a.scale)
 
+    def add_inplace(self, a, b):
+        self._same_level(a, b, "add")
+        a.values = a.values + b.values
+        return a
+
     def add_plain(self, a, pt):
         self._same_level(a, pt, "add_plain")
         return ClearCiphertext(a.values + pt.values, a.level, a.scale)

@@ -35,12 +35,15 @@ class Executor:
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
             pt = self._plain(("d", index, p), ins.diagonals[p], x, divisor)
-            term = be.multiply_plain(rotated[b], pt)
-            per_giant[g] = term if g not in per_giant else be.add(per_giant[g], term)
+            term = be.multiply_plain(rotated[b], pt)  # a fresh ciphertext: safe to add into in place
+            if g in per_giant:
+                be.add_inplace(per_giant[g], term)
+            else:
+                per_giant[g] = term
         acc = None
         for g, partial in per_giant.items():
             moved = partial if g == 0 else be.rotate(partial, g)
-            acc = moved if acc is None else be.add(acc, moved)
+            acc = moved if acc is None else be.add_inplace(acc, moved)
         if ins.bias is not None:
             acc = be.add_plain(acc, self._plain(("b", index), ins.bias, acc, be.scale(acc)))
         return be.rescale(acc)
@@ -48,10 +51,14 @@ class Executor:
     def _rotsum(self, ins, x):
         be = self.backend
         for stage in ins.stages:
-            total = None
-            for offset in stage:
-                term = x if offset == 0 else be.rotate(x, offset)
-                total = term if total is None else be.add(total, term)
+            terms = [be.rotate(x, offset) for offset in stage if offset != 0]
+            if not terms:
+                continue
+            total = terms[0]
+            for term in terms[1:]:
+                be.add_inplace(total, term)
+            if 0 in stage:
+                be.add_inplace(total, x)
             x = total
         return x
 

@@ -96,6 +96,14 @@ class SEALServerBackend:
     def add(self, a, b):
         return self._run("add", self.evaluator.add, a, b)
 
+    def add_inplace(self, a, b):
+        """a += b, returning a (saves an allocation in long sums)."""
+        try:
+            self.evaluator.add_inplace(a, b)
+        except (ValueError, RuntimeError) as exc:
+            raise BackendError(f"SEAL add failed: {exc}") from exc
+        return a
+
     def add_plain(self, a, pt):
         return self._run("add_plain", self.evaluator.add_plain, a, pt)
 
