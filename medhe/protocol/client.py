@@ -116,6 +116,32 @@ class Client:
         values = self._backend.decrypt(ct)
         return values[self.plan.output_layout.slots(self.plan.params.slot_count)]
 
+    # --- throughput mode (a BatchPlan: slots across images) ---------------------------------------
+    def encrypt_batch(self, model_inputs: np.ndarray) -> bytes:
+        """Up to N/2 preprocessed inputs (B, C, H, W) -> one message of one ciphertext per feature."""
+        x = np.asarray(model_inputs, dtype=np.float64)
+        batch = self.plan.params.slot_count
+        if x.ndim != 4 or x.shape[1:] != tuple(self.plan.input_shape) or not 1 <= x.shape[0] <= batch:
+            raise ConfigError(f"a batch must have shape (1..{batch}, {', '.join(map(str, self.plan.input_shape))}), "
+                              f"got {x.shape}")
+        if not np.isfinite(x).all():
+            raise ConfigError("batch contains NaN or infinite values")
+        features = np.zeros((x.shape[1] * x.shape[2] * x.shape[3], batch))
+        features[:, : x.shape[0]] = x.reshape(x.shape[0], -1).T
+        parts = [self._backend.serialize(self._backend.encrypt(row)) for row in features]
+        return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra={"count": int(x.shape[0])},
+                                 **self._ids)
+
+    def decrypt_batch(self, result: bytes) -> np.ndarray:
+        """(B, classes) logits from a batch result."""
+        msg = wire.decode(result, expect_kind="batch_result", key_id=self.key_id, **self._ids)
+        classes = len(self.plan.class_names)
+        parts = msg.parts([f"class{i}" for i in range(classes)])
+        count = int(msg.extra.get("count", 0))
+        if not 1 <= count <= self.plan.params.slot_count:
+            raise InvalidMessage("batch result has an invalid image count")
+        return np.stack([self._backend.decrypt(self._backend.deserialize(p))[:count] for p in parts], axis=1)
+
     def diagnosis(self, logits: np.ndarray) -> tuple[str, np.ndarray]:
         """Predicted class name and softmax probabilities."""
         z = np.asarray(logits, dtype=np.float64)

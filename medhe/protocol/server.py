@@ -6,10 +6,12 @@ import re
 import threading
 from pathlib import Path
 
+from medhe.compiler.batch import BatchPlan
 from medhe.compiler.plan import Plan
 from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
 from medhe.protocol import wire
 from medhe.runtime.clear import ClearBackend
+from medhe.runtime.batch_executor import BatchExecutor
 from medhe.runtime.executor import Executor
 
 _KEY_ID = re.compile(r"^[0-9a-f]{16}$")
@@ -22,7 +24,7 @@ class Server:
     server still knows them. A bad message raises InvalidMessage and changes nothing stored.
     """
 
-    def __init__(self, plan: Plan, *, backend: str = "seal", key_dir: str | Path | None = None) -> None:
+    def __init__(self, plan: Plan | BatchPlan, *, backend: str = "seal", key_dir: str | Path | None = None) -> None:
         if backend not in ("seal", "clear"):
             raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
         self.plan = plan
@@ -62,7 +64,10 @@ class Server:
             raise InvalidMessage("key id must be 16 lowercase hex digits")
         backend = self._make_backend(msg)
         with self._lock:
-            self._executors[msg.key_id] = Executor(self.plan, backend, cache=self._plain_cache)
+            if isinstance(self.plan, BatchPlan):
+                self._executors[msg.key_id] = BatchExecutor(self.plan, backend)
+            else:
+                self._executors[msg.key_id] = Executor(self.plan, backend, cache=self._plain_cache)
             if self.key_dir:
                 tmp = self.key_dir / f".{msg.key_id}.tmp"
                 tmp.write_bytes(bytes(message))
@@ -88,6 +93,21 @@ class Server:
         return sorted(known)
 
     # --- evaluation ---------------------------------------------------------------------------
+    def evaluate_batch(self, message: bytes) -> bytes:
+        """Throughput mode: one ciphertext per input feature in, one per class out."""
+        if not isinstance(self.plan, BatchPlan):
+            raise ConfigError("this server was built from a latency plan; build it from a BatchPlan for batches")
+        key_id = wire.peek_key_id(message)
+        executor = self._executor(key_id)
+        msg = wire.decode(message, expect_kind="batch_ciphertext", key_id=key_id, **self._ids)
+        parts = msg.parts([f"f{i}" for i in range(self.plan.input_features)])
+        cts = [executor.backend.deserialize(p) for p in parts]
+        if any(executor.backend.levels_left(c) != self.plan.depth for c in cts):
+            raise InvalidMessage(f"batch ciphertexts must be fresh, with {self.plan.depth} levels")
+        outs = executor.run(cts)
+        return wire.encode_parts("batch_result", [executor.backend.serialize(c) for c in outs], key_id=key_id,
+                                 extra={"count": msg.extra.get("count", self.plan.batch_size)}, **self._ids)
+
     def evaluate(self, message: bytes, *, timings: dict | None = None) -> bytes:
         key_id = wire.peek_key_id(message)
         executor = self._executor(key_id)

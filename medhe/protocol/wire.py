@@ -18,11 +18,11 @@ from medhe.errors import InvalidMessage
 
 MAGIC = b"MEDHE"
 FORMAT_VERSION = 1
-KINDS = ("evaluation_keys", "ciphertext", "result", "secret_key")
+KINDS = ("evaluation_keys", "ciphertext", "result", "secret_key", "batch_ciphertext", "batch_result")
 MAX_HEADER_BYTES = 64 * 1024
 # A fresh ciphertext at N=16384 is about 2 MB; Galois keys for a plan can reach about 1 GB.
 MAX_PAYLOAD_BYTES = {"ciphertext": 64 * 2**20, "result": 64 * 2**20, "evaluation_keys": 4 * 2**30,
-                     "secret_key": 64 * 2**20}
+                     "secret_key": 64 * 2**20, "batch_ciphertext": 4 * 2**30, "batch_result": 256 * 2**20}
 _PREFIX = struct.Struct(">5sHI")
 
 

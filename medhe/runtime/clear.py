@@ -50,6 +50,9 @@ class ClearBackend:
     def encode(self, values: np.ndarray, like: ClearCiphertext, scale: float) -> ClearPlaintext:
         return ClearPlaintext(np.asarray(values, dtype=np.float64), like.level, scale)
 
+    def encode_scalar(self, value: float, like: ClearCiphertext, scale: float) -> ClearPlaintext:
+        return ClearPlaintext(np.full(self.slot_count, float(value)), like.level, scale)
+
     def rescale_divisor(self, ct: ClearCiphertext) -> float:
         return self._primes[ct.level]
 

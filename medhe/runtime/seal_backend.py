@@ -75,6 +75,11 @@ class SEALServerBackend:
         self.encoder.encode(np.asarray(values, dtype=np.float64).tolist(), like.parms_id(), float(scale), pt)
         return pt
 
+    def encode_scalar(self, value: float, like, scale: float):
+        pt = seal.Plaintext()
+        self.encoder.encode(float(value), like.parms_id(), float(scale), pt)
+        return pt
+
     def rescale_divisor(self, ct) -> float:
         return float(self.context.get_context_data(ct.parms_id()).parms().coeff_modulus()[-1].value())
 

@@ -135,3 +135,24 @@ def test_evaluation_keys_for_another_plan_are_refused(model, parties):
     other_plan = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double(), (1, SIZE, SIZE))
     with pytest.raises(InvalidMessage, match="plan"):
         Server(other_plan, backend="clear").register_keys(client.evaluation_keys())
+
+
+def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
+    from medhe.compiler.batch import BatchPlan, batch_steps
+    from medhe.compiler.passes import optimize
+    from medhe.params import choose_params
+    from tests.helpers import trace_torch
+
+    steps = batch_steps(optimize(trace_torch(model, (1, SIZE, SIZE))))
+    assert [s.kind for s in steps] == ["linear", "square", "linear"]
+    plan = BatchPlan(choose_params(len(steps), 1), (1, SIZE, SIZE), steps, ["a", "b"],
+                     {"image_size": SIZE, "mean": 0.0, "std": 1.0}, "test")
+    client, server = Client(plan, backend="clear"), Server(plan, backend="clear")
+    assert plan.rotation_steps() == []  # no Galois keys needed at all
+    server.register_keys(client.evaluation_keys())
+    x = np.random.randn(37, 1, SIZE, SIZE)
+    logits = client.decrypt_batch(server.evaluate_batch(client.encrypt_batch(x)))
+    expected = np.stack([torch_out(model, xi) for xi in x])
+    np.testing.assert_allclose(logits, expected, atol=1e-9)
+    with pytest.raises(ConfigError, match="batch must have shape"):
+        client.encrypt_batch(np.zeros((3, 1, SIZE + 1, SIZE)))
