@@ -1,0 +1,64 @@
+"""Shared bits of the benchmark scripts: held-out data of each dataset, table printing, JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def eval_images(dataset: str, image_size: int, data_file: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Held-out grayscale images in [0,1] (n, S, S) and labels: Br35H grouped test split,
+    PneumoniaMNIST val (its test split is withheld from us)."""
+    if dataset == "br35h":
+        from medhe.data.br35h import load_br35h
+
+        images, labels = load_br35h("test", image_size)
+        return images, labels, "br35h-v1 test (grouped, leakage-free)"
+    from medhe.data.medmnist import default_pneumoniamnist_path, load_medmnist_npz
+    from medhe.data.preprocess import resize_gray01
+
+    path = data_file or default_pneumoniamnist_path()
+    if path is None:
+        raise SystemExit("PneumoniaMNIST npz not found: pass --data-file PATH.npz")
+    images, labels = load_medmnist_npz(path, "val")
+    gray = images.astype(np.float32) / 255.0
+    if gray.shape[1] != image_size:
+        gray = np.stack([resize_gray01(g, image_size) for g in gray])
+    return gray, labels, f"{Path(path).name} val"
+
+
+def peak_memory_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def machine() -> dict:
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format)."""
+    widths = [max(len(h), 10) for _, h, _ in columns]
+    print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
+    for row in rows:
+        cells = []
+        for (key, _, fmt), w in zip(columns, widths):
+            value = row.get(key, "")
+            cells.append((format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value)).rjust(w))
+        print("  ".join(cells))
+
+
+def write_json(name: str, payload: dict, out: str | None = None) -> Path:
+    path = Path(out) if out else RESULTS_DIR / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=float))
+    print(f"wrote {path}")
+    return path
