@@ -136,8 +136,27 @@ def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0) -> 
         "name": "br35h-random-split-LEAKY",
         "split": f"random per-file 70/15/15 of all {SPLIT_VERSION} files, seed {seed}",
         "train_split": "random train", "stop_split": "random val", "report_split": "random test",
+        "test_files_with_near_duplicate_in_train": _shared_group_fraction(index),
     }
     return _prepare("br35h", size, *[(images[index[s]], labels[index[s]]) for s in ("train", "val", "test")], card)
+
+
+def _shared_group_fraction(index: dict[str, np.ndarray]) -> float | None:
+    """Share of random-test files whose near-duplicate group also has a file in random-train."""
+    from medhe.data.br35h import br35h_split_files, br35h_root, load_split
+
+    try:
+        stored = load_split()["files"]
+        root = br35h_root()
+        # Same order as load_br35h: train, val, test, each in the stored (sorted) order.
+        paths = [path.relative_to(root).as_posix() for split in ("train", "val", "test")
+                 for path, _ in br35h_split_files(split)]
+        groups = np.array([stored[path]["group"] for path in paths])
+    except (DataError, KeyError, ValueError):
+        return None
+    train_groups = set(groups[index["train"]].tolist())
+    test_groups = groups[index["test"]]
+    return round(float(np.mean([g in train_groups for g in test_groups.tolist()])), 4)
 
 
 def prepare_medmnist(data_file: str | Path, image_size: int | None = None, name: str = "pneumoniamnist",

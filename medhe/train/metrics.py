@@ -120,7 +120,7 @@ def save_confusion_png(path: str | Path, labels, pred, class_names, title: str =
         ax.set_xlabel("Predicted label")
         ax.set_ylabel("True label")
         accuracy = float(np.trace(matrix) / matrix.sum()) if matrix.sum() else float("nan")
-        ax.set_title(f"{title} (accuracy = {accuracy:.3f})")
+        ax.set_title(f"{title}\naccuracy = {accuracy:.3f} (n = {int(matrix.sum())})")
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path)

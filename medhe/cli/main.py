@@ -1,0 +1,57 @@
+"""The `medhe` command: argparse subcommands registered by the modules in COMMAND_MODULES.
+
+Each command module exposes `register(subparsers)`, which adds its subparsers and sets
+`func(args) -> int` on each. Add a command group by appending its module to COMMAND_MODULES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from medhe import __version__
+from medhe.errors import MedHEError
+
+COMMAND_MODULES = ["medhe.cli.train_cmd"]
+
+EXIT_OK = 0
+EXIT_ERROR = 2  # usage errors (argparse) and MedHEError alike
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medhe",
+        description="Privacy-preserving medical image diagnosis with CKKS homomorphic encryption.",
+    )
+    parser.add_argument("--version", action="version", version=f"medhe {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version and usage errors: return argparse's code
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return int(func(args) or EXIT_OK)
+    except MedHEError as exc:
+        print(f"medhe {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

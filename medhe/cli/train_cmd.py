@@ -1,0 +1,160 @@
+"""`medhe train`, `medhe evaluate` and `medhe demo`: thin wrappers over medhe.train."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from medhe.errors import ConfigError
+
+DATASETS = ("br35h", "pneumoniamnist")
+DEMO_MODEL = "br35h"
+DEMO_PER_CLASS = 3
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from medhe.train.run import DATASET_DEFAULTS
+
+    def default(key: str) -> str:
+        return ", ".join(f"{name} {DATASET_DEFAULTS[name][key]}" for name in DATASETS)
+
+    p = subparsers.add_parser(
+        "train", help="train a model and write a model directory with metrics and plots",
+        description="Train the HE-friendly CNN. Early stopping uses a split that is never reported; "
+                    "every number written is measured on held-out data (Br35H: grouped test split; "
+                    "PneumoniaMNIST: val, with a 10% holdout of train for early stopping).",
+    )
+    p.add_argument("--dataset", required=True, choices=DATASETS)
+    p.add_argument("--data-file", type=Path, default=None, metavar="PATH.npz",
+                   help="MedMNIST npz (pneumoniamnist)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="model directory to write")
+    p.add_argument("--epochs", type=int, default=None, help=f"maximum epochs (default: {default('epochs')})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"default: {default('batch_size')}")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {default('lr')})")
+    p.add_argument("--patience", type=int, default=None,
+                   help=f"early-stopping patience in epochs, 0 = off (default: {default('patience')})")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
+                   help="disable flips/shifts (on by default for br35h only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
+    p.add_argument("--activation", choices=("poly", "relu"), default="poly")
+    p.add_argument("--relu-twin", action="store_true",
+                   help="also train the ReLU twin and record its metrics and the accuracy gap")
+    p.add_argument("--leakage-demo", action="store_true",
+                   help="br35h: also train on a random (non-grouped) split to show leakage (2nd run)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+    return p
+
+
+def cmd_train(args) -> int:
+    from medhe.train.run import TrainOptions, run_training
+
+    if args.dataset == "pneumoniamnist" and args.data_file is None:
+        from medhe.data.medmnist import default_pneumoniamnist_path
+
+        args.data_file = default_pneumoniamnist_path()
+        if args.data_file is None:
+            raise ConfigError("--dataset pneumoniamnist needs --data-file PATH.npz (MedMNIST layout)")
+    options = TrainOptions(
+        dataset=args.dataset, out=args.out, data_file=args.data_file, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
+        seed=args.seed, image_size=args.image_size, activation=args.activation,
+        relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
+    )
+    metrics = run_training(options, log=lambda line: print(line, flush=True))
+    print(f"{args.dataset} {metrics['report_split']} (held out): accuracy {metrics['accuracy']:.4f}, "
+          f"AUC {metrics['auc']:.4f}, sensitivity {metrics['sensitivity']:.4f}, "
+          f"specificity {metrics['specificity']:.4f}")
+    return 0
+
+
+# ------------------------------------------------------------------------- evaluate
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    """The `evaluate` parser; extend it here (e.g. with --encrypted) and branch in cmd_evaluate."""
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a model on a data split and write a JSON report",
+        description="Br35H models: --split train|val|test of the stored grouped split. "
+                    "MedMNIST models: --data-file PATH.npz --split val (or train).",
+    )
+    p.add_argument("--model", required=True, metavar="DIR|NAME",
+                   help="model directory or shipped model name (br35h, pneumoniamnist)")
+    p.add_argument("--data-file", type=Path, default=None, metavar="PATH.npz", help="MedMNIST npz")
+    p.add_argument("--split", default=None,
+                   help="split to evaluate (default: the model's held-out report split)")
+    p.add_argument("--report", type=Path, default=None, metavar="OUT.json", help="write the report here")
+    p.set_defaults(func=cmd_evaluate)
+    return p
+
+
+def cmd_evaluate(args) -> int:
+    from medhe.train.evaluate import evaluate_split, format_report_table
+
+    report = evaluate_split(args.model, split=args.split, data_file=args.data_file)
+    print(format_report_table(report))
+    if args.report is not None:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"wrote {args.report}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- demo
+
+
+def add_demo_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "demo", help="diagnose 6 held-out Br35H test images with the shipped model",
+        description=f"Loads the shipped {DEMO_MODEL} model and classifies {DEMO_PER_CLASS} held-out test "
+                    "images per class (deterministic choice). Runs in plaintext for now.",
+    )
+    p.add_argument("--model", default=DEMO_MODEL, metavar="DIR|NAME", help=f"default: {DEMO_MODEL}")
+    p.set_defaults(func=cmd_demo)
+    return p
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    from medhe.data.images import load_image
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.train.evaluate import demo_test_files
+    from medhe.train.loop import predict_logits, softmax_positive
+
+    model_dir = resolve_model_dir(args.model)
+    model, card = load_model(model_dir)
+    if (card.dataset or {}).get("name") != "br35h":
+        raise ConfigError(f"the demo uses Br35H test images; {model_dir} was trained on "
+                          f"{(card.dataset or {}).get('name')!r}")
+    files = demo_test_files(DEMO_PER_CLASS)
+    inputs = np.stack([card.preprocessing.apply(load_image(path)) for path, _ in files])
+    prob = softmax_positive(predict_logits(model, inputs))
+    names = card.class_names
+    print(f"model {model_dir} ({card.arch.activation}), plaintext inference on held-out Br35H test images")
+    header = f"{'image':<22} {'truth':<10} {'predicted':<10} {'P(' + names[1] + ')':>10}"
+    print(header)
+    print("-" * len(header))
+    correct = 0
+    for (path, label), p in zip(files, prob):
+        predicted = int(p >= 0.5)
+        correct += predicted == label
+        mark = "" if predicted == label else "  <- wrong"
+        print(f"{Path(path).parent.name + '/' + Path(path).name:<22} {names[label]:<10} "
+              f"{names[predicted]:<10} {p:>10.4f}{mark}")
+    print(f"{correct}/{len(files)} correct")
+    sys.stdout.flush()
+    return 0
+
+
+def register(subparsers) -> None:
+    add_train_parser(subparsers)
+    add_evaluate_parser(subparsers)
+    add_demo_parser(subparsers)

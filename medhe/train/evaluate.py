@@ -1,0 +1,155 @@
+"""Plaintext evaluation of a saved model directory on a data split (`medhe evaluate`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medhe.errors import ConfigError, DataError
+from medhe.nn.io import ModelCard, load_model, resolve_model_dir
+from medhe.train.loop import predict_logits, softmax_positive
+from medhe.train.metrics import binary_report
+
+BR35H_SPLITS = ("train", "val", "test")
+
+
+def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
+    """Report of a model on raw [0, 1] grayscale images (n, h, w), preprocessed by its card.
+
+    Returns binary_report's fields plus encrypted=False, model_dir and the model's dataset card.
+    """
+    model_dir = resolve_model_dir(model_dir)
+    model, card = load_model(model_dir)
+    labels = np.asarray(labels).reshape(-1)
+    if len(images_gray01) != labels.size:
+        raise DataError(f"{len(images_gray01)} images but {labels.size} labels; expected one label per image")
+    start = time.perf_counter()
+    inputs = card.preprocessing.apply_batch(images_gray01)
+    prob = softmax_positive(predict_logits(model, inputs))
+    report = binary_report(labels, prob)
+    report.update({
+        "encrypted": False,
+        "model_dir": str(Path(model_dir).resolve()),
+        "model_dataset": card.dataset,
+        "class_names": card.class_names,
+        "activation": card.arch.activation,
+        "seconds": round(time.perf_counter() - start, 3),
+    })
+    return report
+
+
+def _held_out(card: ModelCard, split: str, data_sha256: str | None) -> tuple[bool | None, str]:
+    """Whether `split` took no part in training or early stopping of this model."""
+    dataset = card.dataset or {}
+    if dataset.get("name") == "br35h" and data_sha256 is None:
+        used = {dataset.get("train_split"), dataset.get("stop_split")}
+        if split in used:
+            return False, f"the model was trained / early-stopped on Br35H {split}; this number is optimistic"
+        return True, f"Br35H {split} played no part in training or model selection"
+    if data_sha256 is not None and data_sha256 == dataset.get("data_file_sha256"):
+        if split == dataset.get("report_split"):
+            return True, f"{split} of the training file played no part in training or model selection"
+        return False, f"{split} of this file was used for training or early stopping; this number is optimistic"
+    return None, "not the data the model was trained on; held-out status unknown"
+
+
+def load_eval_data(card: ModelCard, split: str, data_file: str | Path | None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw float32 [0, 1] images (n, h, w) and int64 labels of a split for this model.
+
+    With data_file: that MedMNIST npz's split. Without: Br35H's stored split for Br35H models
+    (at the model's image size), or our PneumoniaMNIST copy for PneumoniaMNIST models.
+    """
+    images, labels, _ = _load_eval_data(card, split, data_file)
+    return images, labels
+
+
+def _load_eval_data(card: ModelCard, split: str, data_file) -> tuple[np.ndarray, np.ndarray, dict]:
+    dataset_name = (card.dataset or {}).get("name")
+    if data_file is None and dataset_name == "pneumoniamnist":
+        from medhe.data.medmnist import default_pneumoniamnist_path
+
+        data_file = default_pneumoniamnist_path()
+        if data_file is None:
+            raise ConfigError("this model was trained on PneumoniaMNIST: pass --data-file PATH.npz")
+    if data_file is not None:
+        from medhe.data.medmnist import load_medmnist_npz
+        from medhe.train.datasets import sha256_file
+
+        data_file = Path(data_file)
+        images_uint8, labels = load_medmnist_npz(data_file, split)
+        images = images_uint8.astype(np.float32) / np.float32(255.0)
+        info = {"name": data_file.stem, "data_file": str(data_file.resolve()),
+                "data_file_sha256": sha256_file(data_file), "split": split}
+        return images, labels, info
+    if dataset_name == "br35h":
+        from medhe.data.br35h import SPLIT_VERSION, load_br35h
+
+        if split not in BR35H_SPLITS:
+            raise ConfigError(f"--split must be one of {', '.join(BR35H_SPLITS)} for Br35H, got {split!r}")
+        trained_on = card.dataset.get("split_version")
+        if trained_on != SPLIT_VERSION:
+            raise DataError(
+                f"the model was trained on Br35H split {trained_on!r} but this medhe ships "
+                f"{SPLIT_VERSION!r}; its {split} split may overlap the model's training data"
+            )
+        images, labels = load_br35h(split, card.preprocessing.image_size)
+        return images, labels, {"name": "br35h", "split_version": SPLIT_VERSION, "split": split}
+    raise ConfigError(
+        f"don't know where the data of this model ({dataset_name!r}) lives; pass --data-file PATH.npz"
+    )
+
+
+def evaluate_split(model: str | Path, split: str | None = None, data_file: str | Path | None = None) -> dict:
+    """evaluate_plaintext on a named split; the library side of `medhe evaluate`."""
+    model_dir = resolve_model_dir(model)
+    _, card = load_model(model_dir)
+    if split is None:
+        split = "val" if data_file is not None else (card.dataset or {}).get("report_split", "test")
+    images, labels, info = _load_eval_data(card, split, data_file)
+    report = evaluate_plaintext(model_dir, images, labels)
+    held_out, note = _held_out(card, split, info.get("data_file_sha256"))
+    report["dataset"] = info
+    report["split"] = split
+    report["held_out"] = held_out
+    report["held_out_note"] = note
+    return report
+
+
+def demo_test_files(n_per_class: int = 3) -> list[tuple[Path, int]]:
+    """n_per_class held-out Br35H test files per class, evenly spaced in sorted order (deterministic)."""
+    from medhe.data.br35h import br35h_test_files
+
+    files = br35h_test_files()
+    chosen: list[tuple[Path, int]] = []
+    for label in (0, 1):
+        members = [item for item in files if item[1] == label]
+        if len(members) < n_per_class:
+            raise DataError(f"Br35H test split has {len(members)} files of class {label}, need {n_per_class}")
+        picks = np.linspace(0, len(members) - 1, n_per_class).round().astype(int)
+        chosen += [members[i] for i in picks]
+    return chosen
+
+
+def format_report_table(report: dict) -> str:
+    """A short human-readable table of an evaluation report."""
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    cm = report.get("confusion_matrix", [[0, 0], [0, 0]])
+    rows = [
+        ("model", report.get("model_dir", "?")),
+        ("data", f"{report.get('dataset', {}).get('name', '?')} / {report.get('split', '?')}"
+                 + ("" if report.get("held_out") else "  (NOT held out)" if report.get("held_out") is False
+                    else "  (held-out status unknown)")),
+        ("encrypted", str(report.get("encrypted"))),
+        ("n", fmt(report.get("n"))),
+        ("accuracy", fmt(report.get("accuracy"))),
+        ("AUC", fmt(report.get("auc"))),
+        ("sensitivity", fmt(report.get("sensitivity"))),
+        ("specificity", fmt(report.get("specificity"))),
+        ("confusion", f"TN {cm[0][0]}  FP {cm[0][1]}  FN {cm[1][0]}  TP {cm[1][1]}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)

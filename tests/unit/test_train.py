@@ -1,0 +1,250 @@
+"""Training, metrics, model round trip and the train/evaluate CLI (unit tier: no HE, < 1 min)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medhe.cli.main import main
+from medhe.data.preprocess import fit_preprocessing
+from medhe.errors import UnsupportedLayerError
+from medhe.nn.io import SUPPORTED_LAYERS, ModelCard, describe_layers, load_model, save_model
+from medhe.nn.layers import PolyAct, relu_quadratic_fit
+from medhe.nn.model import HECNN, ArchConfig
+from medhe.train.datasets import stratified_holdout
+from medhe.train.loop import augment_batch, predict_logits, softmax_positive, train_model
+from medhe.train.metrics import binary_report, save_confusion_png, save_roc_png
+
+SHARED = Path(__file__).parents[2].parent / "shared"
+PNEUMONIAMNIST_NPZ = SHARED / "data" / "pneumoniamnist" / "pneumoniamnist.npz"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT_KEYS = {"n", "accuracy", "auc", "sensitivity", "specificity", "encrypted", "model_dir", "dataset"}
+
+
+def _small_real_subset():
+    """(name, train_gray01, train_labels, val_gray01, val_labels): PneumoniaMNIST, else Br35H."""
+    if PNEUMONIAMNIST_NPZ.is_file():
+        from medhe.data.medmnist import load_medmnist_npz
+
+        x, y = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "train")
+        xv, yv = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "val")
+        return "pneumoniamnist", x[:800] / 255.0, y[:800], xv[:300] / 255.0, yv[:300]
+    try:
+        from medhe.data.br35h import load_br35h
+
+        x, y = load_br35h("train", 32)
+        xv, yv = load_br35h("val", 32)
+    except Exception as exc:  # noqa: BLE001 - any missing data set means: nothing to train on
+        pytest.skip(f"no training data: {SHARED} is absent and Br35H is unavailable ({exc})")
+    rng = np.random.default_rng(0)
+    keep = rng.choice(y.size, 800, replace=False)
+    return "br35h", x[keep], y[keep], xv, yv
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A short real training run shared by the tests below (about 2 s on 2 cores)."""
+    name, x, y, xv, yv = _small_real_subset()
+    size = x.shape[-1]
+    pre = fit_preprocessing(np.asarray(x, dtype=np.float32), size)
+    train_x, val_x = pre.apply_batch(np.asarray(x, np.float32)), pre.apply_batch(np.asarray(xv, np.float32))
+    arch = ArchConfig(image_size=size)
+    model, history = train_model(arch, train_x, y, val_x, yv, epochs=4, batch_size=64, lr=3e-3,
+                                 patience=0, seed=0, augment=False, progress=False)
+    return {"name": name, "arch": arch, "pre": pre, "model": model, "history": history,
+            "train": (train_x, y), "val": (val_x, yv)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_short_training_loss_falls_and_beats_chance(trained):
+    history = trained["history"]
+    losses = [epoch["train_loss"] for epoch in history["epochs"]]
+    assert losses[-1] < losses[0], losses
+    val_x, val_y = trained["val"]
+    report = binary_report(val_y, softmax_positive(predict_logits(trained["model"], val_x)))
+    majority = max(val_y.mean(), 1 - val_y.mean())  # "chance" = always predicting the larger class
+    assert report["accuracy"] > majority + 0.03, (report, majority)
+    assert report["auc"] > 0.85, report
+    assert history["seed"] == 0 and 1 <= history["best_epoch"] <= history["epochs_run"] == 4
+
+
+def test_training_is_deterministic_for_a_seed(trained):
+    train_x, train_y = trained["train"]
+    val_x, val_y = trained["val"]
+    kwargs = dict(epochs=1, batch_size=64, lr=3e-3, patience=0, seed=7, augment=True, progress=False)
+    first, _ = train_model(trained["arch"], train_x[:256], train_y[:256], val_x, val_y, **kwargs)
+    second, _ = train_model(trained["arch"], train_x[:256], train_y[:256], val_x, val_y, **kwargs)
+    for (key, a), b in zip(first.state_dict().items(), second.state_dict().values()):
+        assert torch.equal(a, b), key
+
+
+def test_augment_batch_flips_and_shifts_without_new_values():
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(16, 1, 8, 8)).astype(np.float32)
+    out = augment_batch(images, np.random.default_rng(1), max_shift=2, vertical_flip=True)
+    assert out.shape == images.shape and out.dtype == np.float32
+    assert not np.array_equal(out, images)
+    for original, augmented in zip(images, out):  # only moved pixels and the image's own minimum
+        assert np.isin(augmented, original).all()
+
+
+def test_train_model_rejects_unpreprocessed_images(trained):
+    from medhe.errors import ConfigError
+
+    raw = np.zeros((10, trained["arch"].image_size, trained["arch"].image_size), np.float32)
+    with pytest.raises(ConfigError, match="apply_batch"):
+        train_model(trained["arch"], raw, np.zeros(10), raw, np.zeros(10), epochs=1, batch_size=4,
+                    lr=1e-3, patience=0, seed=0, augment=False, progress=False)
+
+
+def test_stratified_holdout_is_disjoint_seeded_and_stratified():
+    labels = np.array([0] * 100 + [1] * 300)
+    keep, holdout = stratified_holdout(labels, 0.1, seed=0)
+    assert np.intersect1d(keep, holdout).size == 0 and keep.size + holdout.size == labels.size
+    assert (labels[holdout] == 0).sum() == 10 and (labels[holdout] == 1).sum() == 30
+    assert np.array_equal(holdout, stratified_holdout(labels, 0.1, seed=0)[1])
+    assert not np.array_equal(holdout, stratified_holdout(labels, 0.1, seed=1)[1])
+
+
+# --------------------------------------------------------------------- model directory
+
+
+def test_save_load_round_trip_gives_identical_logits(trained, tmp_path):
+    model = trained["model"]
+    card = ModelCard(arch=trained["arch"], preprocessing=trained["pre"], class_names=["a", "b"],
+                     dataset={"name": trained["name"]}, metrics={"accuracy": 0.5})
+    save_model(tmp_path / "m", model, card)
+    loaded, loaded_card = load_model(tmp_path / "m")
+    x = torch.from_numpy(trained["val"][0][:32])
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), loaded(x))
+    assert loaded_card.preprocessing == trained["pre"]
+    assert loaded_card.arch == trained["arch"] and loaded_card.metrics == {"accuracy": 0.5}
+
+
+def test_unsupported_layer_error_lists_supported_layers(tmp_path):
+    model = HECNN(ArchConfig(image_size=16))
+    model.layers[1] = nn.MaxPool2d(2)
+    with pytest.raises(UnsupportedLayerError) as info:
+        describe_layers(model.layers)
+    message = str(info.value)
+    assert "MaxPool2d" in message
+    for name in SUPPORTED_LAYERS:
+        assert name in message
+    card = ModelCard(arch=model.arch, preprocessing=fit_preprocessing(np.random.rand(2, 16, 16), 16),
+                     class_names=["a", "b"])
+    with pytest.raises(UnsupportedLayerError, match="supported layers"):
+        save_model(tmp_path / "bad", model, card)
+
+
+def test_describe_lists_every_layer_of_the_default_network():
+    kinds = [layer["type"] for layer in describe_layers(HECNN(ArchConfig(image_size=28)).layers)]
+    assert kinds == ["conv2d", "avgpool2d", "batchnorm", "poly"] * 3 + [
+        "flatten", "linear", "batchnorm", "poly", "linear"]
+
+
+def test_polyact_starts_at_the_relu_fit():
+    fit = relu_quadratic_fit()
+    as_float32 = torch.tensor(fit, dtype=torch.float32)
+    assert torch.equal(PolyAct().coef.detach(), as_float32)
+    polys = [m for m in HECNN(ArchConfig(image_size=28)).modules() if isinstance(m, PolyAct)]
+    assert len(polys) == 4
+    for poly in polys:
+        assert torch.equal(poly.coef.detach(), as_float32)
+    # Least squares under N(0, 1) in closed form: ReLU(x) = x/2 + |x|/2 and the projection of |x|
+    # on {1, x^2} is sqrt(2/pi)/2 * (x^2 + 1), so a = c = 1 / (2 sqrt(2 pi)) ~ 0.1995, b = 1/2.
+    # Gauss-Hermite quadrature of the kink at 0 is not exact, hence the 5e-3 tolerance.
+    closed_form = (1 / (2 * math.sqrt(2 * math.pi)), 0.5, 1 / (2 * math.sqrt(2 * math.pi)))
+    assert fit == pytest.approx(closed_form, abs=5e-3)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def test_binary_report_on_a_hand_checked_example():
+    labels = [0, 0, 0, 1, 1]
+    prob = [0.1, 0.6, 0.2, 0.4, 0.5]  # 0.5 is at the threshold, so predicted positive
+    report = binary_report(labels, prob)
+    # pred = [0, 1, 0, 0, 1] -> TN 2, FP 1, FN 1, TP 1
+    assert report["confusion_matrix"] == [[2, 1], [1, 1]]
+    assert report["n"] == 5 and report["accuracy"] == pytest.approx(3 / 5)
+    assert report["sensitivity"] == pytest.approx(1 / 2)
+    assert report["specificity"] == pytest.approx(2 / 3)
+    # AUC = share of (positive, negative) pairs ranked correctly: 0.4 and 0.5 each beat 0.1 and
+    # 0.2 but not 0.6, so 4 of 6 pairs.
+    assert report["auc"] == pytest.approx(4 / 6)
+
+
+def test_binary_report_single_class_has_no_auc():
+    report = binary_report([1, 1], [0.9, 0.2])
+    assert report["auc"] is None and report["specificity"] is None and report["sensitivity"] == 0.5
+
+
+def test_plots_are_pngs(tmp_path):
+    labels = np.array([0, 0, 1, 1, 1])
+    prob = np.array([0.2, 0.7, 0.6, 0.9, 0.3])
+    save_roc_png(tmp_path / "roc.png", labels, prob)
+    save_confusion_png(tmp_path / "cm.png", labels, (prob >= 0.5).astype(int), ["neg", "pos"])
+    for name in ("roc.png", "cm.png"):
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def test_cli_version(capsys):
+    assert main(["--version"]) == 0
+    assert "medhe 0.1.0" in capsys.readouterr().out
+
+
+def test_cli_error_is_a_message_and_exit_code_2(tmp_path, capsys):
+    code = main(["evaluate", "--model", str(tmp_path / "missing"), "--split", "test"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error" in err and "model.json" in err and "Traceback" not in err
+
+
+def test_cli_evaluate_shipped_pneumoniamnist_writes_report(tmp_path, capsys):
+    if not PNEUMONIAMNIST_NPZ.is_file():
+        pytest.skip(f"{SHARED} is absent")
+    out = tmp_path / "report.json"
+    code = main(["evaluate", "--model", "pneumoniamnist", "--data-file", str(PNEUMONIAMNIST_NPZ),
+                 "--split", "val", "--report", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["encrypted"] is False and report["n"] == 524 and report["held_out"] is True
+    assert report["dataset"]["split"] == "val"
+    assert 0.0 <= report["accuracy"] <= 1.0 and "accuracy" in capsys.readouterr().out
+
+
+def test_cli_train_writes_a_model_directory(tmp_path, capsys):
+    if not PNEUMONIAMNIST_NPZ.is_file():
+        pytest.skip(f"{SHARED} is absent")
+    from medhe.data.medmnist import load_medmnist_npz
+
+    small = tmp_path / "small.npz"
+    x, y = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "train")
+    xv, yv = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "val")
+    np.savez(small, train_images=x[:400], train_labels=y[:400, None], val_images=xv[:100], val_labels=yv[:100])
+    out = tmp_path / "model"
+    code = main(["train", "--dataset", "pneumoniamnist", "--data-file", str(small), "--out", str(out),
+                 "--epochs", "2", "--relu-twin", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    for name in ("model.json", "weights.safetensors", "metrics.json", "roc.png", "confusion.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n"] == 100 and metrics["report_split"] == "val"
+    assert "accuracy_gap_relu_minus_poly_points" in metrics and "accuracy" in metrics["relu_twin"]
+    _, card = load_model(out)
+    assert card.dataset["n"] == {"train": 360, "stop": 40, "report": 100}
+    assert len(card.dataset["data_file_sha256"]) == 64
+    assert card.metrics["split"] == "val" and "train_seconds" in card.metrics
