@@ -40,6 +40,55 @@ def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
     return report
 
 
+def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: int | None = None,
+                       backend: str = "seal", progress: bool = True) -> dict:
+    """The plaintext report's fields measured on encrypted inference (client -> bytes -> server ->
+    bytes -> client at 128-bit security), plus agreement with the plaintext model on the same
+    images, the largest logit error and the server latency."""
+    from medhe.compiler import compile_model
+    from medhe.protocol.local import LocalSession, summarize
+
+    model_dir = resolve_model_dir(model_dir)
+    model, card = load_model(model_dir)
+    labels = np.asarray(labels).reshape(-1)
+    if len(images_gray01) != labels.size:
+        raise DataError(f"{len(images_gray01)} images but {labels.size} labels; expected one label per image")
+    count = labels.size if limit is None else min(int(limit), labels.size)
+    if count < 1:
+        raise ConfigError(f"--limit must be at least 1, got {limit}")
+    inputs = card.preprocessing.apply_batch(images_gray01[:count])
+    reference = predict_logits(model, inputs).astype(np.float64)
+    plan = compile_model(model_dir)
+    session = LocalSession(plan, backend=backend)
+    results = session.diagnose_many(inputs, progress=progress)
+    logits = np.stack([r.logits for r in results])
+    shifted = np.exp(logits - logits.max(1, keepdims=True))
+    prob = shifted[:, 1] / shifted.sum(1)
+    report = binary_report(labels[:count], prob)
+    summary = summarize(results, reference, labels[:count])
+    report.update({
+        "encrypted": True,
+        "backend": backend,
+        "agreement": summary["agreement"],
+        "max_abs_logit_error": summary["max_abs_logit_error"],
+        "server_latency_s_median": summary["server_latency_median_s"],
+        "server_latency_s_p90": summary["server_latency_p90_s"],
+        "client_encrypt_s_median": summary["client_encrypt_median_s"],
+        "client_decrypt_s_median": summary["client_decrypt_median_s"],
+        "upload_bytes": summary["upload_bytes"],
+        "eval_key_bytes": session.eval_key_bytes,
+        "keygen_s": round(session.keygen_s, 3),
+        "plaintext_accuracy_same_images": summary["plaintext_accuracy_same_images"],
+        "ckks": {**plan.params.to_dict(), "security_bits": plan.params.security_bits},
+        "levels_before": plan.report["levels_before"],
+        "levels_after": plan.report["levels_after"],
+        "model_dir": str(Path(model_dir).resolve()),
+        "model_dataset": card.dataset,
+        "class_names": card.class_names,
+    })
+    return report
+
+
 def _held_out(card: ModelCard, split: str, data_sha256: str | None) -> tuple[bool | None, str]:
     """Whether `split` took no part in training or early stopping of this model."""
     dataset = card.dataset or {}
@@ -101,14 +150,18 @@ def _load_eval_data(card: ModelCard, split: str, data_file) -> tuple[np.ndarray,
     )
 
 
-def evaluate_split(model: str | Path, split: str | None = None, data_file: str | Path | None = None) -> dict:
-    """evaluate_plaintext on a named split; the library side of `medhe evaluate`."""
+def evaluate_split(model: str | Path, split: str | None = None, data_file: str | Path | None = None, *,
+                   encrypted: bool = False, limit: int | None = None, backend: str = "seal") -> dict:
+    """evaluate_plaintext (or evaluate_encrypted) on a named split; the library side of `medhe evaluate`."""
     model_dir = resolve_model_dir(model)
     _, card = load_model(model_dir)
     if split is None:
         split = "val" if data_file is not None else (card.dataset or {}).get("report_split", "test")
     images, labels, info = _load_eval_data(card, split, data_file)
-    report = evaluate_plaintext(model_dir, images, labels)
+    if encrypted:
+        report = evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend)
+    else:
+        report = evaluate_plaintext(model_dir, images, labels)
     held_out, note = _held_out(card, split, info.get("data_file_sha256"))
     report["dataset"] = info
     report["split"] = split
@@ -151,5 +204,13 @@ def format_report_table(report: dict) -> str:
         ("specificity", fmt(report.get("specificity"))),
         ("confusion", f"TN {cm[0][0]}  FP {cm[0][1]}  FN {cm[1][0]}  TP {cm[1][1]}"),
     ]
+    if report.get("encrypted"):
+        rows += [
+            ("agreement", fmt(report.get("agreement"))),
+            ("max |logit error|", f"{report.get('max_abs_logit_error', 0):.2e}"),
+            ("server s (median)", f"{report.get('server_latency_s_median', 0):.3f}"),
+            ("CKKS", f"N={report['ckks']['poly_modulus_degree']}, {report['ckks']['security_bits']}-bit security, "
+                     f"levels {report.get('levels_before')} -> {report.get('levels_after')}"),
+        ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
