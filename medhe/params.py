@@ -78,7 +78,7 @@ class CKKSParams:
 
 
 def choose_params(
-    depth: int,
+    rescales: int | list[int],
     min_slots: int,
     *,
     log_scale_bits: int | None = None,
@@ -86,35 +86,54 @@ def choose_params(
     poly_modulus_degree: int | None = None,
     insecure_for_tests: bool = False,
 ) -> CKKSParams:
-    """Smallest N whose 128-bit modulus budget holds `depth` levels and `min_slots` slots.
+    """Smallest N whose 128-bit modulus budget holds the plan's rescales and `min_slots` slots.
 
-    The result prime and the special prime get `integer_bits` more than the scale, so decrypted
-    values up to 2**integer_bits keep full precision. Without an explicit scale, the largest one
-    the budget allows (capped at 40 bits) is used: more scale bits, less CKKS noise.
+    `rescales` lists, for each rescale in execution order, the ciphertext's scale just before it
+    in units of the base scale: 1 after a plaintext multiply of a fresh ciphertext, 2 when a
+    square came before the multiply (square + linear layer share one prime: the prime is twice
+    the scale, so 9 multiplications fit in 5 primes). An int n means n rescales of factor 1.
+    The result prime gets `integer_bits` more than the scale, so decrypted values up to
+    2**integer_bits keep full precision; the special prime is at least the largest data prime.
+    Without an explicit scale, the largest one that fits (at most 40 bits) is used.
     """
-    if depth < 1:
-        raise ConfigError(f"depth must be at least 1, got {depth}")
+    factors = [1] * rescales if isinstance(rescales, int) else [int(f) for f in rescales]
+    if not factors or min(factors) < 1:
+        raise ConfigError(f"need at least one rescale with positive factors, got {rescales}")
+    depth = len(factors)
     candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(MAX_LOG_Q_128)
     reasons = []
+
+    def chain(scale: int) -> tuple[int, ...]:
+        primes = [f * scale for f in factors]
+        result = min(MAX_PRIME_BITS, scale + integer_bits)
+        special = max(primes + [result])
+        # SEAL drops primes from the end of the data list first: the first rescale's prime is last.
+        return (result,) + tuple(reversed(primes)) + (special,)
+
     for n in candidates:
         if n // 2 < min_slots:
             reasons.append(f"N={n}: {n // 2} slots < {min_slots} needed")
             continue
         budget = MAX_LOG_Q_128[n]
-        scale = log_scale_bits or min(40, (budget - 2 * integer_bits) // (depth + 2))
-        if insecure_for_tests and not log_scale_bits:
-            scale = max(scale, 30)  # small test rings: keep precision, security is waived
-        edge = min(MAX_PRIME_BITS, scale + integer_bits)
-        bits = (edge,) + (scale,) * depth + (edge,)
-        if sum(bits) > budget and not insecure_for_tests:
-            levels_fit = max(0, (budget - 2 * edge) // scale)
-            reasons.append(f"N={n}: needs {sum(bits)} bits, 128-bit security allows {budget} ({levels_fit} levels at {scale}-bit scale)")
-            continue
+        largest = min(40, MAX_PRIME_BITS // max(factors))
+        if log_scale_bits:
+            scale = log_scale_bits
+        elif insecure_for_tests:
+            scale = min(largest, 30)  # small test rings: keep precision, security is waived
+        else:
+            scale = next((s for s in range(largest, 0, -1) if sum(chain(s)) <= budget), 0)
         if scale < 24:
             reasons.append(f"N={n}: {depth} levels leave only a {scale}-bit scale")
             continue
+        bits = chain(scale)
+        if max(bits) > MAX_PRIME_BITS:
+            reasons.append(f"N={n}: a {scale}-bit scale needs {max(bits)}-bit primes (at most {MAX_PRIME_BITS})")
+            continue
+        if sum(bits) > budget and not insecure_for_tests:
+            reasons.append(f"N={n}: needs {sum(bits)} bits, 128-bit security allows {budget}")
+            continue
         return CKKSParams(n, bits, scale, insecure_for_tests=insecure_for_tests)
     raise InsecureParametersError(
-        f"no parameters fit depth {depth} at 128-bit security: " + "; ".join(reasons)
+        f"no parameters fit {depth} levels at 128-bit security: " + "; ".join(reasons)
         + ". Use a shallower model (fewer activations) or pass insecure_for_tests=True in tests only"
     )

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from medhe.compiler.compile import model_digest
+from medhe.compiler.compile import check_params_fit, model_digest
+from medhe.compiler.plan import rescale_factors
 from medhe.compiler.ir import Op, linear_sparse
 from medhe.compiler.passes import POOLS, WEIGHTED, naive_levels, optimize
 from medhe.compiler.trace import trace_model_dir
@@ -51,7 +52,15 @@ class BatchPlan:
 
     @property
     def depth(self) -> int:
+        """Rescales: one per weighted sum (a square shares the next sum's prime)."""
+        return sum(1 for s in self.steps if s.kind == "linear")
+
+    @property
+    def multiplicative_depth(self) -> int:
         return len(self.steps)
+
+    def rescale_factors(self) -> list[int]:
+        return rescale_factors([s.kind for s in self.steps])
 
     @property
     def input_features(self) -> int:
@@ -121,15 +130,14 @@ def compile_batch(model_dir: str | Path, *, poly_modulus_degree: int | None = No
     model_dir = Path(model_dir)
     traced, doc = trace_model_dir(model_dir)
     steps = batch_steps(optimize(traced))
-    depth = len(steps)
+    factors = rescale_factors([s.kind for s in steps])
     if params is None:
-        params = choose_params(depth, 1, poly_modulus_degree=poly_modulus_degree,
+        params = choose_params(factors, 1, poly_modulus_degree=poly_modulus_degree,
                                insecure_for_tests=insecure_for_tests)
-    if params.levels < depth:
-        raise PlanError(f"model needs {depth} levels, the parameters give {params.levels}")
+    check_params_fit(params, factors, len(steps))
     plan = BatchPlan(params, tuple(doc["input_shape"]), steps, list(doc["class_names"]), doc["preprocessing"],
                      model_digest(model_dir))
-    plan.report = {"levels_before": naive_levels(traced), "levels_after": depth,
+    plan.report = {"levels_before": naive_levels(traced), "levels_after": len(steps), "rescales": len(factors),
                    "multiplications": plan.multiplications(),
                    "squares": int(sum(s.matrix.shape[0] for s in steps[:-1] if s.kind == "linear")),
                    "batch_size": plan.batch_size, "params": params.to_dict()}

@@ -9,9 +9,9 @@ import numpy as np
 
 from medhe.compiler.ir import NAIVE_LEVELS, Op
 from medhe.compiler.layout import image_layout
-from medhe.compiler.lower import lower_ops
+from medhe.compiler.lower import NeedMoreSlots, lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
-from medhe.compiler.plan import LEVEL_COST, Plan
+from medhe.compiler.plan import Plan, rescale_factors
 from medhe.compiler.trace import trace_model_dir
 from medhe.errors import PlanError
 from medhe.params import MAX_LOG_Q_128, CKKSParams, choose_params
@@ -49,6 +49,22 @@ def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict)
     return rows
 
 
+def check_params_fit(params: CKKSParams, factors: list[int], depth: int) -> None:
+    """The primes must match the plan's rescales: prime i about factors[i] times the scale."""
+    n = params.poly_modulus_degree
+    if params.levels < len(factors):
+        raise PlanError(
+            f"model needs {len(factors)} rescales ({depth} multiplications) but the parameters give "
+            f"{params.levels}; at 128-bit security N={n} allows {MAX_LOG_Q_128[n]} bits; use "
+            f"poly_modulus_degree={2 * n} or a model with fewer layers"
+        )
+    data_primes = list(reversed(params.coeff_modulus_bits[1:-1]))[: len(factors)]
+    expected = [f * params.log_scale_bits for f in factors]
+    if any(abs(got - want) > 2 for got, want in zip(data_primes, expected)):
+        raise PlanError(f"the primes {data_primes} do not fit the plan's rescales (expected about {expected} bits "
+                        f"for a {params.log_scale_bits}-bit scale); let medhe choose the parameters")
+
+
 def compile_ops(
     traced: list[Op],
     input_shape: tuple[int, ...],
@@ -64,28 +80,33 @@ def compile_ops(
     """Passes, parameter choice and lowering for a traced op list."""
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
-    if params is None:
-        params = choose_params(depth, slots_needed(optimized, input_shape), log_scale_bits=log_scale_bits,
-                               poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
-    if params.levels < depth:
-        n = params.poly_modulus_degree
-        fits = max(0, (MAX_LOG_Q_128[n] - 2 * params.coeff_modulus_bits[0]) // params.log_scale_bits)
-        raise PlanError(
-            f"model needs {depth} levels but the parameters give {params.levels} (N={n}; at 128-bit "
-            f"security N={n} holds about {fits} levels of {params.log_scale_bits} bits); use "
-            f"poly_modulus_degree={2 * n} or a model with fewer activations"
-        )
-    n = params.slot_count
-    in_layout, _ = image_layout(input_shape, n)
-    instructions, out_layout, owners, checkpoints = lower_ops(optimized, in_layout, n)
+    n = params.slot_count if params else 1 << int(np.ceil(np.log2(slots_needed(optimized, input_shape))))
+    while True:  # a larger N may be needed by a layout or by the modulus budget
+        try:
+            in_layout, _ = image_layout(input_shape, n)
+            instructions, out_layout, owners, checkpoints = lower_ops(optimized, in_layout, n)
+        except NeedMoreSlots:
+            if params is not None or n >= max(MAX_LOG_Q_128) // 2:
+                raise
+            n *= 2
+            continue
+        factors = rescale_factors([i.kind for i in instructions])
+        if params is None:
+            params = choose_params(factors, n, log_scale_bits=log_scale_bits,
+                                   poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
+        if params.slot_count == n:
+            break
+        n, params = params.slot_count, None
+    check_params_fit(params, factors, depth)
     plan = Plan(params, input_shape, in_layout, out_layout, instructions, list(class_names),
                 preprocessing, digest_of_model)
-    if plan.depth != depth:
-        raise PlanError(f"internal: lowering used {plan.depth} levels, the optimised IR counts {depth}")
+    if plan.multiplicative_depth != depth:
+        raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
     plan.report = {
         "layers": layer_table(traced, optimized, plan, owners),
         "levels_before": naive_levels(traced),
         "levels_after": depth,
+        "rescales": plan.depth,
         "levels_available": params.levels,
         "rotations": plan.rotation_count(),
         "rotation_keys": len(plan.rotation_steps()),
@@ -113,9 +134,11 @@ def format_report(report: dict) -> str:
                      f"{r['rotations']:>10}  {r['lowered_as']}")
     p = report["params"]
     lines.append(f"{'total':<42}{report['levels_before']:>14}{report['levels_after']:>13}{report['rotations']:>10}")
+    lines.append(f"{report['levels_after']} multiplications in {report['rescales']} rescales: each square shares "
+                 "one prime with the layer after it")
     lines.append(f"CKKS: N={p['poly_modulus_degree']}, primes {p['coeff_modulus_bits']} "
                  f"({sum(p['coeff_modulus_bits'])} bits), scale 2^{p['log_scale_bits']}, "
-                 f"{report['levels_available']} levels, "
+                 f"{report['levels_available']} rescales, "
                  + ("128-bit security" if report["security_bits"] >= 128 else "INSECURE (tests only)")
                  + f"; {report['rotation_keys']} rotation keys")
     return "\n".join(lines)

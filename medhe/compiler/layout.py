@@ -54,7 +54,9 @@ def image_layout(shape: tuple[int, int, int], slot_count: int) -> tuple[Layout, 
     channels, height, width = shape
     block = 1 << int(np.ceil(np.log2(height * width)))
     if channels * block > slot_count:
-        raise PlanError(
+        from medhe.compiler.lower import NeedMoreSlots
+
+        raise NeedMoreSlots(
             f"an input of shape {shape} needs {channels * block} slots in blocks of {block}; "
             f"the ciphertext has {slot_count}"
         )

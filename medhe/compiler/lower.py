@@ -21,6 +21,10 @@ from medhe.compiler.plan import AddPlain, Linear, RotSum, SquareOp
 from medhe.errors import PlanError
 
 
+class NeedMoreSlots(PlanError):
+    """The layout does not fit this ring; a larger N may fit it."""
+
+
 # --- support tracking ------------------------------------------------------------------------
 def support_after(instruction, support: np.ndarray) -> np.ndarray:
     """Slots that may be non-zero after the instruction, given those before it."""
@@ -208,7 +212,7 @@ def conv_out_layout(op: Op, in_layout: Layout, n: int) -> Layout:
         block = 1 << int(np.ceil(np.log2(ho * wo)))
         row_step, col_step, stride = wo, 1, 1
     if c_out * block > n:
-        raise PlanError(f"{op.name}: {c_out} channels in blocks of {block} need {c_out * block} slots, "
+        raise NeedMoreSlots(f"{op.name}: {c_out} channels in blocks of {block} need {c_out * block} slots, "
                         f"the ciphertext has {n}; use at most {n // block} channels")
     base = in_layout.base if fits else 0
     return Layout(c_out * ho * wo, base, (c_out, ho, wo), (block, row_step * stride, col_step * stride))

@@ -82,7 +82,25 @@ class AddPlain:
 
 
 Instruction = Linear | RotSum | SquareOp | AddPlain
-LEVEL_COST = {"linear": 1, "square": 1, "rotsum": 0, "add_plain": 0}
+# Primes consumed: only plaintext multiplies rescale. A square leaves its result at twice the
+# scale and the linear layer after it rescales by a prime twice as large, so a square and the
+# layer that follows share one prime (one rescale) instead of two.
+LEVEL_COST = {"linear": 1, "square": 0, "rotsum": 0, "add_plain": 0}
+MULTIPLICATIONS = {"linear": 1, "square": 1, "rotsum": 0, "add_plain": 0}
+
+
+def rescale_factors(kinds: list[str]) -> list[int]:
+    """For each rescale (linear op), the scale just before it in units of the base scale."""
+    factors, factor = [], 1
+    for kind in kinds:
+        if kind == "square":
+            factor *= 2
+        elif kind == "linear":
+            factors.append(factor)
+            factor = 1
+    if factor != 1:
+        raise PlanError("a plan must end with a linear layer (a trailing square would leave no prime for it)")
+    return factors
 
 
 @dataclass
@@ -99,7 +117,15 @@ class Plan:
 
     @property
     def depth(self) -> int:
+        """Rescales, i.e. levels a fresh input ciphertext must have."""
         return sum(LEVEL_COST[i.kind] for i in self.instructions)
+
+    @property
+    def multiplicative_depth(self) -> int:
+        return sum(MULTIPLICATIONS[i.kind] for i in self.instructions)
+
+    def rescale_factors(self) -> list[int]:
+        return rescale_factors([i.kind for i in self.instructions])
 
     def rotation_steps(self) -> list[int]:
         steps: set[int] = set()

@@ -19,6 +19,7 @@ class BatchExecutor:
         self.backend = backend
         self.progress = progress
         self._scalars: dict[tuple, Any] = {}
+        self._target_scale = 2.0 ** plan.params.log_scale_bits
 
     def _scalar(self, value: float, like, scale: float):
         key = (float(value), self.backend.levels_left(like), round(scale))
@@ -36,15 +37,15 @@ class BatchExecutor:
         steps = tqdm(self.plan.steps, desc="batch layers", disable=not self.progress, leave=False)
         for step in steps:
             if step.kind == "square":
-                x = [be.rescale(be.square(c)) for c in x]
+                x = [be.square(c) for c in x]  # the next weighted sum rescales for both
                 continue
             matrix, out = step.matrix, []
-            divisor = be.rescale_divisor(x[0])
+            weight_scale = be.rescale_divisor(x[0]) * self._target_scale / be.scale(x[0])
             for row in range(matrix.shape[0]):
                 start, end = matrix.indptr[row], matrix.indptr[row + 1]
                 acc = None
                 for col, weight in zip(matrix.indices[start:end], matrix.data[start:end]):
-                    term = be.multiply_plain(x[col], self._scalar(weight, x[col], divisor))
+                    term = be.multiply_plain(x[col], self._scalar(weight, x[col], weight_scale))
                     acc = term if acc is None else be.add_inplace(acc, term)
                 if acc is None:
                     raise PlanError(f"{step.layer}: output {row} has no inputs")

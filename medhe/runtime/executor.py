@@ -19,6 +19,7 @@ class Executor:
         self.plan = plan
         self.backend = backend
         self._cache: dict[tuple, Any] = {} if cache is None else cache
+        self._target_scale = 2.0 ** plan.params.log_scale_bits
 
     def _plain(self, key: tuple, values: np.ndarray, like, scale: float):
         full_key = key + (self.backend.levels_left(like), round(scale))
@@ -30,11 +31,13 @@ class Executor:
 
     def _linear(self, index: int, ins, x):
         be = self.backend
-        divisor = be.rescale_divisor(x)
+        # Encode weights at q * target / scale(x): after the rescale by q the result is back at the
+        # base scale exactly, whether x was fresh (scale ~ base) or squared (scale ~ base^2).
+        weight_scale = be.rescale_divisor(x) * self._target_scale / be.scale(x)
         rotated = {b: (x if b == 0 else be.rotate(x, b)) for b in ins.babies}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
-            pt = self._plain(("d", index, p), ins.diagonals[p], x, divisor)
+            pt = self._plain(("d", index, p), ins.diagonals[p], x, weight_scale)
             term = be.multiply_plain(rotated[b], pt)  # a fresh ciphertext: safe to add into in place
             if g in per_giant:
                 be.add_inplace(per_giant[g], term)
@@ -74,7 +77,7 @@ class Executor:
             elif ins.kind == "rotsum":
                 x = self._rotsum(ins, x)
             elif ins.kind == "square":
-                x = be.rescale(be.square(x))
+                x = be.square(x)  # no rescale: the next linear layer rescales for both
             elif ins.kind == "add_plain":
                 x = be.add_plain(x, self._plain(("a", index), ins.vector, x, be.scale(x)))
             else:

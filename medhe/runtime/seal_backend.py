@@ -54,7 +54,22 @@ def make_context(params: CKKSParams):
     return context
 
 
-class SEALServerBackend:
+class _SEALWire:
+    """Ciphertext (de)serialisation, validated against this side's context."""
+
+    context = None
+
+    def serialize(self, ct) -> bytes:
+        return _save(ct)
+
+    def deserialize(self, data: bytes):
+        ct = _load(seal.Ciphertext(), self.context, data, "ciphertext")
+        if not seal.is_valid_for(ct, self.context):
+            raise InvalidMessage("ciphertext is not valid for these CKKS parameters")
+        return ct
+
+
+class SEALServerBackend(_SEALWire):
     """Evaluation with public material only."""
 
     def __init__(self, params: CKKSParams, relin_keys: bytes | None = None, galois_keys: bytes | None = None,
@@ -90,12 +105,16 @@ class SEALServerBackend:
         return self.context.get_context_data(ct.parms_id()).chain_index()
 
     # --- evaluation ---------------------------------------------------------------------------
-    def _run(self, what: str, fn, *args):
-        out = seal.Ciphertext()
+    @staticmethod
+    def _call(what: str, fn, *args):
         try:
-            fn(*args, out)
+            return fn(*args)
         except (ValueError, RuntimeError) as exc:
             raise BackendError(f"SEAL {what} failed: {exc}") from exc
+
+    def _run(self, what: str, fn, *args):
+        out = seal.Ciphertext()
+        self._call(what, fn, *args, out)
         return out
 
     def add(self, a, b):
@@ -103,10 +122,7 @@ class SEALServerBackend:
 
     def add_inplace(self, a, b):
         """a += b, returning a (saves an allocation in long sums)."""
-        try:
-            self.evaluator.add_inplace(a, b)
-        except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"SEAL add failed: {exc}") from exc
+        self._call("add", self.evaluator.add_inplace, a, b)
         return a
 
     def add_plain(self, a, pt):
@@ -134,18 +150,9 @@ class SEALServerBackend:
         except BackendError as exc:
             raise MissingKeyError(f"no Galois key for rotation step {steps}; the keys do not match the plan") from exc
 
-    # --- wire -----------------------------------------------------------------------------------
-    def serialize(self, ct) -> bytes:
-        return _save(ct)
-
-    def deserialize(self, data: bytes):
-        ct = _load(seal.Ciphertext(), self.context, data, "ciphertext")
-        if not seal.is_valid_for(ct, self.context):
-            raise InvalidMessage("ciphertext is not valid for these CKKS parameters")
-        return ct
 
 
-class SEALClientBackend:
+class SEALClientBackend(_SEALWire):
     """Holds the secret key: encrypts, decrypts, and makes the evaluation keys the server needs."""
 
     def __init__(self, params: CKKSParams, *, secret_key: bytes | None = None) -> None:
@@ -196,12 +203,3 @@ class SEALClientBackend:
         pt = seal.Plaintext()
         self.decryptor.decrypt(ct, pt)
         return np.asarray(self.encoder.decode_double(pt))
-
-    def serialize(self, ct) -> bytes:
-        return _save(ct)
-
-    def deserialize(self, data: bytes):
-        ct = _load(seal.Ciphertext(), self.context, data, "ciphertext")
-        if not seal.is_valid_for(ct, self.context):
-            raise InvalidMessage("ciphertext is not valid for these CKKS parameters")
-        return ct

@@ -47,3 +47,10 @@ def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request):
     print(f"\n{dataset}: {summary}")
     assert summary["agreement"] == 1.0
     assert summary["max_abs_logit_error"] <= ckks_tolerance(plan, np.abs(reference).max())
+
+
+def test_cli_roles_with_real_keys(tmp_path):
+    from tests.unit.test_cli_roles import run_roles
+
+    answer, expected = run_roles(tmp_path, "seal")
+    np.testing.assert_allclose(answer["logits"], expected, atol=1e-3)

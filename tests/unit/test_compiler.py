@@ -71,7 +71,10 @@ def test_activation_costs_one_level_and_matches():
         seq[2].coef.copy_(torch.tensor([0.3, -0.4, 0.1]))
     x = np.random.randn(1, 6, 6)
     plan = compile_torch(seq, (1, 6, 6))
-    assert plan.depth == 3  # conv, square, dense: BN and the polynomial's a, b, c cost nothing
+    # conv, square, dense: BN and the polynomial's a, b, c cost nothing; the square shares the
+    # dense layer's prime, so 3 multiplications take 2 rescales.
+    assert plan.multiplicative_depth == 3 and plan.depth == 2
+    assert plan.params.coeff_modulus_bits[1:-1] == (2 * plan.params.log_scale_bits, plan.params.log_scale_bits)
     np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
 
 
@@ -105,6 +108,7 @@ def test_default_model_end_to_end_and_per_layer_on_clear_backend(image_size):
     model = _default_model(image_size)
     plan = compile_torch(model.layers, (1, image_size, image_size))
     assert plan.report["levels_before"] == 20 and plan.report["levels_after"] == 9
+    assert plan.report["rescales"] == 5 and plan.params.coeff_modulus_bits == (46, 60, 60, 60, 60, 30, 60)
     assert plan.params.poly_modulus_degree == 16384 and plan.params.security_bits == 128
     x = np.random.randn(1, image_size, image_size)
     trace = []
@@ -149,7 +153,7 @@ def test_parameters_refuse_weak_security_without_opt_in():
     assert CKKSParams(8192, (60, 40, 40, 40, 60), 40, insecure_for_tests=True).security_bits == 0
     with pytest.raises(InsecureParametersError, match="levels"):
         choose_params(40, 8192)
-    with pytest.raises(PlanError, match="needs 9 levels"):
+    with pytest.raises(PlanError, match=r"needs 5 rescales \(9 multiplications\)"):
         model = _default_model(28)
         compile_torch(model.layers, (1, 28, 28), params=CKKSParams(16384, (60, 40, 40, 40, 60), 40))
 

@@ -140,12 +140,13 @@ def test_evaluation_keys_for_another_plan_are_refused(model, parties):
 def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
     from medhe.compiler.batch import BatchPlan, batch_steps
     from medhe.compiler.passes import optimize
+    from medhe.compiler.plan import rescale_factors
     from medhe.params import choose_params
     from tests.helpers import trace_torch
 
     steps = batch_steps(optimize(trace_torch(model, (1, SIZE, SIZE))))
     assert [s.kind for s in steps] == ["linear", "square", "linear"]
-    plan = BatchPlan(choose_params(len(steps), 1), (1, SIZE, SIZE), steps, ["a", "b"],
+    plan = BatchPlan(choose_params(rescale_factors([s.kind for s in steps]), 1), (1, SIZE, SIZE), steps, ["a", "b"],
                      {"image_size": SIZE, "mean": 0.0, "std": 1.0}, "test")
     client, server = Client(plan, backend="clear"), Server(plan, backend="clear")
     assert plan.rotation_steps() == []  # no Galois keys needed at all

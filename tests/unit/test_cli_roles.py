@@ -1,0 +1,81 @@
+"""The three roles as separate processes with only files between them (clear backend here; the
+slow tier repeats it with real SEAL keys)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medhe.compiler import compile_model
+from medhe.nn.io import load_model, resolve_model_dir
+from medhe.train.loop import predict_logits
+
+
+def medhe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medhe.cli.main", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def run_roles(tmp_path: Path, backend: str) -> tuple[dict, np.ndarray]:
+    image = (np.random.rand(40, 36) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "scan.png")
+    common = ["--model", "pneumoniamnist", "--backend", backend]
+    steps = [
+        ["keygen", *common, "--out", "keys"],
+        ["encrypt", "scan.png", *common, "--keys", "keys", "--out", "scan.ct"],
+        ["evaluate-ciphertext", *common, "--keys", "keys/evaluation.keys", "--in", "scan.ct",
+         "--out", "scan.result", "--key-store", "server"],
+        ["decrypt", *common, "--keys", "keys", "--in", "scan.result"],
+    ]
+    for step in steps:
+        done = medhe(*step, cwd=tmp_path)
+        assert done.returncode == 0, (step, done.stderr)
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    model, card = load_model(resolve_model_dir("pneumoniamnist"))
+    from medhe.data.images import load_image
+
+    expected = predict_logits(model, card.preprocessing.apply(load_image(tmp_path / "scan.png"))[None])[0]
+    return answer, expected
+
+
+def test_three_processes_with_files_between_them(tmp_path):
+    answer, expected = run_roles(tmp_path, "clear")
+    np.testing.assert_allclose(answer["logits"], expected, atol=1e-5)
+    assert answer["label"] == load_model(resolve_model_dir("pneumoniamnist"))[1].class_names[int(np.argmax(expected))]
+    assert (tmp_path / "keys" / "secret.key").stat().st_mode & 0o077 == 0, "secret key must be private"
+    assert list((tmp_path / "server").glob("*.keys")), "the server keeps the registered keys"
+
+
+def test_cli_reports_a_corrupted_ciphertext_clearly(tmp_path):
+    run_roles(tmp_path, "clear")
+    data = bytearray((tmp_path / "scan.ct").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "bad.ct").write_bytes(bytes(data))
+    done = medhe("evaluate-ciphertext", "--model", "pneumoniamnist", "--backend", "clear", "--keys",
+                 "keys/evaluation.keys", "--in", "bad.ct", "--out", "bad.result", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "checksum" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_compile_prints_levels_before_and_after(tmp_path):
+    done = medhe("compile", "--model", "br35h", "--out", "plan", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "levels before" in done.stdout and "128-bit security" in done.stdout
+    total = next(line for line in done.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[1:3] == ["20", "9"]
+    plan = compile_model(resolve_model_dir("br35h"))
+    from medhe.compiler import Plan
+
+    assert Plan.load(tmp_path / "plan").digest() == plan.digest()
+
+
+def test_compile_refuses_parameters_that_cannot_fit(tmp_path):
+    done = medhe("compile", "--model", "br35h", "--out", "plan", "--poly-modulus-degree", "8192", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "128-bit" in done.stderr and "levels" in done.stderr
