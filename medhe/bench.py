@@ -24,7 +24,7 @@ def run_ours(dataset: str, eval_gray01_images: np.ndarray, eval_labels: np.ndarr
     results = session.diagnose_many(inputs[:limit])
     summary = summarize(results, reference[:limit], labels[:limit])
     summary.update({
-        "system": f"medhe ({len(card.arch.conv_channels)} conv blocks, depth {plan.depth})",
+        "system": f"medhe ({len(card.arch.conv_channels)} conv blocks, {plan.multiplicative_depth} mult in {plan.depth} rescales)",
         "plaintext_accuracy": float((reference.argmax(1) == labels).mean()),
         "n_plaintext": int(len(labels)),
         "eval_key_bytes": session.eval_key_bytes,
