@@ -42,3 +42,19 @@ def pneumoniamnist_npz() -> Path:
     if not PNEUMONIAMNIST_NPZ.is_file():
         pytest.skip(f"PneumoniaMNIST not available at {PNEUMONIAMNIST_NPZ} (../shared is absent)")
     return PNEUMONIAMNIST_NPZ
+
+
+_SUMMARIES: list[str] = []
+
+
+@pytest.fixture
+def report_line():
+    """Lines a test wants in the terminal summary (e.g. measured encrypted-vs-plaintext errors)."""
+    return _SUMMARIES.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARIES:
+        terminalreporter.section("medhe measurements")
+        for line in _SUMMARIES:
+            terminalreporter.write_line(line)
