@@ -176,8 +176,8 @@ def cmd_demo(args) -> int:
         print(f"{Path(path).parent.name + '/' + Path(path).name:<20} {names[label]:<8} {names[plain_label]:<10} "
               f"{names[encrypted_label]:<10} {r.probabilities[1]:>9.4f} {r.encrypt_s:>9.3f} {r.server_s:>9.3f} "
               f"{r.decrypt_s:>9.3f}")
-    print(f"encrypted = plaintext on {agree}/{len(files)}; {correct}/{len(files)} correct "
-          "(the first server run also encodes the weights)")
+    print(f"encrypted = plaintext on {agree}/{len(files)}; {correct}/{len(files)} correct")
+          "")
     sys.stdout.flush()
     return 0
 

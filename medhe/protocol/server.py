@@ -67,7 +67,9 @@ class Server:
             if isinstance(self.plan, BatchPlan):
                 self._executors[msg.key_id] = BatchExecutor(self.plan, backend)
             else:
-                self._executors[msg.key_id] = Executor(self.plan, backend, cache=self._plain_cache)
+                executor = Executor(self.plan, backend, cache=self._plain_cache)
+                executor.prepare()  # encode the weights now, not during the first request
+                self._executors[msg.key_id] = executor
             if self.key_dir:
                 tmp = self.key_dir / f".{msg.key_id}.tmp"
                 tmp.write_bytes(bytes(message))

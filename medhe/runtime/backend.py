@@ -20,6 +20,9 @@ class Backend(Protocol):
         """The prime a rescale of `ct` divides by (plaintexts encoded at this scale keep the
         ciphertext's scale exact through multiply + rescale)."""
 
+    def level_stub(self, level: int, scale: float) -> Any:
+        """A stand-in for a ciphertext at this level and scale (for encoding ahead of time)."""
+
     def scale(self, ct: Any) -> float: ...
     def levels_left(self, ct: Any) -> int: ...
     def add(self, a: Any, b: Any) -> Any: ...

@@ -53,6 +53,9 @@ class ClearBackend:
     def encode_scalar(self, value: float, like: ClearCiphertext, scale: float) -> ClearPlaintext:
         return ClearPlaintext(np.full(self.slot_count, float(value)), like.level, scale)
 
+    def level_stub(self, level: int, scale: float) -> ClearCiphertext:
+        return ClearCiphertext(np.zeros(0), level, scale)
+
     def rescale_divisor(self, ct: ClearCiphertext) -> float:
         return self._primes[ct.level]
 

@@ -65,6 +65,29 @@ class Executor:
             x = total
         return x
 
+    def prepare(self) -> int:
+        """Encode every plaintext of the plan ahead of the first request, walking the plan's
+        levels and scales without a ciphertext (they are the same for every image). Returns the
+        number of plaintexts encoded."""
+        be = self.backend
+        before = len(self._cache)
+        level, scale = self.plan.depth, 2.0 ** self.plan.params.log_scale_bits
+        for index, ins in enumerate(self.plan.instructions):
+            like = be.level_stub(level, scale)
+            if ins.kind == "linear":
+                divisor = be.rescale_divisor(like)
+                weight_scale = divisor * self._target_scale / scale
+                for p in range(len(ins.pairs)):
+                    self._plain(("d", index, p), ins.diagonals[p], like, weight_scale)
+                if ins.bias is not None:
+                    self._plain(("b", index), ins.bias, like, scale * weight_scale)
+                level, scale = level - 1, scale * weight_scale / divisor
+            elif ins.kind == "square":
+                scale = scale * scale
+            elif ins.kind == "add_plain":
+                self._plain(("a", index), ins.vector, like, scale)
+        return len(self._cache) - before
+
     def run(self, ct, *, trace: list | None = None, timings: dict | None = None):
         """Evaluate the plan on an input ciphertext. With `trace`, each instruction's output is
         appended (for per-layer checks against the plaintext model)."""

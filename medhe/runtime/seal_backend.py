@@ -54,6 +54,14 @@ def make_context(params: CKKSParams):
     return context
 
 
+class _LevelStub:
+    def __init__(self, parms_id, scale: float) -> None:
+        self._parms_id, self.scale = parms_id, scale
+
+    def parms_id(self):
+        return self._parms_id
+
+
 class _SEALWire:
     """Ciphertext (de)serialisation, validated against this side's context."""
 
@@ -94,6 +102,15 @@ class SEALServerBackend(_SEALWire):
         pt = seal.Plaintext()
         self.encoder.encode(float(value), like.parms_id(), float(scale), pt)
         return pt
+
+    def level_stub(self, level: int, scale: float):
+        """Something with a ciphertext's parms_id and scale at `level`, to encode ahead of time."""
+        data = self.context.first_context_data()
+        while data.chain_index() > level:
+            data = data.next_context_data()
+        if data.chain_index() != level:
+            raise BackendError(f"no level {level} in this modulus chain")
+        return _LevelStub(data.parms_id(), scale)
 
     def rescale_divisor(self, ct) -> float:
         return float(self.context.get_context_data(ct.parms_id()).parms().coeff_modulus()[-1].value())
