@@ -177,7 +177,6 @@ def cmd_demo(args) -> int:
               f"{names[encrypted_label]:<10} {r.probabilities[1]:>9.4f} {r.encrypt_s:>9.3f} {r.server_s:>9.3f} "
               f"{r.decrypt_s:>9.3f}")
     print(f"encrypted = plaintext on {agree}/{len(files)}; {correct}/{len(files)} correct")
-          "")
     sys.stdout.flush()
     return 0
 
