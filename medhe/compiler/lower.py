@@ -50,21 +50,28 @@ def support_after(instruction, support: np.ndarray) -> np.ndarray:
 
 # --- diagonal method -------------------------------------------------------------------------
 def bsgs_split(ks: list[int], n: int) -> dict[int, tuple[int, int]]:
-    """Split each diagonal index k into giant + baby (mod n) minimising the rotation count."""
+    """Split each diagonal index k into giant + baby (mod n) minimising the rotation count.
+
+    Candidates: baby = (k / d) mod m times d, for m a power of two and d either 1 or the gcd of
+    the (signed) indices, so that arithmetic progressions with any step split evenly."""
+    signed = [signed_step(k, n) for k in ks]
+    units = {1, int(np.gcd.reduce([abs(k) for k in signed if k] or [1]))}
     best, best_cost = None, None
-    m = 1
-    while m <= n:
-        for centered in (False, True):
-            pairs = {}
-            for k in ks:
-                b = k % m
-                if centered and b >= m // 2 and m > 1:
-                    b -= m
-                pairs[k] = ((k - b) % n, b % n)
-            cost = len({b for _, b in pairs.values()} - {0}) + len({g for g, _ in pairs.values()} - {0})
-            if best_cost is None or cost < best_cost:
-                best, best_cost = pairs, cost
-        m *= 2
+    for unit in sorted(units):
+        m = 1
+        while m <= n:
+            for centered in (False, True):
+                pairs = {}
+                for k, sk in zip(ks, signed):
+                    b = (sk // unit) % m
+                    if centered and b >= m // 2 and m > 1:
+                        b -= m
+                    b *= unit
+                    pairs[k] = ((k - b) % n, b % n)
+                cost = len({b for _, b in pairs.values()} - {0}) + len({g for g, _ in pairs.values()} - {0})
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = pairs, cost
+            m *= 2
     return best
 
 
@@ -251,9 +258,19 @@ def lower_ops(ops: list[Op], in_layout: Layout, n: int):
         elif op.kind == "flatten":
             layout = Layout(layout.size, layout.base, layout.dims, layout.steps, layout.replicas)
         elif op.kind in ("dense", "linear_map"):
-            lowered = lower_dense_rmr(op, layout, support, n)
+            last = op_index == len(ops) - 1
+            # The last layer goes through the diagonal method: its diagonals are zero outside the
+            # output slots, so the client decrypts the logits and zeros, not the partial sums
+            # that replicate-multiply-reduce would leave around them (weights stay private).
+            lowered = None if last else lower_dense_rmr(op, layout, support, n)
             if lowered is None:
-                out_layout = Layout(op.out_shape[0], 0, (op.out_shape[0],), (1,))
+                outputs, reps = op.out_shape[0], layout.replicas
+                if len(reps) >= outputs > 1 and len(set(np.diff(reps))) == 1:
+                    # Output j where the input's j-th copy starts: every output reads the same
+                    # diagonals, so the output count does not multiply the rotations.
+                    out_layout = Layout(outputs, layout.base, (outputs,), (int(reps[1] - reps[0]),))
+                else:
+                    out_layout = Layout(outputs, 0, (outputs,), (1,))
                 matrix, bias = linear_sparse(op)
                 lowered = ([lower_matrix(matrix, bias, layout, out_layout, n, op.name)], out_layout)
             emit(lowered[0], op.name)

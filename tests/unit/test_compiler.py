@@ -187,3 +187,21 @@ def test_rotation_keys_limited_to_plan_steps():
         used |= ins.steps
     assert set(plan.rotation_steps()) == used
     assert len(used) < 64, "one Galois key per used step, not a full power-of-two set"
+
+
+@pytest.mark.parametrize("image_size", [28, 32])
+def test_client_sees_only_the_logits(image_size):
+    """The last layer's diagonals vanish outside the output slots: the decrypted vector holds the
+    logits and zeros, not partial sums of the weights."""
+    from medhe.runtime.executor import Executor
+    from tests.helpers import pack
+
+    model = _default_model(image_size)
+    plan = compile_torch(model.layers, (1, image_size, image_size))
+    backend = ClearBackend(plan.params)
+    x = np.random.randn(1, image_size, image_size)
+    values = backend.decrypt(Executor(plan, backend).run(backend.encrypt(pack(plan, x))))
+    outputs = plan.output_layout.slots(plan.params.slot_count)
+    others = np.delete(values, outputs)
+    assert np.abs(others).max() == 0.0
+    np.testing.assert_allclose(values[outputs], torch_out(model.layers, x), atol=EXACT)
