@@ -16,7 +16,33 @@ from medhe.errors import (
 
 __version__ = "0.1.0"
 
+# The public API, imported on first use so `import medhe` stays light (no torch, no SEAL).
+_LAZY = {
+    "Client": "medhe.protocol.client",
+    "Server": "medhe.protocol.server",
+    "compile_model": "medhe.compiler",
+    "Plan": "medhe.compiler",
+    "CKKSParams": "medhe.params",
+    "load_model": "medhe.nn.io",
+    "resolve_model_dir": "medhe.nn.io",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'medhe' has no attribute {name!r}")
+
 __all__ = [
+    "CKKSParams",
+    "Client",
+    "Plan",
+    "Server",
+    "compile_model",
+    "load_model",
+    "resolve_model_dir",
     "BackendError",
     "ConfigError",
     "DataError",
