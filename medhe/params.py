@@ -23,6 +23,13 @@ class CKKSParams:
     coeff_modulus_bits: tuple[int, ...]
     log_scale_bits: int
     insecure_for_tests: bool = False
+    # Scale of fresh ciphertexts (0: the base scale). A larger one keeps the key-switching noise of
+    # the first rotations small relative to the values; the first prime is sized to match.
+    log_input_scale_bits: int = 0
+
+    @property
+    def input_scale_bits(self) -> int:
+        return self.log_input_scale_bits or self.log_scale_bits
 
     def __post_init__(self) -> None:
         n = self.poly_modulus_degree
@@ -69,6 +76,7 @@ class CKKSParams:
                 coeff_modulus_bits=tuple(int(b) for b in d["coeff_modulus_bits"]),
                 log_scale_bits=int(d["log_scale_bits"]),
                 insecure_for_tests=bool(d.get("insecure_for_tests", False)),
+                log_input_scale_bits=int(d.get("log_input_scale_bits", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"invalid CKKS parameters {d!r}: {exc}") from exc
@@ -85,6 +93,7 @@ def choose_params(
     integer_bits: int = 16,
     poly_modulus_degree: int | None = None,
     insecure_for_tests: bool = False,
+    input_extra_bits: int = 0,
 ) -> CKKSParams:
     """Smallest N whose 128-bit modulus budget holds the plan's rescales and `min_slots` slots.
 
@@ -94,7 +103,9 @@ def choose_params(
     the scale, so 9 multiplications fit in 5 primes). An int n means n rescales of factor 1.
     The result prime gets `integer_bits` more than the scale, so decrypted values up to
     2**integer_bits keep full precision; the special prime is at least the largest data prime.
-    Without an explicit scale, the largest one that fits (at most 40 bits) is used.
+    Without an explicit scale, the largest one that fits (at most 40 bits) is used. With
+    `input_extra_bits`, fresh ciphertexts are encrypted that many bits above the base scale (the
+    first prime grows to match), which keeps rotation noise on the input small.
     """
     factors = [1] * rescales if isinstance(rescales, int) else [int(f) for f in rescales]
     if not factors or min(factors) < 1:
@@ -103,8 +114,12 @@ def choose_params(
     candidates = [poly_modulus_degree] if poly_modulus_degree else sorted(MAX_LOG_Q_128)
     reasons = []
 
+    def input_bits(scale: int) -> int:
+        return min(MAX_PRIME_BITS, scale + input_extra_bits) if factors[0] == 1 else scale
+
     def chain(scale: int) -> tuple[int, ...]:
         primes = [f * scale for f in factors]
+        primes[0] = primes[0] - scale + input_bits(scale)
         result = min(MAX_PRIME_BITS, scale + integer_bits)
         special = max(primes + [result])
         # SEAL drops primes from the end of the data list first: the first rescale's prime is last.
@@ -132,7 +147,9 @@ def choose_params(
         if sum(bits) > budget and not insecure_for_tests:
             reasons.append(f"N={n}: needs {sum(bits)} bits, 128-bit security allows {budget}")
             continue
-        return CKKSParams(n, bits, scale, insecure_for_tests=insecure_for_tests)
+        extra = input_bits(scale)
+        return CKKSParams(n, bits, scale, insecure_for_tests=insecure_for_tests,
+                          log_input_scale_bits=extra if extra != scale else 0)
     raise InsecureParametersError(
         f"no parameters fit {depth} levels at 128-bit security: " + "; ".join(reasons)
         + ". Use a shallower model (fewer activations) or pass insecure_for_tests=True in tests only"

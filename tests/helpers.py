@@ -57,7 +57,7 @@ def torch_out(seq: nn.Sequential, x: np.ndarray) -> np.ndarray:
 
 def ckks_tolerance(plan, magnitude: float = 1.0) -> float:
     """Error budget from the CKKS scale: each level adds rounding noise of about
-    sqrt(N) * 2^-scale_bits relative to the values (with a safety factor 2^14 for weight growth
+    sqrt(N) * 2^-scale_bits relative to the values (with a safety factor 2^10 for weight growth
     and key-switching noise), scaled by the size of the outputs."""
     p = plan.params
-    return max(1, plan.multiplicative_depth) * np.sqrt(p.poly_modulus_degree) * 2.0 ** (-p.log_scale_bits + 14) * max(1.0, magnitude)
+    return max(1, plan.multiplicative_depth) * np.sqrt(p.poly_modulus_degree) * 2.0 ** (-p.log_scale_bits + 10) * max(1.0, magnitude)

@@ -49,6 +49,12 @@ def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict)
     return rows
 
 
+# Fresh inputs are encrypted 15 bits above the base scale: the first conv's rotations then add
+# key-switching noise 2^15 times smaller relative to the image (all later rotations already act
+# on ciphertexts at twice the base scale, before a rescale).
+INPUT_EXTRA_BITS = 15
+
+
 def check_params_fit(params: CKKSParams, factors: list[int], depth: int) -> None:
     """The primes must match the plan's rescales: prime i about factors[i] times the scale."""
     n = params.poly_modulus_degree
@@ -60,6 +66,7 @@ def check_params_fit(params: CKKSParams, factors: list[int], depth: int) -> None
         )
     data_primes = list(reversed(params.coeff_modulus_bits[1:-1]))[: len(factors)]
     expected = [f * params.log_scale_bits for f in factors]
+    expected[0] += params.input_scale_bits - params.log_scale_bits
     if any(abs(got - want) > 2 for got, want in zip(data_primes, expected)):
         raise PlanError(f"the primes {data_primes} do not fit the plan's rescales (expected about {expected} bits "
                         f"for a {params.log_scale_bits}-bit scale); let medhe choose the parameters")
@@ -92,7 +99,7 @@ def compile_ops(
             continue
         factors = rescale_factors([i.kind for i in instructions])
         if params is None:
-            params = choose_params(factors, n, log_scale_bits=log_scale_bits,
+            params = choose_params(factors, n, log_scale_bits=log_scale_bits, input_extra_bits=INPUT_EXTRA_BITS,
                                    poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
         if params.slot_count == n:
             break
@@ -137,7 +144,8 @@ def format_report(report: dict) -> str:
     lines.append(f"{report['levels_after']} multiplications in {report['rescales']} rescales: each square shares "
                  "one prime with the layer after it")
     lines.append(f"CKKS: N={p['poly_modulus_degree']}, primes {p['coeff_modulus_bits']} "
-                 f"({sum(p['coeff_modulus_bits'])} bits), scale 2^{p['log_scale_bits']}, "
+                 f"({sum(p['coeff_modulus_bits'])} bits), scale 2^{p['log_scale_bits']} "
+                 f"(inputs 2^{p.get('log_input_scale_bits') or p['log_scale_bits']}), "
                  f"{report['levels_available']} rescales, "
                  + ("128-bit security" if report["security_bits"] >= 128 else "INSECURE (tests only)")
                  + f"; {report['rotation_keys']} rotation keys")

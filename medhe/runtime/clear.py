@@ -42,7 +42,7 @@ class ClearBackend:
         values = np.asarray(values, dtype=np.float64)
         if values.shape != (self.slot_count,):
             raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
-        return ClearCiphertext(values.copy(), len(self._primes) - 1, 2.0 ** self.params.log_scale_bits)
+        return ClearCiphertext(values.copy(), len(self._primes) - 1, 2.0 ** self.params.input_scale_bits)
 
     def decrypt(self, ct: ClearCiphertext) -> np.ndarray:
         return ct.values.copy()

@@ -49,7 +49,7 @@ class Executor:
             acc = moved if acc is None else be.add_inplace(acc, moved)
         if ins.bias is not None:
             acc = be.add_plain(acc, self._plain(("b", index), ins.bias, acc, be.scale(acc)))
-        return be.rescale(acc)
+        return acc  # rescaled later, by run(): rotations until then see less relative noise
 
     def _rotsum(self, ins, x):
         be = self.backend
@@ -71,17 +71,21 @@ class Executor:
         number of plaintexts encoded."""
         be = self.backend
         before = len(self._cache)
-        level, scale = self.plan.depth, 2.0 ** self.plan.params.log_scale_bits
+        level, scale = self.plan.depth, 2.0 ** self.plan.params.input_scale_bits
+        pending_divisor = None
         for index, ins in enumerate(self.plan.instructions):
+            if pending_divisor is not None and ins.kind in ("linear", "square"):
+                level, scale, pending_divisor = level - 1, scale / pending_divisor, None
             like = be.level_stub(level, scale)
             if ins.kind == "linear":
                 divisor = be.rescale_divisor(like)
                 weight_scale = divisor * self._target_scale / scale
                 for p in range(len(ins.pairs)):
                     self._plain(("d", index, p), ins.diagonals[p], like, weight_scale)
+                scale *= weight_scale
                 if ins.bias is not None:
-                    self._plain(("b", index), ins.bias, like, scale * weight_scale)
-                level, scale = level - 1, scale * weight_scale / divisor
+                    self._plain(("b", index), ins.bias, like, scale)
+                pending_divisor = divisor
             elif ins.kind == "square":
                 scale = scale * scale
             elif ins.kind == "add_plain":
@@ -93,10 +97,17 @@ class Executor:
         appended (for per-layer checks against the plaintext model)."""
         be = self.backend
         x = ct
+        pending_rescale = False
         for index, ins in enumerate(self.plan.instructions):
             start = time.perf_counter()
+            # A linear layer's rescale waits until the next multiplication: pooling and reduce
+            # rotations in between then act at the larger scale, where key-switching noise is
+            # relatively 2^30 smaller.
+            if pending_rescale and ins.kind in ("linear", "square"):
+                x, pending_rescale = be.rescale(x), False
             if ins.kind == "linear":
                 x = self._linear(index, ins, x)
+                pending_rescale = True
             elif ins.kind == "rotsum":
                 x = self._rotsum(ins, x)
             elif ins.kind == "square":
@@ -109,4 +120,4 @@ class Executor:
                 timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
             if trace is not None:
                 trace.append(x)
-        return x
+        return be.rescale(x) if pending_rescale else x

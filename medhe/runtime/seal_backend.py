@@ -211,7 +211,7 @@ class SEALClientBackend(_SEALWire):
         if values.shape != (self.slot_count,):
             raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
         pt = seal.Plaintext()
-        self.encoder.encode(values.tolist(), 2.0 ** self.params.log_scale_bits, pt)
+        self.encoder.encode(values.tolist(), 2.0 ** self.params.input_scale_bits, pt)
         ct = seal.Ciphertext()
         self.encryptor.encrypt(pt, ct)
         return ct
