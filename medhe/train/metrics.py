@@ -88,11 +88,15 @@ def save_roc_png(path: str | Path, labels, prob, title: str = "ROC curve") -> Pa
         ax.set_ylabel("True positive rate (sensitivity)")
         ax.set_title(f"{title} (n = {labels.size})")
         ax.legend(loc="lower right")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
+        return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
     return path
 
 
@@ -121,9 +125,6 @@ def save_confusion_png(path: str | Path, labels, pred, class_names, title: str =
         ax.set_ylabel("True label")
         accuracy = float(np.trace(matrix) / matrix.sum()) if matrix.sum() else float("nan")
         ax.set_title(f"{title}\naccuracy = {accuracy:.3f} (n = {int(matrix.sum())})")
-        fig.tight_layout()
-        path = Path(path)
-        fig.savefig(path)
+        return _save(fig, path)
     finally:
         plt.close(fig)
-    return path

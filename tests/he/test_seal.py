@@ -25,6 +25,14 @@ def seal_run(plan, x):
     return run_plan(plan, server, client, x)
 
 
+def two_block_model() -> nn.Sequential:
+    """A 16x16 two-block network with every layer kind the default model has."""
+    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
+                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
+    return randomize_bn(seq)
+
+
 def small_plan(seq, shape):
     return compile_torch(seq, shape, poly_modulus_degree=SMALL_N, insecure_for_tests=True)
 
@@ -40,10 +48,7 @@ def test_conv_on_seal_matches_torch(size, kernel, stride, padding):
 
 
 def test_pool_dense_activation_on_seal_match_torch():
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
-    randomize_bn(seq)
+    seq = two_block_model()
     x = np.random.randn(1, 16, 16)
     plan = small_plan(seq, (1, 16, 16))
     expected = torch_out(seq, x)
@@ -134,10 +139,7 @@ def test_every_layer_on_seal_matches_the_plaintext_oracle():
     from medhe.runtime.executor import Executor
     from tests.helpers import pack, trace_torch
 
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
-    randomize_bn(seq)
+    seq = two_block_model()
     x = np.random.randn(1, 16, 16)
     plan = small_plan(seq, (1, 16, 16))
     _, intermediates = run_ops(optimize(trace_torch(seq, (1, 16, 16))), x[None], collect=True)
