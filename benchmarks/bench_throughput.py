@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         reference = model(torch.tensor(inputs[:distinct])).double().numpy()
     print(f"== {args.dataset}: batch of {batch} ({distinct} distinct held-out images from {source}) ==")
-    print(f"{plan.multiplicative_depth} multiplications in {plan.depth} rescales, {plan.report['multiplications']:,} plaintext multiplications and "
+    print(f"depth {plan.multiplicative_depth} in {plan.depth} rescales; {plan.report['multiplications']:,} plaintext multiplications and "
           f"{plan.report['squares']:,} squares per batch, no rotations")
 
     t0 = time.perf_counter()
