@@ -98,6 +98,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="with --encrypted: only the first N images (about 1 s each)")
     p.add_argument("--backend", choices=("seal", "clear"), default="seal",
                    help="with --encrypted: seal (real CKKS, default) or clear (no encryption, debugging)")
+    p.add_argument("--mode", choices=("latency", "throughput"), default="latency",
+                   help="with --encrypted: latency = one image per ciphertext; throughput = up to 8192 "
+                        "images per batch, slots across images (about 1.5 min per batch)")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -108,7 +111,7 @@ def cmd_evaluate(args) -> int:
     if args.limit is not None and not args.encrypted:
         raise ConfigError("--limit goes with --encrypted")
     report = evaluate_split(args.model, split=args.split, data_file=args.data_file,
-                            encrypted=args.encrypted, limit=args.limit, backend=args.backend)
+                            encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode)
     print(format_report_table(report))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

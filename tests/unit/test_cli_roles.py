@@ -79,3 +79,18 @@ def test_compile_refuses_parameters_that_cannot_fit(tmp_path):
     done = medhe("compile", "--model", "br35h", "--out", "plan", "--poly-modulus-degree", "8192", cwd=tmp_path)
     assert done.returncode == 2
     assert "128-bit" in done.stderr and "levels" in done.stderr
+
+
+@pytest.mark.parametrize("mode", ["latency", "throughput"])
+def test_evaluate_encrypted_report(tmp_path, pneumoniamnist_npz, mode):
+    done = medhe("evaluate", "--model", "pneumoniamnist", "--data-file", str(pneumoniamnist_npz), "--split", "val",
+                 "--encrypted", "--mode", mode, "--backend", "clear", "--limit", "40", "--report", "r.json",
+                 cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["encrypted"] is True and report["mode"] == mode and report["n"] == 40
+    assert report["agreement"] == 1.0 and report["max_abs_logit_error"] < 1e-4
+    for key in ("accuracy", "auc", "sensitivity", "specificity"):
+        assert 0.0 <= report[key] <= 1.0
+    if mode == "latency":
+        assert report["server_latency_s_median"] > 0
