@@ -69,8 +69,7 @@ def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, li
         server_s += time.perf_counter() - t0
         logits.append(client.decrypt_batch(result))
     logits = np.concatenate(logits)
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    report = binary_report(labels[:count], shifted[:, 1] / shifted.sum(1))
+    report = binary_report(labels[:count], softmax_positive(logits))
     report.update({
         "encrypted": True, "mode": "throughput", "backend": backend,
         "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
@@ -107,9 +106,7 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
     session = LocalSession(plan, backend=backend)
     results = session.diagnose_many(inputs, progress=progress)
     logits = np.stack([r.logits for r in results])
-    shifted = np.exp(logits - logits.max(1, keepdims=True))
-    prob = shifted[:, 1] / shifted.sum(1)
-    report = binary_report(labels[:count], prob)
+    report = binary_report(labels[:count], softmax_positive(logits))
     summary = summarize(results, reference, labels[:count])
     report.update({
         "encrypted": True,
