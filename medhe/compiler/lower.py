@@ -153,8 +153,8 @@ def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray,
             s2 = np.arange(span1, max_step)
             a = np.arange(-(l1 - 1), l1) * s1
             b = np.arange(1, l2)
-            # r - r' with a non-zero second digit (b > 0 covers b < 0 by symmetry of forbidden? no:
-            # forbidden is not symmetric, so check both signs).
+            # Differences r - r' whose second digit is non-zero, both signs (forbidden is not
+            # symmetric); those with a zero second digit were checked with s1 above.
             diffs = (a[None, :, None] + b[None, None, :] * s2[:, None, None])
             bad = forbidden[diffs % n].any(axis=(1, 2)) | forbidden[(-diffs) % n].any(axis=(1, 2))
             good = np.flatnonzero(~bad)
@@ -173,6 +173,8 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
     instructions = []
     s_set = (s_slots[:, None] - s_slots[None, :]) % n
     reps = np.asarray(in_layout.replicas[:outputs]) if len(in_layout.replicas) >= outputs else None
+    if reps is not None and len(set(np.diff(reps))) > 1:
+        reps = None  # the output layout below needs evenly spaced copies
     if reps is not None and not np.isin(((reps[:, None] - reps[None, :]) % n)[~np.eye(len(reps), dtype=bool)], s_set).any():
         offsets = reps
         out_dims, out_steps = (len(reps),), (int(reps[1]) if len(reps) > 1 else 1,)
