@@ -13,7 +13,9 @@ def relu_quadratic_fit(std: float = 1.0) -> tuple[float, float, float]:
     Batch norm keeps pre-activations close to N(0, 1), so that is where the polynomial must be
     accurate; fitting under the Gaussian weight puts the error where the data actually is.
     """
-    # Gauss-Hermite quadrature makes the fit exact for the Gaussian-weighted L2 norm.
+    # Gauss-Hermite quadrature approximates the Gaussian-weighted L2 norm; ReLU's kink at 0 keeps
+    # it from being exact (a, c within ~1e-3 of the closed form 1/(2*sqrt(2*pi))), which is
+    # harmless: the coefficients are only a starting point for training.
     nodes, weights = np.polynomial.hermite_e.hermegauss(80)
     x = nodes * std
     y = np.maximum(x, 0.0)
