@@ -58,11 +58,9 @@ class LocalSession:
     def diagnose_image(self, image) -> EncryptedResult:
         return self.diagnose_input(self.client.preprocess(image))
 
-    def diagnose_many(self, model_inputs: np.ndarray, *, progress: bool = True, warm_up: bool = True) -> list[EncryptedResult]:
-        """Diagnose each input; the first evaluation encodes the weights, so with warm_up an extra
-        throw-away run keeps that one-off cost out of the per-image latencies."""
-        if warm_up and len(model_inputs):
-            self.diagnose_input(model_inputs[0])
+    def diagnose_many(self, model_inputs: np.ndarray, *, progress: bool = True) -> list[EncryptedResult]:
+        """Diagnose each input (the server encoded the weights at key registration, so the first
+        image costs the same as the rest)."""
         return [self.diagnose_input(x) for x in tqdm(model_inputs, desc="encrypted inference",
                                                      disable=not progress, leave=False)]
 

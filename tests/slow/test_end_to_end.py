@@ -42,7 +42,7 @@ def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_li
     plan = compile_model(model_dir)
     assert plan.params.security_bits == 128 and not plan.params.insecure_for_tests
     session = LocalSession(plan)
-    results = session.diagnose_many(inputs, progress=False, warm_up=False)
+    results = session.diagnose_many(inputs, progress=False)
     summary = summarize(results, reference, labels[pick])
     tolerance = ckks_tolerance(plan, np.abs(reference).max())
     report_line(f"{dataset}: {IMAGES_PER_DATASET} held-out images at 128-bit security: agreement "
