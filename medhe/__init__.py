@@ -20,11 +20,13 @@ __version__ = "0.1.0"
 _LAZY = {
     "Client": "medhe.protocol.client",
     "Server": "medhe.protocol.server",
+    "ModelOwner": "medhe.protocol.owner",
     "compile_model": "medhe.compiler",
-    "Plan": "medhe.compiler",
+    "Plan": "medhe.plan",
+    "ClientSpec": "medhe.plan",
     "CKKSParams": "medhe.params",
     "load_model": "medhe.nn.io",
-    "resolve_model_dir": "medhe.nn.io",
+    "resolve_model_dir": "medhe.nn.modeldir",
 }
 
 
@@ -38,6 +40,8 @@ def __getattr__(name: str):
 __all__ = [
     "CKKSParams",
     "Client",
+    "ClientSpec",
+    "ModelOwner",
     "Plan",
     "Server",
     "compile_model",

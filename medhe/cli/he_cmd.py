@@ -1,9 +1,15 @@
-"""Encrypted-inference commands: compile, keygen, encrypt, evaluate-ciphertext, decrypt, diagnose.
+"""Encrypted-inference commands for the three roles.
 
-The three roles can run in separate processes with only files between them:
-  clinic:  medhe keygen --model br35h --out keys/          (secret key stays in keys/)
-  server:  medhe evaluate-ciphertext --model br35h --keys keys/evaluation.keys --in x.ct --out x.result
-  clinic:  medhe encrypt IMAGE --keys keys/ --out x.ct ;  medhe decrypt --keys keys/ --in x.result
+  model owner: medhe compile --model br35h --out plan/           (plan/ + plan/client_spec.json)
+               medhe encrypt-model --plan plan/ --public-key keys/public.key --out enc/
+  clinic:      medhe keygen --spec plan/client_spec.json --out keys/   (secret key stays in keys/)
+               medhe encrypt IMAGE --spec ... --keys keys/ --out x.ct
+               medhe decrypt --spec ... --keys keys/ --in x.result
+  server:      medhe evaluate-ciphertext --plan plan/ --keys keys/evaluation.keys --in x.ct --out x.result
+               (encrypted-model mode: --encrypted-model enc/ instead of --plan)
+
+Clinic commands load the public client spec only, never the weights; `--model NAME` compiles a
+shipped model and keeps only its spec (the shipped models are public anyway).
 """
 
 from __future__ import annotations
@@ -17,19 +23,42 @@ from medhe.errors import ConfigError
 
 SECRET_KEY_FILE = "secret.key"
 EVAL_KEYS_FILE = "evaluation.keys"
+PUBLIC_KEY_FILE = "public.key"
 
 
-def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+# --- what each role loads -------------------------------------------------------------------------
+def add_plan_arguments(parser: argparse.ArgumentParser, *, encrypted_model: bool = False) -> None:
+    """Server side: the server plan (weights in clear) or, with --encrypted-model, an encrypted model
+    directory (the plan without weights plus the weights as ciphertexts)."""
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--plan", help="compiled plan directory (from `medhe compile`)")
     group.add_argument("--model", help="model directory or shipped model name; compiled on the fly")
+    if encrypted_model:
+        group.add_argument("--encrypted-model", metavar="ENC_MODEL_DIR",
+                           help="encrypted-model mode: a directory from `medhe encrypt-model`; the server "
+                                "never sees the weights")
+    add_backend_argument(parser)
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
+    """Clinic side: the public client spec only."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--spec", help="client spec file, or a directory holding client_spec.json "
+                                      "(written by `medhe compile` and `medhe encrypt-model`)")
+    group.add_argument("--model", help="shipped model name or model directory; compiled here, only its public "
+                                       "client spec is kept")
+    add_backend_argument(parser)
+
+
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend", choices=("seal", "clear"), default="seal",
                         help="seal: real CKKS (default); clear: no encryption, for debugging")
 
 
 def load_plan(args):
-    from medhe.compiler import Plan, compile_model
-    from medhe.nn.io import resolve_model_dir
+    from medhe.compiler import compile_model
+    from medhe.nn.modeldir import resolve_model_dir
+    from medhe.plan import Plan
 
     if getattr(args, "plan", None):
         return Plan.load(args.plan)
@@ -37,124 +66,187 @@ def load_plan(args):
     return compile_model(resolve_model_dir(model))
 
 
-def _client(args, plan):
+def load_server_plan(args):
+    """(plan, encrypted model message or None) for a server command."""
+    if getattr(args, "encrypted_model", None):
+        from medhe.protocol.owner import load_encrypted_model
+
+        return load_encrypted_model(args.encrypted_model)
+    return load_plan(args), None
+
+
+def load_spec(args):
+    from medhe.plan import ClientSpec
+
+    if getattr(args, "spec", None):
+        return ClientSpec.load(_existing(args.spec, "client spec"))
+    return load_plan(args).client_spec()
+
+
+def _existing(path: str | Path, what: str) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"no {what} at {path}")
+    return path
+
+
+def _output_file(path: str | Path) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path} is a directory; give a file name to write")
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: the directory {path.parent} does not exist")
+    return path
+
+
+def _client(args, spec):
     from medhe.protocol.client import Client
 
-    keys = Path(args.keys)
+    keys = _existing(args.keys, "key directory or secret key")
     path = keys / SECRET_KEY_FILE if keys.is_dir() else keys
     if not path.is_file():
         raise ConfigError(f"no secret key at {path}; run `medhe keygen --out {keys}` first")
-    return Client.load(plan, path)
+    return Client.load(spec, path)
 
 
+# --- model owner ---------------------------------------------------------------------------------
 def cmd_compile(args) -> int:
     from medhe.compiler import compile_model, format_report
-    from medhe.nn.io import resolve_model_dir
+    from medhe.nn.modeldir import resolve_model_dir
 
     plan = compile_model(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree,
                          log_scale_bits=args.log_scale_bits)
     out = plan.save(args.out)
+    spec_path = plan.client_spec().save(out)
     print(format_report(plan.report))
-    print(f"plan {plan.digest()[:16]} written to {out}")
+    print(f"server plan {plan.digest()[:16]} written to {out} (weights: keep it on the server or encrypt it)")
+    print(f"client spec {plan.client_spec().digest()[:16]} written to {spec_path} (public: give it to clinics)")
     return 0
 
 
+def cmd_encrypt_model(args) -> int:
+    from medhe.plan import Plan
+    from medhe.protocol.owner import ModelOwner, save_encrypted_model
+
+    plan = Plan.load(_existing(args.plan, "plan directory"))
+    public_key = _existing(args.public_key, "public key").read_bytes()
+    owner = ModelOwner(progress=True)
+    message = owner.encrypt_model(plan, public_key)
+    out = save_encrypted_model(args.out, plan, message)
+    report = owner.last_report
+    print(f"{report.operands} weight operands encrypted in {report.encrypt_s:.1f} s: "
+          f"{report.size_bytes / 2**20:.1f} MiB -> {out} (for the server; it cannot read them)")
+    return 0
+
+
+# --- clinic ---------------------------------------------------------------------------------------
 def cmd_keygen(args) -> int:
     from medhe.protocol.client import Client
 
-    plan = load_plan(args)
+    spec = load_spec(args)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    client = Client(plan, backend=args.backend)
+    client = Client(spec, backend=args.backend)
     eval_keys = client.evaluation_keys()
     (out / EVAL_KEYS_FILE).write_bytes(eval_keys)
+    (out / PUBLIC_KEY_FILE).write_bytes(client.public_key())
     client.save_secret_key(out / SECRET_KEY_FILE)
     print(f"key id {client.key_id}: secret key -> {out / SECRET_KEY_FILE} (keep it on this machine), "
-          f"evaluation keys -> {out / EVAL_KEYS_FILE} ({len(eval_keys) / 2**20:.1f} MiB, for the server) "
-          f"in {time.perf_counter() - start:.1f} s")
+          f"evaluation keys -> {out / EVAL_KEYS_FILE} ({len(eval_keys) / 2**20:.1f} MiB, for the server), "
+          f"public key -> {out / PUBLIC_KEY_FILE} (for a model owner) in {time.perf_counter() - start:.1f} s")
     return 0
 
 
 def cmd_encrypt(args) -> int:
-    plan = load_plan(args)
-    client = _client(args, plan)
+    spec = load_spec(args)
+    client = _client(args, spec)
+    out = _output_file(args.out)
     start = time.perf_counter()
     data = client.encrypt_image(args.image)
-    Path(args.out).write_bytes(data)
-    print(f"{args.image} -> {args.out} ({len(data) / 2**20:.2f} MiB) in {time.perf_counter() - start:.3f} s")
-    return 0
-
-
-def cmd_evaluate_ciphertext(args) -> int:
-    from medhe.protocol.server import Server
-
-    plan = load_plan(args)
-    server = Server(plan, backend=args.backend, key_dir=args.key_store)
-    key_id = server.register_keys(Path(args.keys).read_bytes())
-    start = time.perf_counter()
-    result = server.evaluate(Path(args.input).read_bytes())
-    Path(args.out).write_bytes(result)
-    print(f"key id {key_id}: evaluated {args.input} -> {args.out} in {time.perf_counter() - start:.3f} s")
+    out.write_bytes(data)
+    print(f"{args.image} -> {out} ({len(data) / 2**20:.2f} MiB) in {time.perf_counter() - start:.3f} s")
     return 0
 
 
 def cmd_decrypt(args) -> int:
-    plan = load_plan(args)
-    client = _client(args, plan)
-    logits = client.decrypt_logits(Path(args.input).read_bytes())
+    spec = load_spec(args)
+    client = _client(args, spec)
+    logits = client.decrypt_logits(_existing(args.input, "result file").read_bytes())
     label, probs = client.diagnosis(logits)
-    print(json.dumps({"label": label, "probabilities": dict(zip(plan.class_names, probs.round(6).tolist())),
+    print(json.dumps({"label": label, "probabilities": dict(zip(spec.class_names, probs.round(6).tolist())),
                       "logits": logits.round(6).tolist()}))
     return 0
 
 
-def cmd_diagnose(args) -> int:
-    from medhe.protocol.client import Client
+# --- server ---------------------------------------------------------------------------------------
+def cmd_evaluate_ciphertext(args) -> int:
     from medhe.protocol.server import Server
+
+    plan, encrypted = load_server_plan(args)
+    server = Server(plan, backend=args.backend, key_dir=args.key_store, encrypted_model=encrypted is not None)
+    key_id = server.register_keys(_existing(args.keys, "evaluation keys file").read_bytes())
+    if encrypted is not None:
+        server.register_encrypted_model(encrypted)
+    out = _output_file(args.out)
+    start = time.perf_counter()
+    result = server.evaluate(_existing(args.input, "ciphertext file").read_bytes())
+    out.write_bytes(result)
+    mode = "encrypted model" if encrypted is not None else "plain weights"
+    print(f"key id {key_id} ({mode}): evaluated {args.input} -> {out} in {time.perf_counter() - start:.3f} s")
+    return 0
+
+
+# --- all roles in one process ---------------------------------------------------------------------
+def cmd_diagnose(args) -> int:
+    from medhe.protocol.local import LocalSession
 
     plan = load_plan(args)
     start = time.perf_counter()
-    client = Client(plan, backend=args.backend)
-    server = Server(plan, backend=args.backend)
-    server.register_keys(client.evaluation_keys())
+    session = LocalSession(plan, backend=args.backend, encrypted_model=args.encrypted_model)
     print(f"keys generated and registered in {time.perf_counter() - start:.1f} s "
           f"({len(plan.rotation_steps())} rotation keys)")
+    if args.encrypted_model:
+        print(f"model encrypted under the client's public key in {session.model_encrypt_s:.1f} s "
+              f"({session.encrypted_model_bytes / 2**20:.0f} MiB); the server holds no weight in clear")
     print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
     for image in args.images:
-        t0 = time.perf_counter()
-        message = client.encrypt_image(image)
-        t1 = time.perf_counter()
-        result = server.evaluate(message)
-        t2 = time.perf_counter()
-        label, probs = client.diagnosis(client.decrypt_logits(result))
-        t3 = time.perf_counter()
-        print(f"{str(image)[-39:]:<40}{label:<12}{probs.max():>7.3f}{t1 - t0:>11.3f}{t2 - t1:>10.3f}{t3 - t2:>11.3f}")
+        r = session.diagnose_image(image)
+        print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
+              f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
     return 0
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser("compile", help="compile a trained model for encrypted inference")
+    p = subparsers.add_parser("compile", help="model owner: compile a trained model for encrypted inference")
     p.add_argument("--model", required=True, help="model directory or shipped model name")
-    p.add_argument("--out", required=True, help="plan directory to write")
+    p.add_argument("--out", required=True, help="plan directory to write (server plan + public client_spec.json)")
     p.add_argument("--poly-modulus-degree", type=int, default=None, help="force N (default: smallest that fits)")
     p.add_argument("--log-scale-bits", type=int, default=None, help="force the CKKS scale (default: largest that fits)")
     p.set_defaults(func=cmd_compile)
 
-    p = subparsers.add_parser("keygen", help="clinic: make a secret key and the server's evaluation keys")
-    add_plan_arguments(p)
-    p.add_argument("--out", required=True, help="directory for secret.key and evaluation.keys")
+    p = subparsers.add_parser("encrypt-model", help="model owner: encrypt a plan's weights under a public key")
+    p.add_argument("--plan", required=True, help="compiled plan directory (from `medhe compile`)")
+    p.add_argument("--public-key", required=True, help="public.key from the clinic's `medhe keygen` (or your own)")
+    p.add_argument("--out", required=True, help="encrypted model directory to write (for the server)")
+    p.set_defaults(func=cmd_encrypt_model)
+
+    p = subparsers.add_parser("keygen", help="clinic: make a secret key, the server's evaluation keys and a public key")
+    add_spec_arguments(p)
+    p.add_argument("--out", required=True, help="directory for secret.key, evaluation.keys and public.key")
     p.set_defaults(func=cmd_keygen)
 
     p = subparsers.add_parser("encrypt", help="clinic: preprocess and encrypt one image")
     p.add_argument("image", help="PNG/JPEG/DICOM file")
-    add_plan_arguments(p)
+    add_spec_arguments(p)
     p.add_argument("--keys", required=True, help="key directory from `medhe keygen` (or its secret.key)")
     p.add_argument("--out", required=True, help="ciphertext message file to write")
     p.set_defaults(func=cmd_encrypt)
 
     p = subparsers.add_parser("evaluate-ciphertext", help="server: evaluate an encrypted image")
-    add_plan_arguments(p)
+    add_plan_arguments(p, encrypted_model=True)
     p.add_argument("--keys", required=True, help="the client's evaluation.keys file (public material)")
     p.add_argument("--in", dest="input", required=True, help="ciphertext message file")
     p.add_argument("--out", required=True, help="result message file to write")
@@ -162,12 +254,14 @@ def register(subparsers) -> None:
     p.set_defaults(func=cmd_evaluate_ciphertext)
 
     p = subparsers.add_parser("decrypt", help="clinic: decrypt a result and print the diagnosis")
-    add_plan_arguments(p)
+    add_spec_arguments(p)
     p.add_argument("--keys", required=True, help="key directory from `medhe keygen` (or its secret.key)")
     p.add_argument("--in", dest="input", required=True, help="result message file")
     p.set_defaults(func=cmd_decrypt)
 
-    p = subparsers.add_parser("diagnose", help="encrypt -> evaluate -> decrypt locally, with timings")
+    p = subparsers.add_parser("diagnose", help="all roles in one process: encrypt -> evaluate -> decrypt, with timings")
     p.add_argument("images", nargs="+", help="PNG/JPEG/DICOM files")
     add_plan_arguments(p)
+    p.add_argument("--encrypted-model", action="store_true",
+                   help="the model owner encrypts the weights under the client's public key first")
     p.set_defaults(func=cmd_diagnose)

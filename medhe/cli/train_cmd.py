@@ -101,6 +101,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=("latency", "throughput"), default="latency",
                    help="with --encrypted: latency = one image per ciphertext; throughput = up to 8192 "
                         "images per batch, slots across images (about 1.5 min per batch)")
+    p.add_argument("--encrypted-model", action="store_true",
+                   help="with --encrypted: the model owner encrypts the weights under the client's public key "
+                        "and the server computes on ciphertext weights (encrypted-model mode)")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -111,7 +114,8 @@ def cmd_evaluate(args) -> int:
     if args.limit is not None and not args.encrypted:
         raise ConfigError("--limit goes with --encrypted")
     report = evaluate_split(args.model, split=args.split, data_file=args.data_file,
-                            encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode)
+                            encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode,
+                            encrypted_model=args.encrypted_model)
     print(format_report_table(report))
     if args.report is not None:
         args.report.parent.mkdir(parents=True, exist_ok=True)

@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from medhe.compiler.ir import NAIVE_LEVELS, Op
-from medhe.compiler.layout import image_layout
-from medhe.compiler.lower import NeedMoreSlots, lower_ops
+from medhe.compiler.layout import NeedMoreSlots, image_layout
+from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
-from medhe.compiler.plan import Plan, rescale_factors
 from medhe.compiler.trace import trace_model_dir
 from medhe.errors import PlanError
 from medhe.params import MAX_LOG_Q_128, CKKSParams, choose_params
+from medhe.plan import Plan, rescale_factors
 
 
 def model_digest(model_dir: Path) -> str:
@@ -97,7 +97,7 @@ def compile_ops(
                 raise
             n *= 2
             continue
-        factors = rescale_factors([i.kind for i in instructions])
+        factors = rescale_factors(instructions)
         if params is None:
             params = choose_params(factors, n, log_scale_bits=log_scale_bits, input_extra_bits=INPUT_EXTRA_BITS,
                                    poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
@@ -117,12 +117,23 @@ def compile_ops(
         "levels_available": params.levels,
         "rotations": plan.rotation_count(),
         "rotation_keys": len(plan.rotation_steps()),
+        "weight_operands": plan.weight_operand_count(),
+        "relinearizations": relinearizations(plan),
         "params": params.to_dict(),
         "security_bits": params.security_bits,
         # For per-layer checks: after instruction i, optimised op k's output sits in this layout.
         "checkpoints": [{"op": k, "instruction": i, "layout": lay.to_dict()} for k, i, lay in checkpoints],
     }
     return plan
+
+
+def relinearizations(plan: Plan) -> dict[str, int]:
+    """Relinearisations per image in each mode. Plain weights: one per square. Encrypted weights:
+    also one per giant step of every linear layer (a ciphertext product must be relinearised
+    before it is rotated), the unrotated giant's included."""
+    squares = sum(1 for ins in plan.instructions if ins.kind == "square")
+    giants = sum(len({g for g, _ in ins.pairs}) for ins in plan.instructions if ins.kind == "linear")
+    return {"plain_weights": squares, "encrypted_model": squares + giants}
 
 
 def compile_model(model_dir: str | Path, **options) -> Plan:
@@ -149,4 +160,9 @@ def format_report(report: dict) -> str:
                  f"{report['levels_available']} rescales, "
                  + ("128-bit security" if report["security_bits"] >= 128 else "INSECURE (tests only)")
                  + f"; {report['rotation_keys']} rotation keys")
+    if "relinearizations" in report:
+        relin = report["relinearizations"]
+        lines.append(f"encrypted-model mode: the same levels and primes (each of the {report['weight_operands']} "
+                     "weight operands is encrypted at the level and scale where it is consumed); "
+                     f"relinearisations per image {relin['plain_weights']} -> {relin['encrypted_model']}")
     return "\n".join(lines)

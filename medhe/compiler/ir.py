@@ -146,7 +146,8 @@ class Poly(Op):
         return self.a * x * x + self.b * x + self.c
 
     def describe(self) -> str:
-        return f"poly {self.a:.3g}x^2{self.b:+.3g}x{self.c:+.3g}"
+        # No coefficients: they are trained weights, and the report travels with public artifacts.
+        return "poly degree 2"
 
 
 @dataclass

@@ -16,36 +16,10 @@ from __future__ import annotations
 import numpy as np
 
 from medhe.compiler.ir import Op, linear_sparse
-from medhe.compiler.layout import Layout, signed_step
-from medhe.compiler.plan import AddPlain, Linear, RotSum, SquareOp
+from medhe.compiler.layout import NeedMoreSlots
 from medhe.errors import PlanError
-
-
-class NeedMoreSlots(PlanError):
-    """The layout does not fit this ring; a larger N may fit it."""
-
-
-# --- support tracking ------------------------------------------------------------------------
-def support_after(instruction, support: np.ndarray) -> np.ndarray:
-    """Slots that may be non-zero after the instruction, given those before it."""
-    n = support.size
-    if instruction.kind == "linear":
-        out = np.zeros(n, dtype=bool)
-        for (g, _), diag in zip(instruction.pairs, instruction.diagonals):
-            out |= np.roll(diag != 0, -g)
-        if instruction.bias is not None:
-            out |= instruction.bias != 0
-        return out
-    if instruction.kind == "rotsum":
-        for stage in instruction.stages:
-            new = np.zeros(n, dtype=bool)
-            for offset in stage:
-                new |= np.roll(support, -offset)
-            support = new
-        return support
-    if instruction.kind == "add_plain":
-        return support | (instruction.vector != 0)
-    return support
+from medhe.plan.instructions import AddPlain, Linear, RotSum, SquareOp
+from medhe.plan.layout import Layout, signed_step
 
 
 # --- diagonal method -------------------------------------------------------------------------
@@ -100,7 +74,7 @@ def lower_matrix(matrix, bias: np.ndarray, in_layout: Layout, out_layout: Layout
     bias_vector[out_slots_all] = bias
     babies = sorted({b for _, b in pairs}, key=abs)
     giants = sorted({g for g, _ in pairs}, key=abs)
-    return Linear(babies, giants, pairs, np.array(diagonals), bias_vector if np.any(bias) else None, layer)
+    return Linear(layer, babies, giants, pairs, np.array(diagonals), bias_vector if np.any(bias) else None)
 
 
 # --- replicate, multiply, reduce ---------------------------------------------------------------
@@ -186,25 +160,25 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
         offsets = (np.arange(l2)[:, None] * s2 + np.arange(l1)[None, :] * s1).ravel()[:outputs]
         out_dims, out_steps = (l2, l1), (s2, s1)
         stages = [[signed_step(-o, n) for o in stage] for stage in _sum_stages(l1, s1) + _sum_stages(l2, s2)]
-        instructions.append(RotSum(stages, op.name + ":replicate"))
+        instructions.append(RotSum(op.name + ":replicate", stages))
     products = np.zeros(n)
     product_slots = (s_slots[None, :] + offsets[:, None]) % n
     if np.unique(product_slots).size != product_slots.size:
         raise PlanError(f"{op.name}: replicated copies overlap")
     products[product_slots.ravel()] = weight.ravel()
-    instructions.append(Linear([0], [0], [(0, 0)], products[None, :], None, op.name + ":multiply"))
+    instructions.append(Linear(op.name + ":multiply", [0], [0], [(0, 0)], products[None, :]))
     reduce_stages, replicas = [], [0]
     for dim, step in zip(in_layout.dims, in_layout.steps):
         reduce_stages += [[signed_step(o, n) for o in stage] for stage in _sum_stages(dim, step)]
         if dim * step == n:
             # Summing a whole cyclic axis leaves the total in every position along it.
             replicas = [r + d * step for r in replicas for d in range(dim)]
-    instructions.append(RotSum(reduce_stages, op.name + ":reduce"))
+    instructions.append(RotSum(op.name + ":reduce", reduce_stages))
     out_layout = Layout(outputs, base, out_dims, out_steps, tuple(sorted(int(r) % n for r in replicas)))
     bias_vector = np.zeros(n)
     bias_vector[out_layout.replica_slots(n)] = bias[None, :]  # every copy needs its bias
     if np.any(bias):
-        instructions.append(AddPlain(bias_vector, op.name + ":bias"))
+        instructions.append(AddPlain(op.name + ":bias", bias_vector))
     return instructions, out_layout
 
 
@@ -240,7 +214,7 @@ def lower_ops(ops: list[Op], in_layout: Layout, n: int):
         for item in items:
             owners.setdefault(name, []).append(len(instructions))
             instructions.append(item)
-            support = support_after(item, support)
+            support = item.support_after(support)
 
     for op_index, op in enumerate(ops):
         if op.kind in ("conv2d",) or (op.kind == "linear_map" and len(op.out_shape) == 3):
@@ -252,7 +226,7 @@ def lower_ops(ops: list[Op], in_layout: Layout, n: int):
             block, row_step, col_step = layout.steps
             k = op.kernel
             stages = [[dx * col_step for dx in range(k)], [dy * row_step for dy in range(k)]]
-            emit([RotSum([[signed_step(o, n) for o in s] for s in stages], op.name)], op.name)
+            emit([RotSum(op.name, [[signed_step(o, n) for o in s] for s in stages])], op.name)
             layout = Layout(int(np.prod(op.out_shape)), layout.base, op.out_shape,
                             (block, row_step * op.stride, col_step * op.stride), layout.replicas)
         elif op.kind == "square":

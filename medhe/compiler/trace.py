@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +9,7 @@ from safetensors.numpy import load_file
 
 from medhe.compiler.ir import BatchNorm, Conv2d, Dense, Flatten, Op, Poly, Pool2d
 from medhe.errors import ModelFormatError, UnsupportedLayerError
+from medhe.nn.modeldir import WEIGHTS_FILE, read_model_json
 
 TRACEABLE_LAYERS = ("conv2d", "avgpool2d", "batchnorm", "poly", "flatten", "linear")
 
@@ -85,9 +85,6 @@ def trace_layers(layers: list[dict], weights: dict[str, np.ndarray], input_shape
 def trace_model_dir(directory: str | Path) -> tuple[list[Op], dict]:
     """IR ops and the model.json document of a saved model directory."""
     directory = Path(directory)
-    path = directory / "model.json"
-    if not path.is_file():
-        raise ModelFormatError(f"{directory} is not a medhe model directory: model.json is missing")
-    doc = json.loads(path.read_text())
-    weights = load_file(str(directory / "weights.safetensors"))
+    doc = read_model_json(directory)
+    weights = load_file(str(directory / WEIGHTS_FILE))
     return trace_layers(doc["layers"], weights, tuple(doc["input_shape"])), doc

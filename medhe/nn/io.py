@@ -4,7 +4,8 @@ A model directory holds:
   model.json          format version, architecture, layer list, preprocessing, class names,
                       dataset and split version, metrics
   weights.safetensors the state dict (float32 tensors)
-The layer list is what the compiler traces, so the compiler needs neither torch nor this module.
+The layer list is what the compiler traces, so the compiler needs neither torch nor this module;
+`medhe.nn.modeldir` finds and reads model directories without torch.
 """
 
 from __future__ import annotations
@@ -21,11 +22,8 @@ from medhe.data.preprocess import Preprocessing
 from medhe.errors import ModelFormatError, UnsupportedLayerError
 from medhe.nn.layers import PolyAct
 from medhe.nn.model import HECNN, ArchConfig
-
-MODEL_FORMAT = "medhe-model"
-MODEL_FORMAT_VERSION = 1
-MODEL_JSON = "model.json"
-WEIGHTS_FILE = "weights.safetensors"
+from medhe.nn.modeldir import (MODEL_FORMAT, MODEL_FORMAT_VERSION, MODEL_JSON, SHIPPED_MODELS,  # noqa: F401
+                               WEIGHTS_FILE, read_model_json, resolve_model_dir, shipped_models_dir)
 
 SUPPORTED_LAYERS = ("Conv2d", "AvgPool2d", "BatchNorm2d", "BatchNorm1d", "PolyAct", "ReLU", "Flatten", "Linear")
 
@@ -108,29 +106,6 @@ def save_model(directory: str | Path, model: HECNN, card: ModelCard) -> Path:
     return directory
 
 
-def read_model_json(directory: str | Path) -> dict:
-    """The validated model.json of a model directory (no torch needed)."""
-    directory = Path(directory)
-    path = directory / MODEL_JSON
-    if not path.is_file():
-        raise ModelFormatError(f"{directory} is not a medhe model directory: {MODEL_JSON} is missing")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
-    if doc.get("format") != MODEL_FORMAT or doc.get("format_version") != MODEL_FORMAT_VERSION:
-        raise ModelFormatError(
-            f"{path}: expected format {MODEL_FORMAT!r} version {MODEL_FORMAT_VERSION}, "
-            f"got {doc.get('format')!r} version {doc.get('format_version')!r}"
-        )
-    for key in ("arch", "layers", "preprocessing", "class_names"):
-        if key not in doc:
-            raise ModelFormatError(f"{path} lacks the field {key!r}")
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise ModelFormatError(f"{directory} lacks {WEIGHTS_FILE}")
-    return doc
-
-
 def load_model(directory: str | Path) -> tuple[HECNN, ModelCard]:
     """Rebuild the torch model (eval mode) and its card from a model directory."""
     directory = Path(directory)
@@ -154,26 +129,3 @@ def load_model(directory: str | Path) -> tuple[HECNN, ModelCard]:
         )
     model.eval()
     return model, card
-
-
-SHIPPED_MODELS = ("br35h", "pneumoniamnist")
-
-
-def shipped_models_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "models"
-
-
-def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A model directory from a path or the name of a model shipped in the package."""
-    path = Path(name_or_path)
-    if (path / MODEL_JSON).is_file():
-        return path
-    if str(name_or_path) in SHIPPED_MODELS:
-        shipped = shipped_models_dir() / str(name_or_path)
-        if (shipped / MODEL_JSON).is_file():
-            return shipped
-        raise ModelFormatError(f"the shipped model {name_or_path!r} is missing from {shipped}; reinstall medhe")
-    raise ModelFormatError(
-        f"{name_or_path!r} is neither a model directory (with {MODEL_JSON}) nor a shipped model "
-        f"({', '.join(SHIPPED_MODELS)})"
-    )

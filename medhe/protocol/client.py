@@ -1,4 +1,7 @@
-"""The clinic's side: holds the secret key, encrypts images, decrypts diagnoses."""
+"""The clinic's side: holds the secret key, encrypts images, decrypts diagnoses.
+
+It loads only the public client spec (parameters, preprocessing, slot layouts, rotation steps,
+class names and a commitment to the weights): never a weight of the model."""
 
 from __future__ import annotations
 
@@ -8,21 +11,33 @@ from pathlib import Path
 
 import numpy as np
 
-from medhe.compiler.plan import Plan
 from medhe.errors import ConfigError, InvalidMessage
+from medhe.plan import ClientSpec
 from medhe.protocol import wire
 from medhe.runtime.clear import ClearBackend
 
 BACKENDS = ("seal", "clear")
 
 
-def _client_backend(kind: str, plan: Plan, secret_key: bytes | None):
+def _client_backend(kind: str, spec: ClientSpec, secret_key: bytes | None):
     if kind == "seal":
         from medhe.runtime.seal_backend import SEALClientBackend
-        return SEALClientBackend(plan.params, secret_key=secret_key)
+        return SEALClientBackend(spec.params, secret_key=secret_key)
     if kind == "clear":
-        return ClearBackend(plan.params)
+        return ClearBackend(spec.params)
     raise ConfigError(f"backend must be one of {BACKENDS}, got {kind!r}")
+
+
+def spec_ids(spec) -> dict:
+    """The digests every message of this model carries."""
+    return {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+
+
+def require_spec(spec) -> ClientSpec:
+    if not isinstance(spec, ClientSpec):
+        raise ConfigError(f"the client takes the public client spec (plan.client_spec() or ClientSpec.load(...)), "
+                          f"not a {type(spec).__name__}: a clinic never holds the model's weights")
+    return spec
 
 
 class Client:
@@ -32,13 +47,13 @@ class Client:
     only ways out, and both must be called explicitly.
     """
 
-    def __init__(self, plan: Plan, *, backend: str = "seal", secret_key: bytes | None = None,
+    def __init__(self, spec: ClientSpec, *, backend: str = "seal", secret_key: bytes | None = None,
                  key_id: str | None = None) -> None:
-        self.plan = plan
+        self.spec = require_spec(spec)
         self.backend_kind = backend
-        self._backend = _client_backend(backend, plan, secret_key)
+        self._backend = _client_backend(backend, spec, secret_key)
         self.key_id = key_id or secrets.token_hex(8)
-        self._ids = {"plan_digest": plan.digest(), "params_digest": plan.params.digest()}
+        self._ids = spec_ids(spec)
         self._preprocessing = None
 
     def __repr__(self) -> str:
@@ -48,13 +63,19 @@ class Client:
     def evaluation_keys(self) -> bytes:
         """Public evaluation material for the server: relinearization keys and Galois keys for
         exactly the rotation steps the plan uses. Contains no secret key."""
-        steps = self.plan.rotation_steps()
+        steps = list(self.spec.rotation_steps)
         if self.backend_kind == "seal":
             relin, galois = self._backend.evaluation_keys(steps)
         else:
             relin, galois = b"", b""
         return wire.encode_parts("evaluation_keys", [relin, galois], key_id=self.key_id,
                                  extra={"rotation_steps": steps, "backend": self.backend_kind}, **self._ids)
+
+    def public_key(self) -> bytes:
+        """The public key as a versioned message: what a model owner encrypts the weights under
+        (encrypted-model mode). Anyone may encrypt with it; only this client can decrypt."""
+        return wire.encode("public_key", self._backend.public_key(), key_id=self.key_id,
+                           extra={"backend": self.backend_kind}, **self._ids)
 
     def export_secret_key(self) -> bytes:
         """The secret key as a versioned message. Keep it on the client machine."""
@@ -70,14 +91,14 @@ class Client:
         return path
 
     @classmethod
-    def from_secret_key(cls, plan: Plan, data: bytes) -> "Client":
-        msg = wire.decode(data, expect_kind="secret_key", plan_digest=plan.digest(), params_digest=plan.params.digest())
+    def from_secret_key(cls, spec: ClientSpec, data: bytes) -> "Client":
+        msg = wire.decode(data, expect_kind="secret_key", **spec_ids(require_spec(spec)))
         backend = msg.extra.get("backend", "seal")
-        return cls(plan, backend=backend, secret_key=msg.payload or None, key_id=msg.key_id)
+        return cls(spec, backend=backend, secret_key=msg.payload or None, key_id=msg.key_id)
 
     @classmethod
-    def load(cls, plan: Plan, path: str | Path) -> "Client":
-        return cls.from_secret_key(plan, Path(path).read_bytes())
+    def load(cls, spec: ClientSpec, path: str | Path) -> "Client":
+        return cls.from_secret_key(spec, Path(path).read_bytes())
 
     # --- images ---------------------------------------------------------------------------------
     def preprocess(self, image) -> np.ndarray:
@@ -86,20 +107,22 @@ class Client:
         from medhe.data.preprocess import Preprocessing
 
         if self._preprocessing is None:
-            self._preprocessing = Preprocessing.from_dict(self.plan.preprocessing)
+            self._preprocessing = Preprocessing.from_dict(self.spec.preprocessing)
         gray = load_image(image) if isinstance(image, (str, Path)) else image_to_gray01(np.asarray(image))
         return self._preprocessing.apply(gray)
 
     def pack(self, model_input: np.ndarray) -> np.ndarray:
         """Place a preprocessed input (C, H, W) into the slot vector, copies included."""
         x = np.asarray(model_input, dtype=np.float64)
-        if x.shape != tuple(self.plan.input_shape):
-            raise ConfigError(f"model input must have shape {tuple(self.plan.input_shape)}, got {x.shape}")
+        if self.spec.mode != "latency":
+            raise ConfigError("this client spec is for throughput mode; use encrypt_batch")
+        if x.shape != tuple(self.spec.input_shape):
+            raise ConfigError(f"model input must have shape {tuple(self.spec.input_shape)}, got {x.shape}")
         if not np.isfinite(x).all():
             raise ConfigError("model input contains NaN or infinite values")
-        n = self.plan.params.slot_count
+        n = self.spec.slot_count
         vector = np.zeros(n)
-        vector[self.plan.input_layout.replica_slots(n)] = x.reshape(-1)[None, :]
+        vector[self.spec.input_layout.replica_slots(n)] = x.reshape(-1)[None, :]
         return vector
 
     def encrypt_input(self, model_input: np.ndarray) -> bytes:
@@ -114,15 +137,17 @@ class Client:
         msg = wire.decode(result, expect_kind="result", key_id=self.key_id, **self._ids)
         ct = self._backend.deserialize(msg.payload)
         values = self._backend.decrypt(ct)
-        return values[self.plan.output_layout.slots(self.plan.params.slot_count)]
+        return values[self.spec.output_layout.slots(self.spec.slot_count)]
 
     # --- throughput mode (a BatchPlan: slots across images) ---------------------------------------
     def encrypt_batch(self, model_inputs: np.ndarray) -> bytes:
         """Up to N/2 preprocessed inputs (B, C, H, W) -> one message of one ciphertext per feature."""
         x = np.asarray(model_inputs, dtype=np.float64)
-        batch = self.plan.params.slot_count
-        if x.ndim != 4 or x.shape[1:] != tuple(self.plan.input_shape) or not 1 <= x.shape[0] <= batch:
-            raise ConfigError(f"a batch must have shape (1..{batch}, {', '.join(map(str, self.plan.input_shape))}), "
+        batch = self.spec.slot_count
+        if self.spec.mode != "throughput":
+            raise ConfigError("this client spec is for latency mode; use encrypt_input per image")
+        if x.ndim != 4 or x.shape[1:] != tuple(self.spec.input_shape) or not 1 <= x.shape[0] <= batch:
+            raise ConfigError(f"a batch must have shape (1..{batch}, {', '.join(map(str, self.spec.input_shape))}), "
                               f"got {x.shape}")
         if not np.isfinite(x).all():
             raise ConfigError("batch contains NaN or infinite values")
@@ -135,10 +160,10 @@ class Client:
     def decrypt_batch(self, result: bytes) -> np.ndarray:
         """(B, classes) logits from a batch result."""
         msg = wire.decode(result, expect_kind="batch_result", key_id=self.key_id, **self._ids)
-        classes = len(self.plan.class_names)
+        classes = len(self.spec.class_names)
         parts = msg.parts([f"class{i}" for i in range(classes)])
         count = int(msg.extra.get("count", 0))
-        if not 1 <= count <= self.plan.params.slot_count:
+        if not 1 <= count <= self.spec.slot_count:
             raise InvalidMessage("batch result has an invalid image count")
         return np.stack([self._backend.decrypt(self._backend.deserialize(p))[:count] for p in parts], axis=1)
 
@@ -147,4 +172,4 @@ class Client:
         z = np.asarray(logits, dtype=np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
-        return self.plan.class_names[int(np.argmax(p))], p
+        return self.spec.class_names[int(np.argmax(p))], p

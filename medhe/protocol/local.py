@@ -1,5 +1,6 @@
-"""Client and server in one process, talking through the same bytes they would send over a
-network: for `medhe diagnose`, `medhe demo`, encrypted evaluation and benchmarks."""
+"""Client, server (and, in encrypted-model mode, the model owner) in one process, talking through
+the same bytes they would send over a network: for `medhe diagnose`, `medhe demo`, encrypted
+evaluation and benchmarks. The client gets the public client spec only."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
-from medhe.compiler.plan import Plan
+from medhe.plan import Plan
 from medhe.protocol.client import Client
+from medhe.protocol.owner import ModelOwner
 from medhe.protocol.server import Server
 
 
@@ -30,19 +32,28 @@ class EncryptedResult:
 class LocalSession:
     plan: Plan
     backend: str = "seal"
+    encrypted_model: bool = False
     client: Client = field(init=False)
     server: Server = field(init=False)
     keygen_s: float = field(init=False)
     eval_key_bytes: int = field(init=False)
+    model_encrypt_s: float = field(init=False, default=0.0)
+    encrypted_model_bytes: int = field(init=False, default=0)
 
     def __post_init__(self) -> None:
         start = time.perf_counter()
-        self.client = Client(self.plan, backend=self.backend)
+        self.client = Client(self.plan.client_spec(), backend=self.backend)
         keys = self.client.evaluation_keys()
         self.keygen_s = time.perf_counter() - start
         self.eval_key_bytes = len(keys)
-        self.server = Server(self.plan, backend=self.backend)
+        self.server = Server(self.plan, backend=self.backend, encrypted_model=self.encrypted_model)
         self.server.register_keys(keys)
+        if self.encrypted_model:
+            start = time.perf_counter()
+            model = ModelOwner().encrypt_model(self.plan, self.client.public_key())
+            self.model_encrypt_s = time.perf_counter() - start
+            self.encrypted_model_bytes = len(model)
+            self.server.register_encrypted_model(model)
 
     def diagnose_input(self, model_input: np.ndarray) -> EncryptedResult:
         t0 = time.perf_counter()

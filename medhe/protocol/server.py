@@ -1,4 +1,10 @@
-"""The diagnosis server: public evaluation keys only, evaluates ciphertext messages."""
+"""The diagnosis server: public evaluation keys only, evaluates ciphertext messages.
+
+Plain-weight mode: the server holds the server plan (weights in clear) and multiplies by
+plaintexts. Encrypted-model mode: the server holds the plan without its weights (the public
+architecture) and, per registered clinic, the weights as ciphertexts under that clinic's key, made
+by the model owner; it multiplies ciphertext by ciphertext and can read neither image nor model.
+"""
 
 from __future__ import annotations
 
@@ -6,39 +12,78 @@ import re
 import threading
 from pathlib import Path
 
-from medhe.compiler.batch import BatchPlan
-from medhe.compiler.plan import Plan
 from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
+from medhe.plan import BatchPlan, Plan
 from medhe.protocol import wire
-from medhe.runtime.clear import ClearBackend
+from medhe.protocol.client import spec_ids
 from medhe.runtime.batch_executor import BatchExecutor
-from medhe.runtime.executor import Executor
+from medhe.runtime.clear import ClearBackend
+from medhe.runtime.executor import EncryptedWeights, Executor, operand_schedule
 
-_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
+_KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")
+KEYS_SUFFIX = ".keys"
+MODEL_SUFFIX = ".model"
+
+
+def operand_label(key: tuple[int, str]) -> str:
+    return f"i{key[0]}.{key[1]}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 class Server:
-    """Registers clients' evaluation keys (-> key id) and evaluates their ciphertexts.
+    """Registers clients' evaluation keys (-> key id) and, in encrypted-model mode, their encrypted
+    models; evaluates their ciphertexts.
 
-    With `key_dir`, registered keys are kept on disk (public material only) so a restarted
-    server still knows them. A bad message raises InvalidMessage and changes nothing stored.
+    With `key_dir`, registered keys and encrypted models are kept on disk (public material and
+    ciphertexts only) so a restarted server still knows them. A bad message raises
+    InvalidMessage and changes nothing stored.
     """
 
-    def __init__(self, plan: Plan | BatchPlan, *, backend: str = "seal", key_dir: str | Path | None = None) -> None:
+    def __init__(self, plan: Plan | BatchPlan, *, backend: str = "seal", key_dir: str | Path | None = None,
+                 encrypted_model: bool = False) -> None:
         if backend not in ("seal", "clear"):
             raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
+        if encrypted_model:
+            if isinstance(plan, BatchPlan):
+                raise ConfigError("encrypted-model mode evaluates latency plans; throughput mode needs the weights")
+            # Keep only the architecture: an encrypted-model server never holds a weight.
+            plan = plan.without_weights() if plan.has_weights else plan
         self.plan = plan
+        self.encrypted_model = encrypted_model
+        self.spec = plan.client_spec()
         self.backend_kind = backend
         self.key_dir = Path(key_dir) if key_dir else None
         if self.key_dir:
             self.key_dir.mkdir(parents=True, exist_ok=True)
-        self._ids = {"plan_digest": plan.digest(), "params_digest": plan.params.digest()}
-        self._executors: dict[str, Executor] = {}
+        self._ids = spec_ids(self.spec)
+        self._backends: dict = {}
+        self._models: dict[str, EncryptedWeights] = {}
+        self._executors: dict[str, Executor | BatchExecutor] = {}
         self._plain_cache: dict = {}  # encoded weights depend on the parameters only: shared by key sets
         self._context = None
         self._lock = threading.Lock()
 
     # --- keys ---------------------------------------------------------------------------------
+    def _shared_context(self):
+        from medhe.runtime.seal_backend import make_context
+
+        if self._context is None:
+            self._context = make_context(self.plan.params)
+        return self._context
+
+    def _bare_backend(self):
+        """A backend with no keys: to read ciphertexts and to walk levels and scales."""
+        if self.backend_kind == "clear":
+            return ClearBackend(self.plan.params)
+        from medhe.runtime.seal_backend import SEALServerBackend
+
+        return SEALServerBackend(self.plan.params, context=self._shared_context())
+
     def _make_backend(self, msg: wire.Message):
         relin, galois = msg.parts(["relin_keys", "galois_keys"])
         if msg.extra.get("backend", "seal") != self.backend_kind:
@@ -46,17 +91,15 @@ class Server:
                                  f"this server runs {self.backend_kind!r}")
         if self.backend_kind == "clear":
             return ClearBackend(self.plan.params)
-        from medhe.runtime.seal_backend import SEALServerBackend, make_context
+        from medhe.runtime.seal_backend import SEALServerBackend
 
-        if self._context is None:
-            self._context = make_context(self.plan.params)
         needed = set(self.plan.rotation_steps())
         offered = set(msg.extra.get("rotation_steps", []))
         if not needed <= offered:
             raise InvalidMessage(f"evaluation keys lack rotation steps {sorted(needed - offered)[:8]}")
         if not relin:
             raise InvalidMessage("evaluation keys lack relinearization keys")
-        return SEALServerBackend(self.plan.params, relin, galois or None, context=self._context)
+        return SEALServerBackend(self.plan.params, relin, galois or None, context=self._shared_context())
 
     def register_keys(self, message: bytes) -> str:
         msg = wire.decode(message, expect_kind="evaluation_keys", **self._ids)
@@ -64,34 +107,87 @@ class Server:
             raise InvalidMessage("key id must be 16 lowercase hex digits")
         backend = self._make_backend(msg)
         with self._lock:
-            if isinstance(self.plan, BatchPlan):
-                self._executors[msg.key_id] = BatchExecutor(self.plan, backend)
-            else:
-                executor = Executor(self.plan, backend, cache=self._plain_cache)
-                executor.prepare()  # encode the weights now, not during the first request
-                self._executors[msg.key_id] = executor
+            self._backends[msg.key_id] = backend
+            self._executors.pop(msg.key_id, None)
             if self.key_dir:
-                tmp = self.key_dir / f".{msg.key_id}.tmp"
-                tmp.write_bytes(bytes(message))
-                tmp.replace(self.key_dir / f"{msg.key_id}.keys")
+                _atomic_write(self.key_dir / f"{msg.key_id}{KEYS_SUFFIX}", bytes(message))
+        if not self.encrypted_model:
+            self._build_executor(msg.key_id)  # encode the weights now, not during the first request
         return msg.key_id
 
-    def _executor(self, key_id: str) -> Executor:
+    def register_encrypted_model(self, message: bytes) -> str:
+        """Store a model owner's encrypted model for the clinic whose key id it names. Every
+        operand is checked against the plan (names, levels, scales) before anything is kept."""
+        if not self.encrypted_model:
+            raise ConfigError("this server runs the model in clear; start it in encrypted-model mode")
+        msg = wire.decode(message, expect_kind="encrypted_model", **self._ids)
+        if not _KEY_ID.match(msg.key_id):
+            raise InvalidMessage("key id must be 16 lowercase hex digits")
+        if msg.extra.get("structure_digest") != self.plan.structure_digest():
+            raise InvalidMessage("the encrypted model was made for another architecture than this server's plan")
+        if msg.extra.get("backend", "seal") != self.backend_kind:
+            raise InvalidMessage(f"the encrypted model is for backend {msg.extra.get('backend')!r}, "
+                                 f"this server runs {self.backend_kind!r}")
+        reader = self._bare_backend()
+        schedule = list(operand_schedule(self.plan, reader))
+        labels = [operand_label(key) for key, _, _ in schedule]
+        if msg.extra.get("operands") != labels:
+            raise InvalidMessage(f"the encrypted model must hold the plan's {len(labels)} operands in plan order")
+        operands = {}
+        for (key, like, scale), part in zip(schedule, msg.parts(labels)):
+            operands[key] = reader.deserialize(part)
+        weights = EncryptedWeights(operands, reader)
+        for key, like, scale in schedule:
+            weights.get(key, like, scale)  # raises InvalidMessage on a wrong level or scale
+        with self._lock:
+            self._models[msg.key_id] = weights
+            self._executors.pop(msg.key_id, None)
+            if self.key_dir:
+                _atomic_write(self.key_dir / f"{msg.key_id}{MODEL_SUFFIX}", bytes(message))
+        return msg.key_id
+
+    def _stored(self, key_id: str, suffix: str) -> bytes | None:
+        if not self.key_dir or not _KEY_ID.match(key_id):
+            return None
+        path = self.key_dir / f"{key_id}{suffix}"
+        return path.read_bytes() if path.is_file() else None
+
+    def _build_executor(self, key_id: str):
+        with self._lock:
+            backend, model = self._backends.get(key_id), self._models.get(key_id)
+        if backend is None:
+            raise MissingKeyError(f"no evaluation keys registered under key id {key_id!r}; register them first")
+        if isinstance(self.plan, BatchPlan):
+            executor = BatchExecutor(self.plan, backend)
+        elif self.encrypted_model:
+            if model is None:
+                raise MissingKeyError(f"no encrypted model registered for key id {key_id!r}; the model owner must "
+                                      "encrypt the model under this clinic's public key and upload it")
+            executor = Executor(self.plan, backend, weights=model.with_backend(backend))
+        else:
+            executor = Executor(self.plan, backend, cache=self._plain_cache)
+            executor.prepare()
+        with self._lock:
+            self._executors[key_id] = executor
+        return executor
+
+    def _executor(self, key_id: str):
         with self._lock:
             executor = self._executors.get(key_id)
         if executor is not None:
             return executor
-        stored = self.key_dir / f"{key_id}.keys" if self.key_dir and _KEY_ID.match(key_id) else None
-        if stored is not None and stored.is_file():
-            self.register_keys(stored.read_bytes())
-            return self._executors[key_id]
-        raise MissingKeyError(f"no evaluation keys registered under key id {key_id!r}; register them first")
+        if key_id not in self._backends and (stored := self._stored(key_id, KEYS_SUFFIX)) is not None:
+            self.register_keys(stored)
+        if self.encrypted_model and key_id not in self._models \
+                and (stored := self._stored(key_id, MODEL_SUFFIX)) is not None:
+            self.register_encrypted_model(stored)
+        return self._executors.get(key_id) or self._build_executor(key_id)
 
     @property
     def key_ids(self) -> list[str]:
-        known = set(self._executors)
+        known = set(self._backends)
         if self.key_dir:
-            known |= {p.stem for p in self.key_dir.glob("*.keys")}
+            known |= {p.name[: -len(KEYS_SUFFIX)] for p in self.key_dir.glob(f"*{KEYS_SUFFIX}")}
         return sorted(known)
 
     # --- evaluation ---------------------------------------------------------------------------
@@ -111,6 +207,8 @@ class Server:
                                  extra={"count": msg.extra.get("count", self.plan.batch_size)}, **self._ids)
 
     def evaluate(self, message: bytes, *, timings: dict | None = None) -> bytes:
+        if isinstance(self.plan, BatchPlan):
+            raise ConfigError("this server was built from a BatchPlan; send batches to evaluate_batch")
         key_id = wire.peek_key_id(message)
         executor = self._executor(key_id)
         msg = wire.decode(message, expect_kind="ciphertext", key_id=key_id, **self._ids)

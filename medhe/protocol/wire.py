@@ -2,8 +2,8 @@
 
     b"MEDHE" | format version (u16, big endian) | header length (u32) | header JSON | payload
 
-The header names the message kind, the plan digest, the CKKS parameter digest, the key id, and
-the payload's length and sha256. `decode` checks all of it (and size limits) before anything
+The header names the message kind, the client spec's digest (which commits to the model's weights
+without holding them), the CKKS parameter digest, the key id, and the payload's length and sha256. `decode` checks all of it (and size limits) before anything
 touches the payload; a peer's malformed message becomes one InvalidMessage. No pickle anywhere.
 """
 
@@ -17,19 +17,22 @@ from dataclasses import dataclass
 from medhe.errors import InvalidMessage
 
 MAGIC = b"MEDHE"
-FORMAT_VERSION = 1
-KINDS = ("evaluation_keys", "ciphertext", "result", "secret_key", "batch_ciphertext", "batch_result")
+FORMAT_VERSION = 2  # 2: messages name the client spec (spec_digest), not the server plan
+KINDS = ("evaluation_keys", "ciphertext", "result", "secret_key", "batch_ciphertext", "batch_result",
+         "public_key", "encrypted_model")
 MAX_HEADER_BYTES = 64 * 1024
 # A fresh ciphertext at N=16384 is about 2 MB; Galois keys for a plan can reach about 1 GB.
+# An encrypted model holds one ciphertext per weight operand (about 1 GB for the default models).
 MAX_PAYLOAD_BYTES = {"ciphertext": 64 * 2**20, "result": 64 * 2**20, "evaluation_keys": 4 * 2**30,
-                     "secret_key": 64 * 2**20, "batch_ciphertext": 4 * 2**30, "batch_result": 256 * 2**20}
+                     "secret_key": 64 * 2**20, "batch_ciphertext": 4 * 2**30, "batch_result": 256 * 2**20,
+                     "public_key": 64 * 2**20, "encrypted_model": 4 * 2**30}
 _PREFIX = struct.Struct(">5sHI")
 
 
 @dataclass(frozen=True)
 class Message:
     kind: str
-    plan_digest: str
+    spec_digest: str
     params_digest: str
     key_id: str
     payload: bytes
@@ -47,12 +50,12 @@ class Message:
         return out
 
 
-def encode(kind: str, payload: bytes, *, plan_digest: str, params_digest: str, key_id: str,
+def encode(kind: str, payload: bytes, *, spec_digest: str, params_digest: str, key_id: str,
            extra: dict | None = None) -> bytes:
     if kind not in KINDS:
         raise ValueError(f"unknown message kind {kind!r}")
     header = {
-        "kind": kind, "plan_digest": plan_digest, "params_digest": params_digest, "key_id": key_id,
+        "kind": kind, "spec_digest": spec_digest, "params_digest": params_digest, "key_id": key_id,
         "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
         "extra": extra or {},
     }
@@ -66,7 +69,7 @@ def encode_parts(kind: str, parts: list[bytes], *, extra: dict | None = None, **
     return encode(kind, b"".join(parts), extra=extra, **ids)
 
 
-def decode(data: bytes, *, expect_kind: str, plan_digest: str, params_digest: str,
+def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: str,
            key_id: str | None = None) -> Message:
     """Parse and validate a message. Raises InvalidMessage saying what was expected."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -96,15 +99,15 @@ def decode(data: bytes, *, expect_kind: str, plan_digest: str, params_digest: st
         raise InvalidMessage(f"{kind} payload of {len(payload)} bytes exceeds the limit of {MAX_PAYLOAD_BYTES[kind]}")
     if header.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
         raise InvalidMessage(f"{kind} payload does not match its checksum (corrupted in transit)")
-    if header.get("plan_digest") != plan_digest:
-        raise InvalidMessage(f"{kind} message was made for plan {str(header.get('plan_digest'))[:12]}, "
-                             f"this is plan {plan_digest[:12]}; compile the same model on both sides")
+    if header.get("spec_digest") != spec_digest:
+        raise InvalidMessage(f"{kind} message was made for model spec {str(header.get('spec_digest'))[:12]}, "
+                             f"this is spec {spec_digest[:12]}; both sides must use the same compiled model")
     if header.get("params_digest") != params_digest:
         raise InvalidMessage(f"{kind} message was made for other CKKS parameters")
     if key_id is not None and header.get("key_id") != key_id:
         raise InvalidMessage(f"{kind} message is for key id {header.get('key_id')!r}, expected {key_id!r}")
     extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
-    return Message(kind, plan_digest, params_digest, str(header.get("key_id")), payload, extra)
+    return Message(kind, spec_digest, params_digest, str(header.get("key_id")), payload, extra)
 
 
 def peek_key_id(data: bytes) -> str:

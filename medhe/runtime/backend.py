@@ -1,7 +1,8 @@
 """The small interface the executor needs from an FHE library.
 
-Server-side backends hold public material only (relinearisation and Galois keys); encryption
-and decryption live on the client side (`ClientBackend`)."""
+Server-side backends hold public material only (relinearisation and Galois keys, and for the
+model owner a public key to encrypt weights with); decryption lives on the client side
+(`ClientBackend`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,13 @@ class Backend(Protocol):
 
     def add_plain(self, a: Any, pt: Any) -> Any: ...
     def multiply_plain(self, a: Any, pt: Any) -> Any: ...
+    def multiply(self, a: Any, b: Any) -> Any:
+        """Ciphertext x ciphertext, NOT relinearised (three components): sums of such products
+        share one relinearisation."""
+
+    def relinearize(self, a: Any) -> Any:
+        """Back to two components (a no-op on two-component ciphertexts)."""
+
     def square(self, a: Any) -> Any:
         """Square and relinearise (no rescale)."""
 
@@ -40,6 +48,15 @@ class Backend(Protocol):
     def deserialize(self, data: bytes) -> Any: ...
 
 
+class PublicKeyEncryptor(Protocol):
+    """Encrypts under someone else's public key (the model owner encrypting weights)."""
+
+    def encrypt_public(self, values: np.ndarray, like: Any, scale: float) -> Any:
+        """A ciphertext of `values` at the level of `like`, with the given scale."""
+
+
 class ClientBackend(Backend, Protocol):
     def encrypt(self, values: np.ndarray) -> Any: ...
     def decrypt(self, ct: Any) -> np.ndarray: ...
+    def public_key(self) -> bytes:
+        """The serialized public key (for a model owner to encrypt weights under)."""

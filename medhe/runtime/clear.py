@@ -19,6 +19,7 @@ class ClearCiphertext:
     values: np.ndarray
     level: int  # index of the last prime still in the chain (0: only the result prime left)
     scale: float
+    size: int = 2  # components: 3 after a ciphertext product until relinearised
 
 
 @dataclass
@@ -29,9 +30,10 @@ class ClearPlaintext:
 
 
 class ClearBackend:
-    """Also a client backend: encrypt/decrypt just wrap/unwrap the vector."""
+    """Also a client backend and a public-key encryptor: encrypt/decrypt just wrap/unwrap the
+    vector. Levels, scales and ciphertext sizes are checked as SEAL would check them."""
 
-    def __init__(self, params: CKKSParams) -> None:
+    def __init__(self, params: CKKSParams, public_key: bytes | None = None) -> None:
         self.params = params
         self.slot_count = params.slot_count
         # Nominal primes: the real ones are within a fraction of a percent of 2**bits.
@@ -46,6 +48,15 @@ class ClearBackend:
 
     def decrypt(self, ct: ClearCiphertext) -> np.ndarray:
         return ct.values.copy()
+
+    def public_key(self) -> bytes:
+        return b""
+
+    def encrypt_public(self, values: np.ndarray, like: ClearCiphertext, scale: float) -> ClearCiphertext:
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (self.slot_count,):
+            raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
+        return ClearCiphertext(values.copy(), like.level, float(scale))
 
     def encode(self, values: np.ndarray, like: ClearCiphertext, scale: float) -> ClearPlaintext:
         return ClearPlaintext(np.asarray(values, dtype=np.float64), like.level, scale)
@@ -73,35 +84,52 @@ class ClearBackend:
 
     def add(self, a, b):
         self._same_level(a, b, "add")
-        return ClearCiphertext(a.values + b.values, a.level, a.scale)
+        return ClearCiphertext(a.values + b.values, a.level, a.scale, max(a.size, b.size))
 
     def add_inplace(self, a, b):
         self._same_level(a, b, "add")
         a.values = a.values + b.values
+        a.size = max(a.size, b.size)
         return a
 
     def add_plain(self, a, pt):
         self._same_level(a, pt, "add_plain")
-        return ClearCiphertext(a.values + pt.values, a.level, a.scale)
+        return ClearCiphertext(a.values + pt.values, a.level, a.scale, a.size)
 
     def multiply_plain(self, a, pt):
         if a.level != pt.level:
             raise BackendError(f"multiply_plain: ciphertext at level {a.level}, plaintext at {pt.level}")
-        return ClearCiphertext(a.values * pt.values, a.level, a.scale * pt.scale)
+        return ClearCiphertext(a.values * pt.values, a.level, a.scale * pt.scale, a.size)
+
+    def multiply(self, a, b):
+        if a.level != b.level:
+            raise BackendError(f"multiply: ciphertexts at levels {a.level} and {b.level}")
+        if a.size != 2 or b.size != 2:
+            raise BackendError("multiply: relinearise the operands first")
+        return ClearCiphertext(a.values * b.values, a.level, a.scale * b.scale, 3)
+
+    def relinearize(self, a):
+        return ClearCiphertext(a.values, a.level, a.scale, 2)
 
     def square(self, a):
+        if a.size != 2:
+            raise BackendError("square: relinearise the operand first")
         return ClearCiphertext(a.values * a.values, a.level, a.scale * a.scale)
 
     def rescale(self, a):
         if a.level == 0:
             raise BackendError("rescale: no levels left (the plan is deeper than the parameters)")
-        return ClearCiphertext(a.values, a.level - 1, a.scale / self._primes[a.level])
+        return ClearCiphertext(a.values, a.level - 1, a.scale / self._primes[a.level], a.size)
 
     def rotate(self, a, steps: int):
+        if a.size != 2:
+            raise BackendError("rotate: the ciphertext has 3 components; relinearise it first")
         self.rotations += 1
         return ClearCiphertext(np.roll(a.values, -int(steps)), a.level, a.scale)
 
     def serialize(self, ct: ClearCiphertext) -> bytes:
+        if ct.size != 2:
+            raise BackendError("serialize: relinearise the ciphertext first")
         return _MAGIC + struct.pack("<id", ct.level, ct.scale) + ct.values.astype("<f8").tobytes()
 
     def deserialize(self, data: bytes) -> ClearCiphertext:

@@ -1,57 +1,156 @@
-"""Runs a plan's instructions on any backend. Plaintexts are encoded once per plan and level and
-cached, since the scales at every step are the same for every image."""
+"""Runs a latency-mode plan's instructions on any backend, with the weights either in clear
+(encoded as plaintexts once per level and scale, and cached) or encrypted (ciphertexts from the
+model owner, prepared at the level and scale where each is consumed).
+
+The levels and scales at every step are the same for every image, so `operand_schedule` can walk
+the plan ahead of time: the server encodes its plaintexts with it and the model owner encrypts
+the weights at exactly the level and scale the server will meet them.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
+from medhe.errors import InvalidMessage, PlanError
+from medhe.plan import Plan
 
-from medhe.compiler.plan import Plan
-from medhe.errors import PlanError
+
+def operand_schedule(plan: Plan, backend) -> Iterator[tuple[tuple[int, str], Any, float]]:
+    """(operand key (instruction index, name), a level stub to encode at, scale) for every weight
+    operand of the plan, in evaluation order, without a ciphertext."""
+    level, scale = plan.depth, 2.0 ** plan.params.input_scale_bits
+    target = 2.0 ** plan.params.log_scale_bits
+    pending_divisor = None
+    for index, ins in enumerate(plan.instructions):
+        if pending_divisor is not None and ins.multiplies:
+            level, scale, pending_divisor = level - 1, scale / pending_divisor, None
+        like = backend.level_stub(level, scale)
+        divisor = backend.rescale_divisor(like)
+        operands, scale, rescales = ins.operand_scales(scale, divisor, target)
+        for name, operand_scale in operands:
+            yield (index, name), like, operand_scale
+        if rescales:
+            pending_divisor = divisor
+
+
+class PlainWeights:
+    """Weights in clear, encoded on first use (or by `prepare`) and cached per level and scale;
+    the cache depends on the parameters only, so a server shares it between key sets."""
+
+    encrypted = False
+
+    def __init__(self, plan: Plan, backend, cache: dict | None = None) -> None:
+        if not plan.has_weights:
+            raise PlanError("this plan holds no weights; evaluate it with an encrypted model")
+        self.plan, self.backend = plan, backend
+        self._cache: dict[tuple, Any] = {} if cache is None else cache
+
+    def get(self, key: tuple[int, str], like, scale: float):
+        full_key = key + (self.backend.levels_left(like), round(scale))
+        pt = self._cache.get(full_key)
+        if pt is None:
+            index, name = key
+            pt = self.backend.encode(self.plan.instructions[index].operand(name), like, scale)
+            self._cache[full_key] = pt
+        return pt
+
+    def multiply(self, ct, weight):
+        return self.backend.multiply_plain(ct, weight)
+
+    def add(self, ct, weight):
+        return self.backend.add_plain(ct, weight)
+
+    def relinearize(self, ct):
+        return ct  # a plaintext product has two components already
+
+    def prepare(self) -> int:
+        before = len(self._cache)
+        for key, like, scale in operand_schedule(self.plan, self.backend):
+            self.get(key, like, scale)
+        return len(self._cache) - before
+
+
+class EncryptedWeights:
+    """Weights as ciphertexts under the clinic's key: products are ciphertext x ciphertext, summed
+    while they have three components and relinearised once per giant step."""
+
+    encrypted = True
+
+    def __init__(self, operands: dict[tuple[int, str], Any], backend) -> None:
+        self._operands, self.backend = operands, backend
+
+    def with_backend(self, backend) -> "EncryptedWeights":
+        """The same ciphertexts, evaluated with another backend (one holding a clinic's keys)."""
+        return EncryptedWeights(self._operands, backend)
+
+    @property
+    def count(self) -> int:
+        return len(self._operands)
+
+    def get(self, key: tuple[int, str], like, scale: float):
+        ct = self._operands.get(key)
+        if ct is None:
+            raise InvalidMessage(f"the encrypted model lacks operand {key[1]} of instruction {key[0]}")
+        be = self.backend
+        if be.levels_left(ct) != be.levels_left(like) or abs(be.scale(ct) / scale - 1) > 1e-9:
+            raise InvalidMessage(f"encrypted operand {key[1]} of instruction {key[0]} is at level "
+                                 f"{be.levels_left(ct)} and scale 2^{be.scale(ct):.3e}; the plan needs level "
+                                 f"{be.levels_left(like)} and scale {scale:.6e}")
+        return ct
+
+    def multiply(self, ct, weight):
+        return self.backend.multiply(ct, weight)
+
+    def add(self, ct, weight):
+        return self.backend.add(ct, weight)
+
+    def relinearize(self, ct):
+        return self.backend.relinearize(ct)
+
+    def prepare(self) -> int:
+        return 0
 
 
 class Executor:
-    def __init__(self, plan: Plan, backend, *, cache: dict | None = None) -> None:
+    def __init__(self, plan: Plan, backend, *, cache: dict | None = None, weights=None) -> None:
         if backend.slot_count != plan.params.slot_count:
             raise PlanError(f"backend has {backend.slot_count} slots, the plan needs {plan.params.slot_count}")
         self.plan = plan
         self.backend = backend
-        self._cache: dict[tuple, Any] = {} if cache is None else cache
+        self.weights = weights if weights is not None else PlainWeights(plan, backend, cache)
         self._target_scale = 2.0 ** plan.params.log_scale_bits
 
-    def _plain(self, key: tuple, values: np.ndarray, like, scale: float):
-        full_key = key + (self.backend.levels_left(like), round(scale))
-        pt = self._cache.get(full_key)
-        if pt is None:
-            pt = self.backend.encode(values, like, scale)
-            self._cache[full_key] = pt
-        return pt
+    def prepare(self) -> int:
+        """Encode every plaintext of the plan ahead of the first request. Returns how many."""
+        return self.weights.prepare()
 
-    def _linear(self, index: int, ins, x):
-        be = self.backend
-        # Encode weights at q * target / scale(x): after the rescale by q the result is back at the
-        # base scale exactly, whether x was fresh (scale ~ base) or squared (scale ~ base^2).
-        weight_scale = be.rescale_divisor(x) * self._target_scale / be.scale(x)
+    # --- one method per instruction kind ----------------------------------------------------------
+    def _run_linear(self, index: int, ins, x):
+        be, weights = self.backend, self.weights
+        operand_scales, _, _ = ins.operand_scales(be.scale(x), be.rescale_divisor(x), self._target_scale)
+        scales = dict(operand_scales)
         rotated = {b: (x if b == 0 else be.rotate(x, b)) for b in ins.babies}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
-            pt = self._plain(("d", index, p), ins.diagonals[p], x, weight_scale)
-            term = be.multiply_plain(rotated[b], pt)  # a fresh ciphertext: safe to add into in place
+            term = weights.multiply(rotated[b], weights.get((index, f"d{p}"), x, scales[f"d{p}"]))
             if g in per_giant:
-                be.add_inplace(per_giant[g], term)
+                be.add_inplace(per_giant[g], term)  # terms are fresh: safe to add into in place
             else:
                 per_giant[g] = term
-        acc = None
+        # Encrypted weights leave three-component products: each giant's sum is relinearised once
+        # before its rotation; the unrotated sum (giant 0) takes the rest and is relinearised last.
+        acc = per_giant.pop(0, None)
         for g, partial in per_giant.items():
-            moved = partial if g == 0 else be.rotate(partial, g)
+            moved = be.rotate(weights.relinearize(partial), g)
             acc = moved if acc is None else be.add_inplace(acc, moved)
-        if ins.bias is not None:
-            acc = be.add_plain(acc, self._plain(("b", index), ins.bias, acc, be.scale(acc)))
+        if 0 in {g for g, _ in ins.pairs}:
+            acc = weights.relinearize(acc)
+        if ins.has_bias:
+            acc = weights.add(acc, weights.get((index, "bias"), x, scales["bias"]))
         return acc  # rescaled later, by run(): rotations until then see less relative noise
 
-    def _rotsum(self, ins, x):
+    def _run_rotsum(self, index: int, ins, x):
         be = self.backend
         for stage in ins.stages:
             terms = [be.rotate(x, offset) for offset in stage if offset != 0]
@@ -65,32 +164,11 @@ class Executor:
             x = total
         return x
 
-    def prepare(self) -> int:
-        """Encode every plaintext of the plan ahead of the first request, walking the plan's
-        levels and scales without a ciphertext (they are the same for every image). Returns the
-        number of plaintexts encoded."""
-        be = self.backend
-        before = len(self._cache)
-        level, scale = self.plan.depth, 2.0 ** self.plan.params.input_scale_bits
-        pending_divisor = None
-        for index, ins in enumerate(self.plan.instructions):
-            if pending_divisor is not None and ins.kind in ("linear", "square"):
-                level, scale, pending_divisor = level - 1, scale / pending_divisor, None
-            like = be.level_stub(level, scale)
-            if ins.kind == "linear":
-                divisor = be.rescale_divisor(like)
-                weight_scale = divisor * self._target_scale / scale
-                for p in range(len(ins.pairs)):
-                    self._plain(("d", index, p), ins.diagonals[p], like, weight_scale)
-                scale *= weight_scale
-                if ins.bias is not None:
-                    self._plain(("b", index), ins.bias, like, scale)
-                pending_divisor = divisor
-            elif ins.kind == "square":
-                scale = scale * scale
-            elif ins.kind == "add_plain":
-                self._plain(("a", index), ins.vector, like, scale)
-        return len(self._cache) - before
+    def _run_square(self, index: int, ins, x):
+        return self.backend.square(x)  # no rescale: the next linear layer rescales for both
+
+    def _run_add_plain(self, index: int, ins, x):
+        return self.weights.add(x, self.weights.get((index, "vector"), x, self.backend.scale(x)))
 
     def run(self, ct, *, trace: list | None = None, timings: dict | None = None):
         """Evaluate the plan on an input ciphertext. With `trace`, each instruction's output is
@@ -103,19 +181,13 @@ class Executor:
             # A linear layer's rescale waits until the next multiplication: pooling and reduce
             # rotations in between then act at the larger scale, where key-switching noise is
             # relatively 2^30 smaller.
-            if pending_rescale and ins.kind in ("linear", "square"):
+            if pending_rescale and ins.multiplies:
                 x, pending_rescale = be.rescale(x), False
-            if ins.kind == "linear":
-                x = self._linear(index, ins, x)
-                pending_rescale = True
-            elif ins.kind == "rotsum":
-                x = self._rotsum(ins, x)
-            elif ins.kind == "square":
-                x = be.square(x)  # no rescale: the next linear layer rescales for both
-            elif ins.kind == "add_plain":
-                x = be.add_plain(x, self._plain(("a", index), ins.vector, x, be.scale(x)))
-            else:
-                raise PlanError(f"unknown instruction {ins.kind}")
+            step = getattr(self, f"_run_{ins.kind}", None)
+            if step is None:
+                raise PlanError(f"this executor cannot run instruction kind {ins.kind!r}")
+            x = step(index, ins, x)
+            pending_rescale = pending_rescale or bool(ins.level_cost)
             if timings is not None:
                 timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
             if trace is not None:

@@ -1,6 +1,7 @@
 """Microsoft SEAL CKKS through TenSEAL's low-level `sealapi`. All cryptography happens in SEAL.
 
-`SEALServerBackend` is built from public material only (relinearisation and Galois keys);
+`SEALServerBackend` is built from public material only (relinearisation and Galois keys, and
+for the model owner a public key to encrypt weights under);
 `SEALClientBackend` owns the secret key and never writes it out except through
 `export_secret_key()`. Nothing here pickles: SEAL's own binary format is the only encoding.
 """
@@ -81,7 +82,7 @@ class SEALServerBackend(_SEALWire):
     """Evaluation with public material only."""
 
     def __init__(self, params: CKKSParams, relin_keys: bytes | None = None, galois_keys: bytes | None = None,
-                 *, context=None) -> None:
+                 *, context=None, public_key: bytes | None = None) -> None:
         # The context is public (parameters only) and can be shared by many key sets.
         self.params = params
         self.context = context or make_context(params)
@@ -90,6 +91,9 @@ class SEALServerBackend(_SEALWire):
         self.slot_count = self.encoder.slot_count()
         self.relin_keys = _load(seal.RelinKeys(), self.context, relin_keys, "relinearization keys") if relin_keys else None
         self.galois_keys = _load(seal.GaloisKeys(), self.context, galois_keys, "Galois keys") if galois_keys else None
+        self.encryptor = None
+        if public_key:
+            self.encryptor = seal.Encryptor(self.context, _load(seal.PublicKey(), self.context, public_key, "public key"))
         self.rotations = 0
 
     # --- encoding and bookkeeping -----------------------------------------------------------
@@ -148,12 +152,47 @@ class SEALServerBackend(_SEALWire):
     def multiply_plain(self, a, pt):
         return self._run("multiply_plain", self.evaluator.multiply_plain, a, pt)
 
+    def multiply(self, a, b):
+        return self._run("multiply", self.evaluator.multiply, a, b)
+
+    def relinearize(self, a):
+        if a.size() <= 2:
+            return a
+        if self.relin_keys is None:
+            raise MissingKeyError("relinearization needs relinearization keys; register the client's evaluation keys")
+        self._call("relinearize", self.evaluator.relinearize_inplace, a, self.relin_keys)
+        return a
+
     def square(self, a):
         if self.relin_keys is None:
             raise MissingKeyError("squaring needs relinearization keys; register the client's evaluation keys")
         out = self._run("square", self.evaluator.square, a)
         self.evaluator.relinearize_inplace(out, self.relin_keys)
         return out
+
+    def encrypt_public(self, values: np.ndarray, like, scale: float):
+        """Encrypt under the public key this backend was given, at `like`'s level.
+
+        Public-key encryption noise (u*e + s*e' in SEAL) is about 2^15 in the slots at N=16384,
+        so a weight encrypted at a 2^30 scale would carry a 2^-15 error. Where the chain has a
+        level above `like`, the weight is encrypted there at scale * q and rescaled by q: the
+        rescale divides that noise by q and leaves only its own rounding noise (about 2^11)."""
+        if self.encryptor is None:
+            raise MissingKeyError("encrypting weights needs the clinic's public key")
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (self.slot_count,):
+            raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
+        level = self.levels_left(like)
+        top = self.context.first_context_data().chain_index()
+        above = self.level_stub(level + 1, scale) if level < top else None
+        divisor = self.rescale_divisor(above) if above is not None else 1.0
+        pt = self.encode(values, above or like, scale * divisor)
+        ct = seal.Ciphertext()
+        self._call("encrypt", self.encryptor.encrypt, pt, ct)
+        if above is not None:
+            self._call("rescale", self.evaluator.rescale_to_next_inplace, ct)
+            ct.scale = float(scale)  # (scale * q) / q, without the last bit of rounding
+        return ct
 
     def rescale(self, a):
         return self._run("rescale", self.evaluator.rescale_to_next, a)
@@ -166,7 +205,6 @@ class SEALServerBackend(_SEALWire):
             return self._run(f"rotation by {steps}", self.evaluator.rotate_vector, a, int(steps), self.galois_keys)
         except BackendError as exc:
             raise MissingKeyError(f"no Galois key for rotation step {steps}; the keys do not match the plan") from exc
-
 
 
 class SEALClientBackend(_SEALWire):
@@ -182,9 +220,9 @@ class SEALClientBackend(_SEALWire):
         else:
             self._keygen = seal.KeyGenerator(self.context)
         self._secret_key = self._keygen.secret_key()
-        public_key = seal.PublicKey()
-        self._keygen.create_public_key(public_key)
-        self.encryptor = seal.Encryptor(self.context, public_key)
+        self._public_key = seal.PublicKey()
+        self._keygen.create_public_key(self._public_key)
+        self.encryptor = seal.Encryptor(self.context, self._public_key)
         self.decryptor = seal.Decryptor(self.context, self._secret_key)
 
     def __repr__(self) -> str:
@@ -201,6 +239,10 @@ class SEALClientBackend(_SEALWire):
             self._keygen.create_galois_keys(elements, galois)
             galois_bytes = _save(galois)
         return _save(relin), galois_bytes
+
+    def public_key(self) -> bytes:
+        """The serialized public key: anyone may encrypt under it, only this client decrypts."""
+        return _save(self._public_key)
 
     def export_secret_key(self) -> bytes:
         """The secret key, serialized. Only this explicit call ever writes it out."""

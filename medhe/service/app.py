@@ -2,9 +2,10 @@
 versioned wire messages the CLI writes to files, so nothing is unpickled and every message is
 validated (version, plan hash, key id, checksum, size) before use.
 
-    POST /v1/keys      evaluation keys message  -> {"key_id": ...}
-    POST /v1/diagnose  ciphertext message       -> result message (application/octet-stream)
-    GET  /v1/plan      public plan facts (digest, parameters, input shape, classes, preprocessing)
+    GET  /v1/model            the model card: the public client spec (no weight) and its digest
+    POST /v1/keys             evaluation keys message   -> {"key_id": ...}
+    POST /v1/encrypted-model  encrypted model message   -> {"key_id": ...} (encrypted-model mode)
+    POST /v1/diagnose         ciphertext message        -> result message (application/octet-stream)
     GET  /health
 """
 
@@ -12,8 +13,8 @@ from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request, Response
 
-from medhe.compiler.plan import Plan
-from medhe.errors import InvalidMessage, MedHEError, MissingKeyError
+from medhe.errors import ConfigError, InvalidMessage, MedHEError, MissingKeyError
+from medhe.plan import ClientSpec, Plan
 from medhe.protocol import wire
 from medhe.protocol.server import Server
 
@@ -34,28 +35,41 @@ async def _read_body(request: Request, kind: str) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(plan: Plan, *, backend: str = "seal", key_dir=None) -> FastAPI:
-    server = Server(plan, backend=backend, key_dir=key_dir)
-    app = FastAPI(title="medhe diagnosis server", version="1")
+def create_app(plan: Plan, *, backend: str = "seal", key_dir=None, encrypted_model: bool = False,
+               encrypted_models: tuple[bytes, ...] = ()) -> FastAPI:
+    """The app for one model: `plan` is the server plan (plain-weight mode) or the plan without
+    weights (encrypted-model mode, with `encrypted_models` registered at start)."""
+    server = Server(plan, backend=backend, key_dir=key_dir, encrypted_model=encrypted_model)
+    for message in encrypted_models:
+        server.register_encrypted_model(message)
+    card = server.spec.card()
+    app = FastAPI(title="medhe diagnosis server", version="2")
     app.state.server = server
 
     @app.get("/health")
     def health() -> dict:
-        return {"status": "ok", "plan_digest": plan.digest()}
+        return {"status": "ok", "spec_digest": card["spec_digest"]}
 
-    @app.get("/v1/plan")
-    def plan_info() -> dict:
-        return {"plan_digest": plan.digest(), "params_digest": plan.params.digest(),
-                "wire_format_version": wire.FORMAT_VERSION, "params": plan.params.to_dict(),
-                "input_shape": list(plan.input_shape), "class_names": plan.class_names,
-                "preprocessing": plan.preprocessing, "model_digest": plan.model_digest,
-                "rotation_steps": plan.rotation_steps()}
+    @app.get("/v1/model")
+    def model_card() -> dict:
+        return {**card, "wire_format_version": wire.FORMAT_VERSION,
+                "weights": "encrypted" if encrypted_model else "plain"}
 
     @app.post("/v1/keys")
     async def register_keys(request: Request) -> dict:
         body = await _read_body(request, "evaluation_keys")
         try:
             return {"key_id": server.register_keys(body)}
+        except InvalidMessage as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @app.post("/v1/encrypted-model")
+    async def register_encrypted_model(request: Request) -> dict:
+        body = await _read_body(request, "encrypted_model")
+        try:
+            return {"key_id": server.register_encrypted_model(body)}
+        except ConfigError as exc:
+            raise HTTPException(409, str(exc)) from None
         except InvalidMessage as exc:
             raise HTTPException(400, str(exc)) from None
 
@@ -84,8 +98,16 @@ class HTTPServerClient:
 
         self._http = httpx.Client(base_url=base_url, timeout=timeout_s, transport=transport)
 
-    def plan_info(self) -> dict:
-        return self._checked(self._http.get("/v1/plan")).json()
+    def model_card(self) -> dict:
+        return self._checked(self._http.get("/v1/model")).json()
+
+    def client_spec(self) -> ClientSpec:
+        """The server's public client spec, checked against its own digest."""
+        return ClientSpec.from_dict(self.model_card())
+
+    def register_encrypted_model(self, message: bytes) -> str:
+        return self._checked(self._http.post("/v1/encrypted-model", content=message,
+                                             headers={"content-type": OCTET})).json()["key_id"]
 
     def register_keys(self, message: bytes) -> str:
         return self._checked(self._http.post("/v1/keys", content=message,

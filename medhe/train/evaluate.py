@@ -58,7 +58,7 @@ def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, li
     inputs = card.preprocessing.apply_batch(images_gray01[:count])
     reference = predict_logits(model, inputs).astype(np.float64)
     plan = compile_batch(model_dir)
-    client, server = Client(plan, backend=backend), Server(plan, backend=backend)
+    client, server = Client(plan.client_spec(), backend=backend), Server(plan, backend=backend)
     server.register_keys(client.evaluation_keys())
     logits, server_s, upload = [], 0.0, 0
     for start in range(0, count, plan.batch_size):
@@ -85,10 +85,11 @@ def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, li
 
 
 def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: int | None = None,
-                       backend: str = "seal", progress: bool = True) -> dict:
+                       backend: str = "seal", progress: bool = True, encrypted_model: bool = False) -> dict:
     """The plaintext report's fields measured on encrypted inference (client -> bytes -> server ->
     bytes -> client at 128-bit security), plus agreement with the plaintext model on the same
-    images, the largest logit error and the server latency."""
+    images, the largest logit error and the server latency. With `encrypted_model`, the model
+    owner encrypts the weights under the client's public key and the server computes with those."""
     from medhe.compiler import compile_model
     from medhe.protocol.local import LocalSession, summarize
 
@@ -103,7 +104,7 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
     inputs = card.preprocessing.apply_batch(images_gray01[:count])
     reference = predict_logits(model, inputs).astype(np.float64)
     plan = compile_model(model_dir)
-    session = LocalSession(plan, backend=backend)
+    session = LocalSession(plan, backend=backend, encrypted_model=encrypted_model)
     results = session.diagnose_many(inputs, progress=progress)
     logits = np.stack([r.logits for r in results])
     report = binary_report(labels[:count], softmax_positive(logits))
@@ -111,6 +112,7 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
     report.update({
         "encrypted": True,
         "mode": "latency",
+        "weights": "encrypted" if encrypted_model else "plain",
         "backend": backend,
         "agreement": summary["agreement"],
         "max_abs_logit_error": summary["max_abs_logit_error"],
@@ -121,6 +123,8 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
         "upload_bytes": summary["upload_bytes"],
         "eval_key_bytes": session.eval_key_bytes,
         "keygen_s": round(session.keygen_s, 3),
+        **({"encrypted_model_bytes": session.encrypted_model_bytes,
+            "model_encrypt_s": round(session.model_encrypt_s, 3)} if encrypted_model else {}),
         "plaintext_accuracy_same_images": summary["plaintext_accuracy_same_images"],
         "ckks": {**plan.params.to_dict(), "security_bits": plan.params.security_bits},
         "levels_before": plan.report["levels_before"],
@@ -195,17 +199,20 @@ def _load_eval_data(card: ModelCard, split: str, data_file) -> tuple[np.ndarray,
 
 def evaluate_split(model: str | Path, split: str | None = None, data_file: str | Path | None = None, *,
                    encrypted: bool = False, limit: int | None = None, backend: str = "seal",
-                   mode: str = "latency") -> dict:
+                   mode: str = "latency", encrypted_model: bool = False) -> dict:
     """evaluate_plaintext (or evaluate_encrypted) on a named split; the library side of `medhe evaluate`."""
     model_dir = resolve_model_dir(model)
     _, card = load_model(model_dir)
     if split is None:
         split = "val" if data_file is not None else (card.dataset or {}).get("report_split", "test")
     images, labels, info = _load_eval_data(card, split, data_file)
+    if encrypted_model and (not encrypted or mode != "latency"):
+        raise ConfigError("--encrypted-model goes with --encrypted in latency mode")
     if encrypted and mode == "throughput":
         report = evaluate_encrypted_batch(model_dir, images, labels, limit=limit, backend=backend)
     elif encrypted:
-        report = evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend)
+        report = evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend,
+                                    encrypted_model=encrypted_model)
     else:
         report = evaluate_plaintext(model_dir, images, labels)
     held_out, note = _held_out(card, split, info.get("data_file_sha256"))

@@ -60,7 +60,7 @@ def test_pool_dense_activation_on_seal_match_torch():
 def test_server_holds_no_secret_key_and_writes_none(tmp_path):
     seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(), nn.Flatten(), nn.Linear(2 * 64, 2)).double()
     plan = small_plan(seq, (1, 8, 8))
-    client = Client(plan, backend="seal")
+    client = Client(plan.client_spec(), backend="seal")
     keys = client.evaluation_keys()
     server = Server(plan, backend="seal", key_dir=tmp_path / "server")
     server.register_keys(keys)
@@ -107,9 +107,10 @@ def test_ciphertext_from_another_parameter_set_is_refused():
 
 
 def test_throughput_mode_on_seal_matches_torch():
-    from medhe.compiler.batch import BatchPlan, batch_steps
+    from medhe.compiler.batch import batch_steps
+    from medhe.plan import BatchPlan
     from medhe.compiler.passes import optimize
-    from medhe.compiler.plan import rescale_factors
+    from medhe.plan import rescale_factors
     from medhe.params import choose_params
     from tests.helpers import trace_torch
 
@@ -120,7 +121,7 @@ def test_throughput_mode_on_seal_matches_torch():
     plan = BatchPlan(choose_params(rescale_factors([s.kind for s in steps]), 1, poly_modulus_degree=SMALL_N,
                                    insecure_for_tests=True),
                      (1, 6, 6), steps, ["a", "b"], {"image_size": 6, "mean": 0.0, "std": 1.0}, "test")
-    client, server = Client(plan, backend="seal"), Server(plan, backend="seal")
+    client, server = Client(plan.client_spec(), backend="seal"), Server(plan, backend="seal")
     server.register_keys(client.evaluation_keys())
     x = np.random.randn(40, 1, 6, 6)
     logits = client.decrypt_batch(server.evaluate_batch(client.encrypt_batch(x)))
@@ -134,7 +135,7 @@ def test_every_layer_on_seal_matches_the_plaintext_oracle():
     """Per layer: decrypt the ciphertext after each op and compare it, slot by slot through the
     op's layout, with the optimised IR evaluated in plaintext."""
     from medhe.compiler.ir import run_ops
-    from medhe.compiler.layout import Layout
+    from medhe.plan import Layout
     from medhe.compiler.passes import optimize
     from medhe.runtime.executor import Executor
     from tests.helpers import pack, trace_torch

@@ -22,16 +22,22 @@ def medhe(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=600)
 
 
-def run_roles(tmp_path: Path, backend: str) -> tuple[dict, np.ndarray]:
+def run_roles(tmp_path: Path, backend: str, *, encrypted_model: bool = False) -> tuple[dict, np.ndarray]:
+    """Model owner compiles (and, with encrypted_model, encrypts under the clinic's public key);
+    the clinic sees only the client spec; the server gets the plan or the encrypted model."""
     image = (np.random.rand(40, 36) * 255).astype(np.uint8)
     Image.fromarray(image).save(tmp_path / "scan.png")
-    common = ["--model", "pneumoniamnist", "--backend", backend]
+    clinic = ["--spec", "plan/client_spec.json", "--backend", backend]
+    server = ["--encrypted-model", "enc"] if encrypted_model else ["--plan", "plan"]
     steps = [
-        ["keygen", *common, "--out", "keys"],
-        ["encrypt", "scan.png", *common, "--keys", "keys", "--out", "scan.ct"],
-        ["evaluate-ciphertext", *common, "--keys", "keys/evaluation.keys", "--in", "scan.ct",
+        ["compile", "--model", "pneumoniamnist", "--out", "plan"],
+        ["keygen", *clinic, "--out", "keys"],
+        *([["encrypt-model", "--plan", "plan", "--public-key", "keys/public.key", "--out", "enc"]]
+          if encrypted_model else []),
+        ["encrypt", "scan.png", *clinic, "--keys", "keys", "--out", "scan.ct"],
+        ["evaluate-ciphertext", *server, "--backend", backend, "--keys", "keys/evaluation.keys", "--in", "scan.ct",
          "--out", "scan.result", "--key-store", "server"],
-        ["decrypt", *common, "--keys", "keys", "--in", "scan.result"],
+        ["decrypt", *clinic, "--keys", "keys", "--in", "scan.result"],
     ]
     for step in steps:
         done = medhe(*step, cwd=tmp_path)
@@ -44,12 +50,16 @@ def run_roles(tmp_path: Path, backend: str) -> tuple[dict, np.ndarray]:
     return answer, expected
 
 
-def test_three_processes_with_files_between_them(tmp_path):
-    answer, expected = run_roles(tmp_path, "clear")
+@pytest.mark.parametrize("encrypted_model", [False, True], ids=["plain-weights", "encrypted-model"])
+def test_three_processes_with_files_between_them(tmp_path, encrypted_model):
+    answer, expected = run_roles(tmp_path, "clear", encrypted_model=encrypted_model)
     np.testing.assert_allclose(answer["logits"], expected, atol=1e-5)
     assert answer["label"] == load_model(resolve_model_dir("pneumoniamnist"))[1].class_names[int(np.argmax(expected))]
     assert (tmp_path / "keys" / "secret.key").stat().st_mode & 0o077 == 0, "secret key must be private"
     assert list((tmp_path / "server").glob("*.keys")), "the server keeps the registered keys"
+    if encrypted_model:
+        assert list((tmp_path / "server").glob("*.model")), "the server keeps the encrypted model"
+        assert not (tmp_path / "enc" / "arrays.npz").exists(), "the encrypted model directory holds no clear weights"
 
 
 def test_cli_reports_a_corrupted_ciphertext_clearly(tmp_path):
@@ -57,7 +67,7 @@ def test_cli_reports_a_corrupted_ciphertext_clearly(tmp_path):
     data = bytearray((tmp_path / "scan.ct").read_bytes())
     data[-1] ^= 0xFF
     (tmp_path / "bad.ct").write_bytes(bytes(data))
-    done = medhe("evaluate-ciphertext", "--model", "pneumoniamnist", "--backend", "clear", "--keys",
+    done = medhe("evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys",
                  "keys/evaluation.keys", "--in", "bad.ct", "--out", "bad.result", cwd=tmp_path)
     assert done.returncode == 2
     assert "checksum" in done.stderr and "Traceback" not in done.stderr

@@ -12,7 +12,7 @@ from torch import nn
 
 from medhe.compiler import Plan
 from medhe.compiler.ir import run_ops
-from medhe.compiler.layout import Layout
+from medhe.plan import Layout
 from medhe.compiler.passes import (absorb_activation, absorb_pooling, fold_batchnorm, merge_linear,
                                    naive_levels, optimize, optimized_levels)
 from medhe.errors import InsecureParametersError, PlanError, UnsupportedLayerError

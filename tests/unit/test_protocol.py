@@ -32,7 +32,7 @@ def plan(model):
 
 @pytest.fixture
 def parties(plan, tmp_path):
-    client = Client(plan, backend="clear")
+    client = Client(plan.client_spec(), backend="clear")
     server = Server(plan, backend="clear", key_dir=tmp_path / "keys")
     server.register_keys(client.evaluation_keys())
     return client, server
@@ -45,13 +45,13 @@ def test_round_trip_matches_plaintext(model, parties):
     logits = client.decrypt_logits(server.evaluate(client.encrypt_image(image)))
     np.testing.assert_allclose(logits, torch_out(model, x), atol=1e-9)
     label, probs = client.diagnosis(logits)
-    assert label == client.plan.class_names[int(np.argmax(logits))] and abs(probs.sum() - 1) < 1e-12
+    assert label == client.spec.class_names[int(np.argmax(logits))] and abs(probs.sum() - 1) < 1e-12
 
 
 def test_secret_key_export_is_explicit_and_round_trips(plan, parties):
     client, server = parties
     result = server.evaluate(client.encrypt_image(np.random.rand(SIZE, SIZE)))
-    restored = Client.from_secret_key(plan, client.export_secret_key())
+    restored = Client.from_secret_key(plan.client_spec(), client.export_secret_key())
     assert restored.key_id == client.key_id
     np.testing.assert_array_equal(restored.decrypt_logits(result), client.decrypt_logits(result))
     assert "secret" not in repr(client).lower() or "held" in repr(client).lower()
@@ -74,7 +74,7 @@ def test_wire_negatives_each_raise_a_clear_error(plan, parties):
         "truncated": (good[:-10], "truncated"),
         "not a message": (b"hello world, not medhe", "not a medhe message"),
         "wrong version": (good[:5] + struct.pack(">H", 99) + good[7:], "version 99"),
-        "wrong plan hash": (_tamper_header(good, plan_digest="0" * 64), "plan"),
+        "wrong spec hash": (_tamper_header(good, spec_digest="0" * 64), "spec"),
         "wrong params": (_tamper_header(good, params_digest="0" * 64), "parameters"),
         "wrong kind": (_tamper_header(good, kind="result"), "expected a ciphertext"),
         "corrupted payload": (good[:-1] + bytes([good[-1] ^ 1]), "checksum"),
@@ -91,14 +91,14 @@ def test_wire_negatives_each_raise_a_clear_error(plan, parties):
 
 def test_ciphertext_from_another_key_set_is_refused(plan, parties):
     _, server = parties
-    stranger = Client(plan, backend="clear")
+    stranger = Client(plan.client_spec(), backend="clear")
     with pytest.raises(MissingKeyError, match=stranger.key_id):
         server.evaluate(stranger.encrypt_image(np.random.rand(SIZE, SIZE)))
 
 
 def test_result_for_another_client_is_refused(plan, parties):
     client, server = parties
-    other = Client(plan, backend="clear")
+    other = Client(plan.client_spec(), backend="clear")
     server.register_keys(other.evaluation_keys())
     result = server.evaluate(other.encrypt_image(np.random.rand(SIZE, SIZE)))
     with pytest.raises(InvalidMessage, match="key id"):
@@ -107,7 +107,7 @@ def test_result_for_another_client_is_refused(plan, parties):
 
 def test_oversized_payload_is_refused(plan):
     limit = wire.MAX_PAYLOAD_BYTES["ciphertext"]
-    ids = {"plan_digest": plan.digest(), "params_digest": plan.params.digest()}
+    ids = {"spec_digest": plan.client_spec().digest(), "params_digest": plan.params.digest()}
     big = wire.encode("ciphertext", b"\0" * (limit + 1), key_id="0123456789abcdef", **ids)
     with pytest.raises(InvalidMessage, match="exceeds"):
         wire.decode(big, expect_kind="ciphertext", **ids)
@@ -133,14 +133,15 @@ def test_bad_inputs_name_what_was_expected(plan, parties):
 def test_evaluation_keys_for_another_plan_are_refused(model, parties):
     client, _ = parties
     other_plan = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double(), (1, SIZE, SIZE))
-    with pytest.raises(InvalidMessage, match="plan"):
+    with pytest.raises(InvalidMessage, match="spec"):
         Server(other_plan, backend="clear").register_keys(client.evaluation_keys())
 
 
 def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
-    from medhe.compiler.batch import BatchPlan, batch_steps
+    from medhe.compiler.batch import batch_steps
+    from medhe.plan import BatchPlan
     from medhe.compiler.passes import optimize
-    from medhe.compiler.plan import rescale_factors
+    from medhe.plan import rescale_factors
     from medhe.params import choose_params
     from tests.helpers import trace_torch
 
@@ -148,7 +149,7 @@ def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
     assert [s.kind for s in steps] == ["linear", "square", "linear"]
     plan = BatchPlan(choose_params(rescale_factors([s.kind for s in steps]), 1), (1, SIZE, SIZE), steps, ["a", "b"],
                      {"image_size": SIZE, "mean": 0.0, "std": 1.0}, "test")
-    client, server = Client(plan, backend="clear"), Server(plan, backend="clear")
+    client, server = Client(plan.client_spec(), backend="clear"), Server(plan, backend="clear")
     assert plan.rotation_steps() == []  # no Galois keys needed at all
     server.register_keys(client.evaluation_keys())
     x = np.random.randn(37, 1, SIZE, SIZE)

@@ -24,8 +24,9 @@ def setup(tmp_path):
 
 def test_http_round_trip_and_errors(setup):
     seq, plan, app, http = setup
-    assert http.plan_info()["plan_digest"] == plan.digest()
-    client = Client(plan, backend="clear")
+    assert http.client_spec() == plan.client_spec()
+    assert http.model_card()["model_commitment"] == plan.digest()
+    client = Client(plan.client_spec(), backend="clear")
     assert http.register_keys(client.evaluation_keys()) == client.key_id
     image = np.random.rand(6, 6)
     logits = client.decrypt_logits(http.evaluate(client.encrypt_image(image)))
@@ -34,7 +35,7 @@ def test_http_round_trip_and_errors(setup):
     with pytest.raises(InvalidMessage, match="400"):
         http.evaluate(b"garbage")
     with pytest.raises(MissingKeyError):
-        http.evaluate(Client(plan, backend="clear").encrypt_image(image))
+        http.evaluate(Client(plan.client_spec(), backend="clear").encrypt_image(image))
     # Still serving, keys intact.
     assert client.decrypt_logits(http.evaluate(client.encrypt_image(image))).shape == (2,)
 

@@ -1,0 +1,183 @@
+"""The server plan (latency mode): slot-level instructions with their weights, layouts and CKKS
+parameters. Saved as JSON plus an npz of arrays (never pickle) and hashed.
+
+Two digests:
+- `digest()` covers everything, weights included. It is the commitment the public client spec
+  carries: the clinic can name the model without holding it.
+- `structure_digest()` covers everything but the weights (instruction kinds, rotation pairs,
+  layouts, parameters). A plan saved `without_weights()` (the public architecture an
+  encrypted-model server runs) can check only this one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medhe.errors import PlanError
+from medhe.params import CKKSParams
+from medhe.plan.client_spec import ClientSpec
+from medhe.plan.instructions import Instruction, instruction_from_entry, rescale_factors
+from medhe.plan.layout import Layout
+
+PLAN_FORMAT = "medhe-plan"
+PLAN_FORMAT_VERSION = 2
+PLAN_JSON = "plan.json"
+PLAN_ARRAYS = "arrays.npz"
+
+
+@dataclass
+class Plan:
+    params: CKKSParams
+    input_shape: tuple[int, ...]
+    input_layout: Layout
+    output_layout: Layout
+    instructions: list[Instruction]
+    class_names: list[str]
+    preprocessing: dict
+    model_digest: str
+    report: dict = field(default_factory=dict)
+    # Set on a plan loaded without weights: the full plan's digest, as recorded when it was saved.
+    _recorded_digest: str | None = field(default=None, repr=False)
+
+    @property
+    def has_weights(self) -> bool:
+        return all(ins.has_weights for ins in self.instructions)
+
+    @property
+    def depth(self) -> int:
+        """Rescales, i.e. levels a fresh input ciphertext must have."""
+        return sum(i.level_cost for i in self.instructions)
+
+    @property
+    def multiplicative_depth(self) -> int:
+        return sum(i.multiplications for i in self.instructions)
+
+    def rescale_factors(self) -> list[int]:
+        return rescale_factors(self.instructions)
+
+    def rotation_steps(self) -> list[int]:
+        steps: set[int] = set()
+        for instruction in self.instructions:
+            steps |= instruction.steps
+        return sorted(steps)
+
+    def rotation_count(self) -> int:
+        return sum(i.rotations for i in self.instructions)
+
+    def weight_operand_count(self) -> int:
+        return sum(len(i.operand_names()) for i in self.instructions)
+
+    # --- the two halves ---------------------------------------------------------------------------
+    def client_spec(self) -> ClientSpec:
+        """The public half: all a clinic needs, no weight in any encoding."""
+        summary = {key: self.report[key] for key in ("levels_before", "levels_after", "rescales", "rotations",
+                                                     "rotation_keys", "security_bits") if key in self.report}
+        return ClientSpec("latency", self.params, tuple(self.input_shape), tuple(self.class_names),
+                          self.preprocessing, self.digest(), tuple(self.rotation_steps()),
+                          self.input_layout, self.output_layout, summary)
+
+    def without_weights(self) -> "Plan":
+        """The same plan with every weight operand dropped (what an encrypted-model server holds)."""
+        stripped = Plan(self.params, self.input_shape, self.input_layout, self.output_layout,
+                        [i.without_weights() for i in self.instructions], self.class_names, self.preprocessing,
+                        self.model_digest, dict(self.report), self.digest())
+        return stripped
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def _doc(self) -> dict:
+        return {
+            "format": PLAN_FORMAT, "format_version": PLAN_FORMAT_VERSION,
+            "params": self.params.to_dict(), "input_shape": list(self.input_shape),
+            "input_layout": self.input_layout.to_dict(), "output_layout": self.output_layout.to_dict(),
+            "instructions": [ins.entry() for ins in self.instructions], "class_names": self.class_names,
+            "preprocessing": self.preprocessing, "model_digest": self.model_digest,
+        }
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        return {f"i{index}_{name}": array for index, ins in enumerate(self.instructions)
+                for name, array in ins.arrays().items()}
+
+    def structure_digest(self) -> str:
+        return hashlib.sha256(json.dumps(self._doc(), sort_keys=True).encode()).hexdigest()
+
+    def digest(self) -> str:
+        """sha256 over everything that changes what the server computes, weights included."""
+        if self._recorded_digest is not None:
+            return self._recorded_digest
+        if getattr(self, "_digest", None) is None:
+            if not self.has_weights:
+                raise PlanError("a plan without weights has no digest of its own")
+            h = hashlib.sha256(json.dumps(self._doc(), sort_keys=True).encode())
+            arrays = self._arrays()
+            for key in sorted(arrays):
+                h.update(key.encode())
+                h.update(np.ascontiguousarray(arrays[key], dtype=np.float64).tobytes())
+            self._digest = h.hexdigest()
+        return self._digest
+
+    def save(self, directory: str | Path) -> Path:
+        """plan.json (+ arrays.npz when the plan holds weights)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        doc = self._doc()
+        doc["digest"] = self.digest()
+        doc["structure_digest"] = self.structure_digest()
+        doc["has_weights"] = self.has_weights
+        doc["report"] = self.report
+        if self.has_weights:
+            tmp = directory / (PLAN_ARRAYS + ".part.npz")
+            np.savez_compressed(tmp, **self._arrays())
+            os.replace(tmp, directory / PLAN_ARRAYS)
+        tmp = directory / (PLAN_JSON + ".part")
+        tmp.write_text(json.dumps(doc, indent=1))
+        os.replace(tmp, directory / PLAN_JSON)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, *, weights: bool = True) -> "Plan":
+        """Load a plan directory; with weights=False only plan.json is read (and a plan saved
+        without weights loads only this way)."""
+        directory = Path(directory)
+        try:
+            doc = json.loads((directory / PLAN_JSON).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"{directory} is not a readable medhe plan ({PLAN_JSON}): {exc}") from exc
+        if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT \
+                or doc.get("format_version") != PLAN_FORMAT_VERSION:
+            raise PlanError(f"{directory}: expected {PLAN_FORMAT} version {PLAN_FORMAT_VERSION}, got "
+                            f"{doc.get('format') if isinstance(doc, dict) else doc!r} version "
+                            f"{doc.get('format_version') if isinstance(doc, dict) else None!r}; recompile the model")
+        arrays = None
+        if weights:
+            if not doc.get("has_weights", False):
+                raise PlanError(f"{directory} holds a plan without weights (the public architecture); "
+                                "load it with weights=False or use the full plan from `medhe compile`")
+            try:
+                with np.load(directory / PLAN_ARRAYS, allow_pickle=False) as npz:
+                    arrays = {k: npz[k] for k in npz.files}
+            except (OSError, ValueError) as exc:
+                raise PlanError(f"{directory}: {PLAN_ARRAYS} is not readable: {exc}") from exc
+        try:
+            instructions = []
+            for index, entry in enumerate(doc["instructions"]):
+                prefix = f"i{index}_"
+                own = None if arrays is None else {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+                instructions.append(instruction_from_entry(entry, own))
+            plan = cls(CKKSParams.from_dict(doc["params"]), tuple(doc["input_shape"]),
+                       Layout.from_dict(doc["input_layout"]), Layout.from_dict(doc["output_layout"]),
+                       instructions, list(doc["class_names"]), doc["preprocessing"], doc["model_digest"],
+                       doc.get("report", {}), None if weights else str(doc["digest"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise PlanError(f"{directory}: malformed {PLAN_JSON}: {exc!r}") from exc
+        if plan.structure_digest() != doc.get("structure_digest"):
+            raise PlanError(f"{directory}: plan structure digest mismatch; the files were changed or corrupted")
+        if weights and plan.digest() != doc.get("digest"):
+            raise PlanError(f"{directory}: plan digest mismatch; the weights were changed or corrupted")
+        return plan
+
