@@ -61,3 +61,12 @@ def ckks_tolerance(plan, magnitude: float = 1.0) -> float:
     and key-switching noise), scaled by the size of the outputs."""
     p = plan.params
     return max(1, plan.multiplicative_depth) * np.sqrt(p.poly_modulus_degree) * 2.0 ** (-p.log_scale_bits + 10) * max(1.0, magnitude)
+
+
+def ckks_tolerance_encrypted_model(plan, magnitude: float = 1.0) -> float:
+    """ckks_tolerance plus the noise of weights that arrive encrypted: a public-key encryption
+    carries noise of about sigma * N (sigma = 3.2) in the slots, i.e. about 4 * N * 2^-scale_bits
+    relative to a weight encrypted at the base scale, once per multiplication."""
+    p = plan.params
+    encryption = max(1, plan.multiplicative_depth) * 4 * p.poly_modulus_degree * 2.0 ** (-p.log_scale_bits)
+    return ckks_tolerance(plan, magnitude) + encryption * max(1.0, magnitude)

@@ -7,7 +7,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from medhe.compiler.batch import BatchPlan
+from medhe.plan import BatchPlan
 from medhe.errors import PlanError
 
 

@@ -1,0 +1,169 @@
+"""Encrypted-model mode on the clear backend: the model owner encrypts every weight operand under
+the client's public key, the server computes ciphertext x ciphertext without the plan's weights.
+The clear backend checks levels, scales and ciphertext sizes (a three-component product must be
+relinearised before it is rotated) as SEAL would; tests/he repeats the arithmetic in SEAL."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from torch import nn
+
+from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
+from medhe.nn.layers import PolyAct
+from medhe.plan import Plan
+from medhe.protocol import wire
+from medhe.protocol.client import Client
+from medhe.protocol.owner import ModelOwner, load_encrypted_model, save_encrypted_model
+from medhe.protocol.server import Server
+from medhe.service.app import HTTPServerClient, create_app
+from tests.helpers import compile_torch, randomize_bn, torch_out
+
+SIZE = 8
+
+
+@pytest.fixture
+def model():
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(2), PolyAct(),
+                        nn.Flatten(), nn.Linear(2 * 16, 4), nn.BatchNorm1d(4), PolyAct(), nn.Linear(4, 2)).double()
+    return randomize_bn(seq)
+
+
+@pytest.fixture
+def plan(model):
+    return compile_torch(model, (1, SIZE, SIZE))
+
+
+@pytest.fixture
+def deployed(plan, tmp_path):
+    client = Client(plan.client_spec(), backend="clear")
+    server = Server(plan, backend="clear", key_dir=tmp_path / "store", encrypted_model=True)
+    server.register_keys(client.evaluation_keys())
+    encrypted = ModelOwner().encrypt_model(plan, client.public_key())
+    assert server.register_encrypted_model(encrypted) == client.key_id
+    return client, server, encrypted
+
+
+def test_encrypted_model_round_trip_matches_plaintext(model, plan, deployed):
+    client, server, _ = deployed
+    assert not server.plan.has_weights, "an encrypted-model server keeps no weight of the plan"
+    kinds = {ins.kind for ins in plan.instructions}
+    assert {"linear", "rotsum", "square", "add_plain"} <= kinds, "every instruction kind is exercised"
+    for _ in range(3):
+        image = np.random.rand(SIZE, SIZE)
+        logits = client.decrypt_logits(server.evaluate(client.encrypt_image(image)))
+        np.testing.assert_allclose(logits, torch_out(model, client.preprocess(image)), atol=1e-9)
+
+
+def test_weights_are_one_ciphertext_per_operand_at_their_level(plan, deployed):
+    _, _, encrypted = deployed
+    spec = plan.client_spec()
+    msg = wire.decode(encrypted, expect_kind="encrypted_model", spec_digest=spec.digest(),
+                      params_digest=spec.params.digest())
+    assert len(msg.extra["operands"]) == plan.weight_operand_count() == plan.report["weight_operands"]
+    assert msg.extra["structure_digest"] == plan.structure_digest()
+
+
+def test_encrypted_model_survives_a_restart(plan, deployed, tmp_path):
+    client, _, _ = deployed
+    restarted = Server(plan.without_weights(), backend="clear", key_dir=tmp_path / "store", encrypted_model=True)
+    result = restarted.evaluate(client.encrypt_input(np.random.rand(1, SIZE, SIZE)))
+    assert client.decrypt_logits(result).shape == (2,)
+
+
+def test_evaluation_before_the_model_arrives_is_refused(plan):
+    client = Client(plan.client_spec(), backend="clear")
+    server = Server(plan, backend="clear", encrypted_model=True)
+    server.register_keys(client.evaluation_keys())
+    with pytest.raises(MissingKeyError, match="no encrypted model"):
+        server.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))
+
+
+def test_another_clinics_model_is_not_used(plan, deployed):
+    _, server, _ = deployed
+    stranger = Client(plan.client_spec(), backend="clear")
+    server.register_keys(stranger.evaluation_keys())
+    with pytest.raises(MissingKeyError, match=stranger.key_id):
+        server.evaluate(stranger.encrypt_input(np.zeros((1, SIZE, SIZE))))
+
+
+def _reencode(message: bytes, plan, *, parts=None, **extra_changes) -> bytes:
+    spec = plan.client_spec()
+    ids = {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+    msg = wire.decode(message, expect_kind="encrypted_model", **ids)
+    labels = msg.extra["operands"]
+    payloads = parts(msg.parts(labels)) if parts else msg.parts(labels)
+    extra = {k: v for k, v in msg.extra.items() if k != "part_sizes"}
+    extra.update(extra_changes)
+    return wire.encode_parts("encrypted_model", payloads, key_id=msg.key_id, extra=extra, **ids)
+
+
+def test_malformed_encrypted_models_are_refused_and_change_nothing(plan, deployed):
+    client, server, encrypted = deployed
+    spec = plan.client_spec()
+    bad = {
+        "swapped operands (wrong level or scale)": (_reencode(encrypted, plan, parts=lambda p: [p[-1]] + p[1:-1] + [p[0]]),
+                                                    "level"),
+        "missing operand": (_reencode(encrypted, plan, operands=[]), "operands"),
+        "other architecture": (_reencode(encrypted, plan, structure_digest="0" * 64), "architecture"),
+        "other backend": (_reencode(encrypted, plan, backend="seal"), "backend"),
+        "truncated": (encrypted[:-7], "truncated"),
+        "not a model": (client.encrypt_input(np.zeros((1, SIZE, SIZE))), "expected a encrypted_model"),
+        "path-like key id": (wire.encode("encrypted_model", b"", key_id="../../etc", spec_digest=spec.digest(),
+                                         params_digest=spec.params.digest()), "key id"),
+    }
+    for name, (message, pattern) in bad.items():
+        with pytest.raises(InvalidMessage, match=pattern):
+            server.register_encrypted_model(message)
+    # The stored model still serves.
+    assert client.decrypt_logits(server.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))).shape == (2,)
+
+
+def test_owner_and_servers_refuse_the_wrong_inputs(model, plan):
+    client = Client(plan.client_spec(), backend="clear")
+    with pytest.raises(ConfigError, match="full server plan"):
+        ModelOwner().encrypt_model(plan.without_weights(), client.public_key())
+    other = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2)).double(), (1, SIZE, SIZE))
+    with pytest.raises(InvalidMessage, match="spec"):
+        ModelOwner().encrypt_model(other, client.public_key())
+    with pytest.raises(ConfigError, match="encrypted-model mode"):
+        Server(plan, backend="clear").register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key()))
+
+
+def test_encrypted_model_directory_holds_no_clear_weights(plan, deployed, tmp_path):
+    _, _, encrypted = deployed
+    directory = save_encrypted_model(tmp_path / "enc", plan, encrypted)
+    assert not (directory / "arrays.npz").exists()
+    loaded, message = load_encrypted_model(directory)
+    assert not loaded.has_weights and message == encrypted
+    assert loaded.structure_digest() == plan.structure_digest()
+    assert loaded.client_spec() == plan.client_spec(), "the clinic's spec is the same in both modes"
+    with pytest.raises(Exception, match="without weights"):
+        Plan.load(directory)
+
+
+def test_http_encrypted_model_round_trip(model, plan, tmp_path):
+    app = create_app(plan.without_weights(), backend="clear", key_dir=tmp_path / "store", encrypted_model=True)
+    http = HTTPServerClient("http://testserver", transport=TestClient(app)._transport)
+    spec = http.client_spec()
+    assert spec == plan.client_spec() and http.model_card()["weights"] == "encrypted"
+    client = Client(spec, backend="clear")
+    http.register_keys(client.evaluation_keys())
+    with pytest.raises(MissingKeyError, match="no encrypted model"):
+        http.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))
+    assert http.register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key())) == client.key_id
+    with pytest.raises(InvalidMessage, match="400"):
+        http.register_encrypted_model(b"garbage")
+    image = np.random.rand(SIZE, SIZE)
+    logits = client.decrypt_logits(http.evaluate(client.encrypt_image(image)))
+    np.testing.assert_allclose(logits, torch_out(model, client.preprocess(image)), atol=1e-9)
+
+
+def test_plain_server_refuses_an_encrypted_model_upload_over_http(plan):
+    app = create_app(plan, backend="clear")
+    client = Client(plan.client_spec(), backend="clear")
+    with TestClient(app) as tc:
+        response = tc.post("/v1/encrypted-model", content=ModelOwner().encrypt_model(plan, client.public_key()),
+                           headers={"content-type": "application/octet-stream"})
+    assert response.status_code == 409
