@@ -12,10 +12,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import eval_images, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
+from common import held_out_inputs, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
 
 TARGET_SERVER_S = 1.0
 TARGET_CLIENT_S = 0.1
@@ -23,24 +21,17 @@ TARGET_UPLOAD_CIPHERTEXTS = 2
 
 
 def run(dataset: str, limit: int, data_file: str | None) -> dict:
-    import torch
-
     from medhe.compiler import compile_model, format_report
-    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.nn.modeldir import resolve_model_dir
     from medhe.protocol.local import LocalSession, summarize
 
-    model_dir = resolve_model_dir(dataset)
-    model, card = load_model(model_dir)
-    images, labels, source = eval_images(dataset, card.arch.image_size, data_file)
-    inputs = card.preprocessing.apply_batch(images[:limit])
-    with torch.no_grad():
-        reference = model(torch.tensor(inputs)).double().numpy()
-    plan = compile_model(model_dir)
+    inputs, labels, reference, source = held_out_inputs(dataset, limit, data_file)
+    plan = compile_model(resolve_model_dir(dataset))
     print(f"\n== {dataset}: {source}, {limit} images ==")
     print(format_report(plan.report))
     session = LocalSession(plan)
     results = session.diagnose_many(inputs)
-    row = summarize(results, reference, labels[:limit])
+    row = summarize(results, reference, labels)
     row.update({
         "dataset": dataset, "eval_source": source,
         "client_encrypt_plus_decrypt_s": row["client_encrypt_median_s"] + row["client_decrypt_median_s"],

@@ -35,6 +35,22 @@ def eval_images(dataset: str, image_size: int, data_file: str | None = None) -> 
     return gray, labels, f"{Path(path).name} val"
 
 
+def held_out_inputs(dataset: str, limit: int, data_file: str | None = None, *, spread: bool = False):
+    """(model inputs, labels, plaintext logits, source) for `limit` held-out images of a shipped
+    model: the first ones, or with `spread` a deterministic spread over the whole split."""
+    import torch
+
+    from medhe.nn.io import load_model, resolve_model_dir
+
+    model, card = load_model(resolve_model_dir(dataset))
+    images, labels, source = eval_images(dataset, card.arch.image_size, data_file)
+    pick = np.linspace(0, len(images) - 1, limit).round().astype(int) if spread else np.arange(min(limit, len(images)))
+    inputs = card.preprocessing.apply_batch(images[pick])
+    with torch.no_grad():
+        reference = model(torch.tensor(inputs)).double().numpy()
+    return inputs, np.asarray(labels)[pick], reference, source
+
+
 def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

@@ -94,6 +94,7 @@ def choose_params(
     poly_modulus_degree: int | None = None,
     insecure_for_tests: bool = False,
     input_extra_bits: int = 0,
+    first_weight_extra_bits: int = 0,
 ) -> CKKSParams:
     """Smallest N whose 128-bit modulus budget holds the plan's rescales and `min_slots` slots.
 
@@ -105,7 +106,10 @@ def choose_params(
     2**integer_bits keep full precision; the special prime is at least the largest data prime.
     Without an explicit scale, the largest one that fits (at most 40 bits) is used. With
     `input_extra_bits`, fresh ciphertexts are encrypted that many bits above the base scale (the
-    first prime grows to match), which keeps rotation noise on the input small.
+    first prime grows to match), which keeps rotation noise on the input small. With
+    `first_weight_extra_bits`, the first rescale's prime grows by that much more (at most 60
+    bits): the first layer's weights are then encoded that many bits above the base scale, where
+    the noise of an encrypted weight (encrypted-model mode) is relatively that much smaller.
     """
     factors = [1] * rescales if isinstance(rescales, int) else [int(f) for f in rescales]
     if not factors or min(factors) < 1:
@@ -120,6 +124,8 @@ def choose_params(
     def chain(scale: int) -> tuple[int, ...]:
         primes = [f * scale for f in factors]
         primes[0] = primes[0] - scale + input_bits(scale)
+        if factors[0] == 1:
+            primes[0] = min(MAX_PRIME_BITS, primes[0] + first_weight_extra_bits)
         result = min(MAX_PRIME_BITS, scale + integer_bits)
         special = max(primes + [result])
         # SEAL drops primes from the end of the data list first: the first rescale's prime is last.

@@ -13,7 +13,7 @@ from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
 from medhe.compiler.trace import trace_model_dir
 from medhe.errors import PlanError
-from medhe.params import MAX_LOG_Q_128, CKKSParams, choose_params
+from medhe.params import MAX_LOG_Q_128, MAX_PRIME_BITS, CKKSParams, choose_params
 from medhe.plan import Plan, rescale_factors
 
 
@@ -53,6 +53,12 @@ def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict)
 # key-switching noise 2^15 times smaller relative to the image (all later rotations already act
 # on ciphertexts at twice the base scale, before a rescale).
 INPUT_EXTRA_BITS = 15
+# The first rescale's prime is this much larger again (60 bits at most): the first layer's weights
+# are then encoded at 2^(30+15) instead of 2^30. Free in time (a prime is one machine word either
+# way) and 15 bits of the 128-bit budget; it matters in encrypted-model mode, where the first
+# layer's weights carry fresh public-key encryption noise (about 2^16 in the slots) that no
+# rescale can shrink, since no level lies above theirs.
+FIRST_WEIGHT_EXTRA_BITS = 15
 
 
 def check_params_fit(params: CKKSParams, factors: list[int], depth: int) -> None:
@@ -67,7 +73,9 @@ def check_params_fit(params: CKKSParams, factors: list[int], depth: int) -> None
     data_primes = list(reversed(params.coeff_modulus_bits[1:-1]))[: len(factors)]
     expected = [f * params.log_scale_bits for f in factors]
     expected[0] += params.input_scale_bits - params.log_scale_bits
-    if any(abs(got - want) > 2 for got, want in zip(data_primes, expected)):
+    # The first prime may be larger (its weights are then encoded above the base scale).
+    first_ok = expected[0] - 2 <= data_primes[0] <= MAX_PRIME_BITS if factors[0] == 1 else True
+    if not first_ok or any(abs(got - want) > 2 for got, want in list(zip(data_primes, expected))[1:]):
         raise PlanError(f"the primes {data_primes} do not fit the plan's rescales (expected about {expected} bits "
                         f"for a {params.log_scale_bits}-bit scale); let medhe choose the parameters")
 
@@ -100,6 +108,7 @@ def compile_ops(
         factors = rescale_factors(instructions)
         if params is None:
             params = choose_params(factors, n, log_scale_bits=log_scale_bits, input_extra_bits=INPUT_EXTRA_BITS,
+                                   first_weight_extra_bits=FIRST_WEIGHT_EXTRA_BITS,
                                    poly_modulus_degree=poly_modulus_degree, insecure_for_tests=insecure_for_tests)
         if params.slot_count == n:
             break

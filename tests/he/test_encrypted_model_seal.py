@@ -5,27 +5,17 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from torch import nn
 
-from medhe.nn.layers import PolyAct
-from medhe.plan import Layout
 from medhe.protocol import wire
 from medhe.protocol.client import Client
 from medhe.protocol.owner import ModelOwner, save_encrypted_model
 from medhe.protocol.server import Server
 from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend, seal
-from tests.helpers import SMALL_N, ckks_tolerance_encrypted_model, compile_torch, pack, randomize_bn, torch_out
+from tests.helpers import SMALL_N, ckks_tolerance_encrypted_model, compile_torch, pack, torch_out, two_block_model
 from tests.leakage import LeakSearch, torch_secrets
 
 pytestmark = pytest.mark.he
 SHAPE = (1, 16, 16)
-
-
-def two_block_model() -> nn.Sequential:
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
-    return randomize_bn(seq)
 
 
 @pytest.fixture(scope="module")
@@ -59,32 +49,21 @@ def test_encrypted_model_matches_plaintext_and_plain_weight_mode(deployment):
 
 
 def test_every_layer_with_encrypted_weights_matches_the_oracle(deployment):
-    from medhe.compiler.ir import run_ops
-    from medhe.compiler.passes import optimize
-    from medhe.runtime.executor import Executor
-    from tests.helpers import trace_torch
+    from medhe.runtime.executor import EncryptedWeights, Executor, operand_schedule
+    from tests.helpers import assert_layers_match_oracle
 
     seq, plan, _, _, _, _, _ = deployment
     client = SEALClientBackend(plan.params)
     relin, galois = client.evaluation_keys(plan.rotation_steps())
     backend = SEALServerBackend(plan.params, relin, galois or None)
-    from medhe.protocol.client import Client as _  # noqa: F401  (the owner encrypts under a raw public key here)
-    from medhe.runtime.executor import EncryptedWeights, operand_schedule
-
-    owner_backend = SEALServerBackend(plan.params, public_key=client.public_key())
-    operands = {key: owner_backend.encrypt_public(plan.instructions[key[0]].operand(key[1]), like, scale)
-                for key, like, scale in operand_schedule(plan, owner_backend)}
+    owner = SEALServerBackend(plan.params, public_key=client.public_key())
+    operands = {key: owner.encrypt_public(plan.instructions[key[0]].operand(key[1]), like, scale)
+                for key, like, scale in operand_schedule(plan, owner)}
     x = np.random.randn(*SHAPE)
-    _, intermediates = run_ops(optimize(trace_torch(seq, SHAPE)), x[None], collect=True)
     trace = []
     executor = Executor(plan.without_weights(), backend, weights=EncryptedWeights(operands, backend))
     executor.run(client.encrypt(pack(plan, x)), trace=trace)
-    n = plan.params.slot_count
-    for point in plan.report["checkpoints"]:
-        expected = intermediates[point["op"]][0].reshape(-1)
-        got = client.decrypt(trace[point["instruction"]])[Layout.from_dict(point["layout"]).slots(n)]
-        np.testing.assert_allclose(got, expected, atol=ckks_tolerance_encrypted_model(plan, np.abs(expected).max()),
-                                   err_msg=f"op {point['op']}")
+    assert_layers_match_oracle(seq, plan, x, trace, client.decrypt, ckks_tolerance_encrypted_model)
 
 
 def test_server_side_holds_no_weight_and_no_secret_key(deployment, tmp_path):

@@ -13,7 +13,7 @@ from medhe.nn.layers import PolyAct
 from medhe.protocol.client import Client
 from medhe.protocol.server import Server
 from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend, seal
-from tests.helpers import SMALL_N, ckks_tolerance, compile_torch, randomize_bn, run_plan, torch_out
+from tests.helpers import SMALL_N, ckks_tolerance, compile_torch, randomize_bn, run_plan, torch_out, two_block_model
 
 pytestmark = pytest.mark.he
 
@@ -23,14 +23,6 @@ def seal_run(plan, x):
     relin, galois = client.evaluation_keys(plan.rotation_steps())
     server = SEALServerBackend(plan.params, relin, galois or None)
     return run_plan(plan, server, client, x)
-
-
-def two_block_model() -> nn.Sequential:
-    """A 16x16 two-block network with every layer kind the default model has."""
-    seq = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
-                        nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
-    return randomize_bn(seq)
 
 
 def small_plan(seq, shape):
@@ -134,23 +126,14 @@ def test_throughput_mode_on_seal_matches_torch():
 def test_every_layer_on_seal_matches_the_plaintext_oracle():
     """Per layer: decrypt the ciphertext after each op and compare it, slot by slot through the
     op's layout, with the optimised IR evaluated in plaintext."""
-    from medhe.compiler.ir import run_ops
-    from medhe.plan import Layout
-    from medhe.compiler.passes import optimize
     from medhe.runtime.executor import Executor
-    from tests.helpers import pack, trace_torch
+    from tests.helpers import assert_layers_match_oracle, pack
 
     seq = two_block_model()
     x = np.random.randn(1, 16, 16)
     plan = small_plan(seq, (1, 16, 16))
-    _, intermediates = run_ops(optimize(trace_torch(seq, (1, 16, 16))), x[None], collect=True)
     client = SEALClientBackend(plan.params)
     relin, galois = client.evaluation_keys(plan.rotation_steps())
     trace = []
     Executor(plan, SEALServerBackend(plan.params, relin, galois or None)).run(client.encrypt(pack(plan, x)), trace=trace)
-    n = plan.params.slot_count
-    for point in plan.report["checkpoints"]:
-        expected = intermediates[point["op"]][0].reshape(-1)
-        got = client.decrypt(trace[point["instruction"]])[Layout.from_dict(point["layout"]).slots(n)]
-        np.testing.assert_allclose(got, expected, atol=ckks_tolerance(plan, np.abs(expected).max()),
-                                   err_msg=f"op {point['op']}")
+    assert_layers_match_oracle(seq, plan, x, trace, client.decrypt)

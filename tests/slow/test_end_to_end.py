@@ -10,7 +10,7 @@ import torch
 from medhe.compiler import compile_model
 from medhe.nn.io import load_model, resolve_model_dir
 from medhe.protocol.local import LocalSession, summarize
-from tests.helpers import ckks_tolerance
+from tests.helpers import ckks_tolerance, ckks_tolerance_encrypted_model
 
 pytestmark = pytest.mark.slow
 IMAGES_PER_DATASET = 100
@@ -28,7 +28,9 @@ def held_out(dataset: str, card, pneumoniamnist_path):
 
 
 @pytest.mark.parametrize("dataset", ["br35h", "pneumoniamnist"])
-def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_line):
+def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_line, tmp_path):
+    """Both deployments on the same held-out images: weights in clear on the server, and weights
+    encrypted by the model owner under the clinic's public key (encrypted-model mode)."""
     npz = request.getfixturevalue("pneumoniamnist_npz") if dataset == "pneumoniamnist" else None
     model_dir = resolve_model_dir(dataset)
     model, card = load_model(model_dir)
@@ -41,23 +43,36 @@ def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_li
 
     plan = compile_model(model_dir)
     assert plan.params.security_bits == 128 and not plan.params.insecure_for_tests
-    session = LocalSession(plan)
-    results = session.diagnose_many(inputs, progress=False)
-    summary = summarize(results, reference, labels[pick])
-    tolerance = ckks_tolerance(plan, np.abs(reference).max())
-    report_line(f"{dataset}: {IMAGES_PER_DATASET} held-out images at 128-bit security: agreement "
-                f"{summary['agreement']:.3f}, max |logit error| {summary['max_abs_logit_error']:.2e} "
-                f"(tolerance {tolerance:.2e}), encrypted accuracy {summary['encrypted_accuracy']:.3f} "
-                f"(plaintext {summary['plaintext_accuracy_same_images']:.3f}), server "
-                f"{summary['server_latency_median_s']:.3f} s median")
-    assert summary["agreement"] == 1.0
-    assert summary["max_abs_logit_error"] <= tolerance
+    for encrypted_model, tolerance_of in ((False, ckks_tolerance), (True, ckks_tolerance_encrypted_model)):
+        session = LocalSession(plan, encrypted_model=encrypted_model)
+        results = session.diagnose_many(inputs, progress=False)
+        summary = summarize(results, reference, labels[pick])
+        tolerance = tolerance_of(plan, np.abs(reference).max())
+        mode = "encrypted model" if encrypted_model else "plain weights"
+        report_line(f"{dataset} ({mode}): {IMAGES_PER_DATASET} held-out images at 128-bit security: agreement "
+                    f"{summary['agreement']:.3f}, max |logit error| {summary['max_abs_logit_error']:.2e} "
+                    f"(tolerance {tolerance:.2e}), encrypted accuracy {summary['encrypted_accuracy']:.3f} "
+                    f"(plaintext {summary['plaintext_accuracy_same_images']:.3f}), server "
+                    f"{summary['server_latency_median_s']:.3f} s median")
+        assert summary["agreement"] == 1.0, mode
+        assert summary["max_abs_logit_error"] <= tolerance, mode
+        if encrypted_model:
+            # The real encrypted model (about 180 MB of ciphertexts) holds no weight in clear.
+            from medhe.protocol.owner import ModelOwner, save_encrypted_model
+            from tests.leakage import LeakSearch, model_dir_secrets
+
+            message = ModelOwner().encrypt_model(plan, session.client.public_key())
+            directory = save_encrypted_model(tmp_path / "enc", plan, message)
+            assert LeakSearch(model_dir_secrets(model_dir, plan)).find_in_files(directory) == {}
+        del session
 
 
-def test_cli_roles_with_real_keys(tmp_path):
+@pytest.mark.parametrize("encrypted_model", [False, True], ids=["plain-weights", "encrypted-model"])
+def test_cli_roles_with_real_keys(tmp_path, encrypted_model):
     from tests.unit.test_cli_roles import run_roles
 
-    answer, expected = run_roles(tmp_path, "seal")
+    answer, expected = run_roles(tmp_path, "seal", encrypted_model=encrypted_model)
     plan = compile_model(resolve_model_dir("pneumoniamnist"))
-    np.testing.assert_allclose(answer["logits"], expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
+    tolerance = (ckks_tolerance_encrypted_model if encrypted_model else ckks_tolerance)(plan, np.abs(expected).max())
+    np.testing.assert_allclose(answer["logits"], expected, atol=tolerance)
     assert int(np.argmax(answer["logits"])) == int(np.argmax(expected))
