@@ -57,21 +57,24 @@ def torch_out(seq: nn.Sequential, x: np.ndarray) -> np.ndarray:
 
 
 def ckks_tolerance(plan, magnitude: float = 1.0) -> float:
-    """Error budget from the CKKS scale: each multiplication adds rounding and key-switching noise
-    of about sqrt(N) * 2^-scale_bits relative to the values, times a safety factor of 2^5 for
-    weight growth, scaled by the size of the outputs. Tight enough that a 10x loss of precision
-    fails the slow tier (measured errors sit 5-10x below it at 128-bit parameters)."""
+    """Error budget from the CKKS parameters, per multiplication: the rescale's rounding noise,
+    about N * 2^-scale_bits in absolute terms (r0 + r1*s with a ternary s, at its maximum over the
+    slots), plus key-switching and encoding noise of about sqrt(N) * 2^-scale_bits relative to
+    the values, times 2^4 for weight growth. Tight enough that a 10x loss of precision fails the
+    slow tier (its measured errors sit 5-8x below this at 128-bit parameters)."""
     p = plan.params
-    return max(1, plan.multiplicative_depth) * np.sqrt(p.poly_modulus_degree) * 2.0 ** (-p.log_scale_bits + 5) * max(1.0, magnitude)
+    n, scale = p.poly_modulus_degree, 2.0 ** p.log_scale_bits
+    per_multiplication = n / scale + np.sqrt(n) * 2.0 ** 4 / scale * max(1.0, magnitude)
+    return max(1, plan.multiplicative_depth) * per_multiplication
 
 
 def ckks_tolerance_encrypted_model(plan, magnitude: float = 1.0) -> float:
     """ckks_tolerance plus the noise of weights that arrive encrypted under a public key: about
-    3.2 * N in the slots (u*e + s*e'), 2^4 * N for its maximum over the slots and the fan-in,
+    3.2 * N in the slots (u*e + s*e'), 2^3 * N for its maximum over the slots and the fan-in,
     relative to a weight at the base scale, once per multiplication. (Rescaling a weight from the
     level above leaves rounding noise of about the same size, so the bound holds for both.)"""
     p = plan.params
-    encryption = max(1, plan.multiplicative_depth) * 2.0 ** 4 * p.poly_modulus_degree * 2.0 ** (-p.log_scale_bits)
+    encryption = max(1, plan.multiplicative_depth) * 2.0 ** 3 * p.poly_modulus_degree * 2.0 ** (-p.log_scale_bits)
     return ckks_tolerance(plan, magnitude) + encryption * max(1.0, magnitude)
 
 

@@ -167,3 +167,40 @@ def test_plain_server_refuses_an_encrypted_model_upload_over_http(plan):
         response = tc.post("/v1/encrypted-model", content=ModelOwner().encrypt_model(plan, client.public_key()),
                            headers={"content-type": "application/octet-stream"})
     assert response.status_code == 409
+
+
+def test_a_new_instruction_kind_is_one_class_and_one_executor_method(plan, tmp_path):
+    """Serialisation, digests, levels, operands and scheduling come from the class; the executor
+    needs one `_run_<kind>` method. (Registered only for this test.)"""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from medhe.plan.instructions import INSTRUCTION_KINDS, Instruction, register
+    from medhe.runtime.clear import ClearBackend
+    from medhe.runtime.executor import Executor
+
+    @register
+    @dataclass
+    class Negate(Instruction):
+        kind: ClassVar[str] = "negate_for_test"
+
+    class NegatingExecutor(Executor):
+        def _run_negate_for_test(self, index, ins, x):
+            return self.backend.multiply_plain(x, self.backend.encode(-np.ones(self.backend.slot_count), x, 1.0))
+
+    try:
+        plan.instructions.append(Negate("negate"))
+        plan._digest = None
+        plan.save(tmp_path / "plan")
+        loaded = Plan.load(tmp_path / "plan")
+        assert loaded.instructions[-1].kind == "negate_for_test" and loaded.digest() == plan.digest()
+        backend = ClearBackend(plan.params)
+        x = np.random.rand(plan.params.slot_count)
+        plain = Executor(plan, backend)
+        plan.instructions.pop()
+        reference = backend.decrypt(plain.run(backend.encrypt(x)))
+        plan.instructions.append(Negate("negate"))
+        negated = backend.decrypt(NegatingExecutor(plan, backend).run(backend.encrypt(x)))
+        np.testing.assert_allclose(negated, -reference, atol=1e-12)
+    finally:
+        INSTRUCTION_KINDS.pop("negate_for_test", None)
