@@ -53,7 +53,7 @@ def main(argv=None) -> int:
           f"{plan.report['squares']:,} squares per batch, no rotations")
 
     t0 = time.perf_counter()
-    client = Client(plan)
+    client = Client(plan.client_spec())
     keys = client.evaluation_keys()
     server = Server(plan)
     server.register_keys(keys)

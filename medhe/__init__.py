@@ -3,6 +3,7 @@
 from medhe.errors import (
     BackendError,
     ConfigError,
+    ConflictError,
     DataError,
     ImageLoadError,
     InsecureParametersError,
@@ -49,6 +50,7 @@ __all__ = [
     "resolve_model_dir",
     "BackendError",
     "ConfigError",
+    "ConflictError",
     "DataError",
     "ImageLoadError",
     "InsecureParametersError",

@@ -43,3 +43,7 @@ class BackendError(MedHEError):
 
 class InvalidMessage(MedHEError):
     """A serialized message is malformed, of the wrong version, or for another plan or key."""
+
+
+class ConflictError(MedHEError):
+    """A request would replace something another party registered (e.g. a clinic's encrypted model)."""

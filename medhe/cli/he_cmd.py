@@ -9,7 +9,9 @@
                (encrypted-model mode: --encrypted-model enc/ instead of --plan)
 
 Clinic commands load the public client spec only, never the weights; `--model NAME` compiles a
-shipped model and keeps only its spec (the shipped models are public anyway).
+shipped model and keeps only its spec (the shipped models are public anyway; a private model
+directory is refused there). Server commands given --plan or --encrypted-model do not import the
+compiler.
 """
 
 from __future__ import annotations
@@ -45,8 +47,8 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--spec", help="client spec file, or a directory holding client_spec.json "
                                       "(written by `medhe compile` and `medhe encrypt-model`)")
-    group.add_argument("--model", help="shipped model name or model directory; compiled here, only its public "
-                                       "client spec is kept")
+    group.add_argument("--model", help="shipped model name (br35h, pneumoniamnist); compiled here, only its "
+                                       "public client spec is kept")
     add_backend_argument(parser)
 
 
@@ -56,12 +58,13 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_plan(args):
-    from medhe.compiler import compile_model
-    from medhe.nn.modeldir import resolve_model_dir
     from medhe.plan import Plan
 
     if getattr(args, "plan", None):
-        return Plan.load(args.plan)
+        return Plan.load(_existing(args.plan, "plan directory"))
+    from medhe.compiler import compile_model
+    from medhe.nn.modeldir import resolve_model_dir
+
     model = getattr(args, "model", None) or "br35h"
     return compile_model(resolve_model_dir(model))
 
@@ -76,10 +79,15 @@ def load_server_plan(args):
 
 
 def load_spec(args):
+    from medhe.nn.modeldir import SHIPPED_MODELS
     from medhe.plan import ClientSpec
 
     if getattr(args, "spec", None):
         return ClientSpec.load(_existing(args.spec, "client spec"))
+    model = getattr(args, "model", None) or "br35h"
+    if model not in SHIPPED_MODELS:
+        raise ConfigError(f"a clinic loads a model's public client spec (--spec client_spec.json), not a model "
+                          f"directory; --model takes a shipped model name ({', '.join(SHIPPED_MODELS)})")
     return load_plan(args).client_spec()
 
 
@@ -87,6 +95,16 @@ def _existing(path: str | Path, what: str) -> Path:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"no {what} at {path}")
+    return path
+
+
+def _existing_file(path: str | Path, what: str, default_name: str | None = None) -> Path:
+    """A file to read; a directory is accepted when it holds `default_name`."""
+    path = _existing(path, what)
+    if path.is_dir() and default_name:
+        path = path / default_name
+    if not path.is_file():
+        raise ConfigError(f"no {what} at {path} (expected a file)")
     return path
 
 
@@ -129,8 +147,8 @@ def cmd_encrypt_model(args) -> int:
     from medhe.protocol.owner import ModelOwner, save_encrypted_model
 
     plan = Plan.load(_existing(args.plan, "plan directory"))
-    public_key = _existing(args.public_key, "public key").read_bytes()
-    owner = ModelOwner(progress=True)
+    public_key = _existing_file(args.public_key, "public key", PUBLIC_KEY_FILE).read_bytes()
+    owner = ModelOwner(backend=args.backend, progress=True)
     message = owner.encrypt_model(plan, public_key)
     out = save_encrypted_model(args.out, plan, message)
     report = owner.last_report
@@ -174,7 +192,7 @@ def cmd_encrypt(args) -> int:
 def cmd_decrypt(args) -> int:
     spec = load_spec(args)
     client = _client(args, spec)
-    logits = client.decrypt_logits(_existing(args.input, "result file").read_bytes())
+    logits = client.decrypt_logits(_existing_file(args.input, "result file").read_bytes())
     label, probs = client.diagnosis(logits)
     print(json.dumps({"label": label, "probabilities": dict(zip(spec.class_names, probs.round(6).tolist())),
                       "logits": logits.round(6).tolist()}))
@@ -187,12 +205,12 @@ def cmd_evaluate_ciphertext(args) -> int:
 
     plan, encrypted = load_server_plan(args)
     server = Server(plan, backend=args.backend, key_dir=args.key_store, encrypted_model=encrypted is not None)
-    key_id = server.register_keys(_existing(args.keys, "evaluation keys file").read_bytes())
+    key_id = server.register_keys(_existing_file(args.keys, "evaluation keys file", EVAL_KEYS_FILE).read_bytes())
     if encrypted is not None:
         server.register_encrypted_model(encrypted)
     out = _output_file(args.out)
     start = time.perf_counter()
-    result = server.evaluate(_existing(args.input, "ciphertext file").read_bytes())
+    result = server.evaluate(_existing_file(args.input, "ciphertext file").read_bytes())
     out.write_bytes(result)
     mode = "encrypted model" if encrypted is not None else "plain weights"
     print(f"key id {key_id} ({mode}): evaluated {args.input} -> {out} in {time.perf_counter() - start:.3f} s")
@@ -231,6 +249,7 @@ def register(subparsers) -> None:
     p.add_argument("--plan", required=True, help="compiled plan directory (from `medhe compile`)")
     p.add_argument("--public-key", required=True, help="public.key from the clinic's `medhe keygen` (or your own)")
     p.add_argument("--out", required=True, help="encrypted model directory to write (for the server)")
+    add_backend_argument(p)
     p.set_defaults(func=cmd_encrypt_model)
 
     p = subparsers.add_parser("keygen", help="clinic: make a secret key, the server's evaluation keys and a public key")

@@ -7,7 +7,7 @@ def cmd_serve(args) -> int:
     import uvicorn
 
     from medhe.cli.he_cmd import load_server_plan
-    from medhe.compiler import format_report
+    from medhe.plan.report import format_report
     from medhe.service.app import create_app
 
     plan, encrypted = load_server_plan(args)
@@ -28,5 +28,6 @@ def register(subparsers) -> None:
     add_plan_arguments(p, encrypted_model=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--key-store", default=None, help="directory where registered evaluation keys and encrypted models are kept")
+    p.add_argument("--key-store", default=None,
+                   help="directory where registered evaluation keys and encrypted models are kept")
     p.set_defaults(func=cmd_serve)

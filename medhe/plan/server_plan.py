@@ -130,6 +130,10 @@ class Plan:
         doc["structure_digest"] = self.structure_digest()
         doc["has_weights"] = self.has_weights
         doc["report"] = self.report
+        if not self.has_weights and (directory / PLAN_ARRAYS).exists():
+            # Never leave clear weights beside a plan meant to be published without them.
+            raise PlanError(f"{directory} holds a plan with weights ({PLAN_ARRAYS}); write the plan without "
+                            "weights to another directory")
         if self.has_weights:
             tmp = directory / (PLAN_ARRAYS + ".part.npz")
             np.savez_compressed(tmp, **self._arrays())

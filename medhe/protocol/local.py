@@ -50,7 +50,7 @@ class LocalSession:
         self.server.register_keys(keys)
         if self.encrypted_model:
             start = time.perf_counter()
-            model = ModelOwner().encrypt_model(self.plan, self.client.public_key())
+            model = ModelOwner(backend=self.backend).encrypt_model(self.plan, self.client.public_key())
             self.model_encrypt_s = time.perf_counter() - start
             self.encrypted_model_bytes = len(model)
             self.server.register_encrypted_model(model)

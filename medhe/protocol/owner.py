@@ -41,9 +41,13 @@ class EncryptionReport:
 
 
 class ModelOwner:
-    """Encrypts a server plan's weights under a public key (`encrypt_model`)."""
+    """Encrypts a server plan's weights under a public key (`encrypt_model`). The backend is the
+    owner's choice, never the key message's: "clear" (no encryption) is for tests and debugging."""
 
-    def __init__(self, *, progress: bool = False) -> None:
+    def __init__(self, *, backend: str = "seal", progress: bool = False) -> None:
+        if backend not in ("seal", "clear"):
+            raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
+        self.backend = backend
         self.progress = progress
         self.last_report: EncryptionReport | None = None
 
@@ -56,18 +60,19 @@ class ModelOwner:
         msg = wire.decode(public_key, expect_kind="public_key", **spec_ids(spec))
         if not _KEY_ID.match(msg.key_id):
             raise InvalidMessage("key id must be 16 lowercase hex digits")
-        backend_kind = msg.extra.get("backend", "seal")
+        backend_kind = self.backend
+        if msg.extra.get("backend", "seal") != backend_kind:
+            raise InvalidMessage(f"the public key is for backend {msg.extra.get('backend')!r}; this model owner "
+                                 f"encrypts with {backend_kind!r}")
         start = time.perf_counter()
         if backend_kind == "clear":
             encryptor = ClearBackend(server_plan.params)
-        elif backend_kind == "seal":
+        else:
             from medhe.runtime.seal_backend import SEALServerBackend
 
             if not msg.payload:
                 raise InvalidMessage("the public key message holds no key")
             encryptor = SEALServerBackend(server_plan.params, public_key=msg.payload)
-        else:
-            raise InvalidMessage(f"unknown backend {backend_kind!r} in the public key message")
         schedule = list(operand_schedule(server_plan, encryptor))
         parts, labels = [], []
         for key, like, scale in tqdm(schedule, desc="encrypting model", disable=not self.progress, leave=False):
@@ -88,6 +93,9 @@ def save_encrypted_model(directory: str | Path, server_plan: Plan, message: byte
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise ConfigError(f"{directory} exists and is not a directory")
+    if (directory / "arrays.npz").exists():
+        raise ConfigError(f"{directory} holds a plan with its weights in clear; write the encrypted model to a "
+                          "directory of its own (it is what the server gets)")
     directory.mkdir(parents=True, exist_ok=True)
     server_plan.without_weights().save(directory)
     server_plan.client_spec().save(directory)

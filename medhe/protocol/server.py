@@ -8,11 +8,12 @@ by the model owner; it multiplies ciphertext by ciphertext and can read neither 
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 from pathlib import Path
 
-from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
+from medhe.errors import ConfigError, ConflictError, InvalidMessage, MissingKeyError
 from medhe.plan import BatchPlan, Plan
 from medhe.protocol import wire
 from medhe.protocol.client import spec_ids
@@ -52,7 +53,7 @@ class Server:
             if isinstance(plan, BatchPlan):
                 raise ConfigError("encrypted-model mode evaluates latency plans; throughput mode needs the weights")
             # Keep only the architecture: an encrypted-model server never holds a weight.
-            plan = plan.without_weights() if plan.has_weights else plan
+            plan = plan.without_weights()
         self.plan = plan
         self.encrypted_model = encrypted_model
         self.spec = plan.client_spec()
@@ -63,6 +64,7 @@ class Server:
         self._ids = spec_ids(self.spec)
         self._backends: dict = {}
         self._models: dict[str, EncryptedWeights] = {}
+        self._model_digests: dict[str, str] = {}
         self._executors: dict[str, Executor | BatchExecutor] = {}
         self._plain_cache: dict = {}  # encoded weights depend on the parameters only: shared by key sets
         self._context = None
@@ -94,7 +96,10 @@ class Server:
         from medhe.runtime.seal_backend import SEALServerBackend
 
         needed = set(self.plan.rotation_steps())
-        offered = set(msg.extra.get("rotation_steps", []))
+        steps = msg.extra.get("rotation_steps", [])
+        if not isinstance(steps, list) or not all(type(step) is int for step in steps):
+            raise InvalidMessage("evaluation keys must list their rotation steps as integers")
+        offered = set(steps)
         if not needed <= offered:
             raise InvalidMessage(f"evaluation keys lack rotation steps {sorted(needed - offered)[:8]}")
         if not relin:
@@ -136,15 +141,29 @@ class Server:
         operands = {}
         for (key, like, scale), part in zip(schedule, msg.parts(labels)):
             operands[key] = reader.deserialize(part)
+            if reader.components(operands[key]) != 2:
+                raise InvalidMessage(f"encrypted operand {operand_label(key)} must be a two-component ciphertext")
         weights = EncryptedWeights(operands, reader)
         for key, like, scale in schedule:
             weights.get(key, like, scale)  # raises InvalidMessage on a wrong level or scale
+        digest = hashlib.sha256(bytes(message)).hexdigest()
         with self._lock:
+            # One (model, clinic key) pair has one encrypted model: a different one under the same
+            # key id would replace the clinic's model, so it is refused (re-uploading is idempotent).
+            known = self._model_digests.get(msg.key_id) or self._stored_digest(msg.key_id)
+            if known is not None and known != digest:
+                raise ConflictError(f"an encrypted model is already registered for key id {msg.key_id}; "
+                                    "it is not replaced")
             self._models[msg.key_id] = weights
+            self._model_digests[msg.key_id] = digest
             self._executors.pop(msg.key_id, None)
             if self.key_dir:
                 _atomic_write(self.key_dir / f"{msg.key_id}{MODEL_SUFFIX}", bytes(message))
         return msg.key_id
+
+    def _stored_digest(self, key_id: str) -> str | None:
+        stored = self._stored(key_id, MODEL_SUFFIX)
+        return hashlib.sha256(stored).hexdigest() if stored is not None else None
 
     def _stored(self, key_id: str, suffix: str) -> bytes | None:
         if not self.key_dir or not _KEY_ID.match(key_id):
@@ -168,7 +187,9 @@ class Server:
             executor = Executor(self.plan, backend, cache=self._plain_cache)
             executor.prepare()
         with self._lock:
-            self._executors[key_id] = executor
+            # Keys or model re-registered meanwhile: this executor is stale; use it once, keep none.
+            if self._backends.get(key_id) is backend and self._models.get(key_id) is model:
+                self._executors[key_id] = executor
         return executor
 
     def _executor(self, key_id: str):
@@ -185,7 +206,8 @@ class Server:
 
     @property
     def key_ids(self) -> list[str]:
-        known = set(self._backends)
+        with self._lock:
+            known = set(self._backends)
         if self.key_dir:
             known |= {p.name[: -len(KEYS_SUFFIX)] for p in self.key_dir.glob(f"*{KEYS_SUFFIX}")}
         return sorted(known)

@@ -41,8 +41,10 @@ class Message:
     def parts(self, names: list[str]) -> list[bytes]:
         """Split a payload made by `pack_parts`."""
         sizes = self.extra.get("part_sizes")
-        if not isinstance(sizes, list) or len(sizes) != len(names) or sum(sizes) != len(self.payload):
-            raise InvalidMessage(f"{self.kind} message: expected parts {names}")
+        if not isinstance(sizes, list) or len(sizes) != len(names) \
+                or not all(type(size) is int and size >= 0 for size in sizes) or sum(sizes) != len(self.payload):
+            raise InvalidMessage(f"{self.kind} message: expected {len(names)} parts ({', '.join(names[:4])}"
+                                 f"{', ...' if len(names) > 4 else ''}) whose sizes add up to the payload")
         out, offset = [], 0
         for size in sizes:
             out.append(self.payload[offset: offset + size])

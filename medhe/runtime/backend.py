@@ -26,6 +26,9 @@ class Backend(Protocol):
 
     def scale(self, ct: Any) -> float: ...
     def levels_left(self, ct: Any) -> int: ...
+    def components(self, ct: Any) -> int:
+        """Polynomials in the ciphertext: 2, or 3 for an unrelinearised product."""
+
     def add(self, a: Any, b: Any) -> Any: ...
     def add_inplace(self, a: Any, b: Any) -> Any:
         """a += b; returns a. Callers only pass a fresh `a`."""

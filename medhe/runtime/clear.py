@@ -76,6 +76,9 @@ class ClearBackend:
     def levels_left(self, ct: ClearCiphertext) -> int:
         return ct.level
 
+    def components(self, ct: ClearCiphertext) -> int:
+        return ct.size
+
     def _same_level(self, a, b, what: str) -> None:
         if a.level != b.level:
             raise BackendError(f"{what}: operands at levels {a.level} and {b.level}")

@@ -93,7 +93,7 @@ class EncryptedWeights:
         if ct is None:
             raise InvalidMessage(f"the encrypted model lacks operand {key[1]} of instruction {key[0]}")
         be = self.backend
-        if be.levels_left(ct) != be.levels_left(like) or abs(be.scale(ct) / scale - 1) > 1e-9:
+        if be.levels_left(ct) != be.levels_left(like) or not abs(be.scale(ct) / scale - 1) <= 1e-9:
             raise InvalidMessage(f"encrypted operand {key[1]} of instruction {key[0]} is at level "
                                  f"{be.levels_left(ct)} and scale 2^{be.scale(ct):.3e}; the plan needs level "
                                  f"{be.levels_left(like)} and scale {scale:.6e}")

@@ -125,6 +125,9 @@ class SEALServerBackend(_SEALWire):
     def levels_left(self, ct) -> int:
         return self.context.get_context_data(ct.parms_id()).chain_index()
 
+    def components(self, ct) -> int:
+        return ct.size()
+
     # --- evaluation ---------------------------------------------------------------------------
     @staticmethod
     def _call(what: str, fn, *args):

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI, HTTPException, Request, Response
 
-from medhe.errors import ConfigError, InvalidMessage, MedHEError, MissingKeyError
+from medhe.errors import ConfigError, ConflictError, InvalidMessage, MedHEError, MissingKeyError
 from medhe.plan import ClientSpec, Plan
 from medhe.protocol import wire
 from medhe.protocol.server import Server
@@ -68,7 +68,7 @@ def create_app(plan: Plan, *, backend: str = "seal", key_dir=None, encrypted_mod
         body = await _read_body(request, "encrypted_model")
         try:
             return {"key_id": server.register_encrypted_model(body)}
-        except ConfigError as exc:
+        except (ConfigError, ConflictError) as exc:
             raise HTTPException(409, str(exc)) from None
         except InvalidMessage as exc:
             raise HTTPException(400, str(exc)) from None

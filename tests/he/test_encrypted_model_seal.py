@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from medhe.errors import InvalidMessage
 from medhe.protocol import wire
 from medhe.protocol.client import Client
 from medhe.protocol.owner import ModelOwner, save_encrypted_model
@@ -141,3 +142,20 @@ def test_client_side_seal_artifacts_hold_no_weight(deployment, tmp_path):
                  "ciphertext": ciphertext, "result": server.evaluate(ciphertext)}
     for name, blob in artifacts.items():
         assert search.find(blob, text=name.endswith(".json")) == [], f"{name} holds model weights"
+
+
+def test_a_three_component_operand_is_refused_at_upload(deployment):
+    _, plan, client, _, _, encrypted, _ = deployment
+    spec = plan.client_spec()
+    ids = {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+    msg = wire.decode(encrypted, expect_kind="encrypted_model", **ids)
+    labels = msg.extra["operands"]
+    parts = msg.parts(labels)
+    backend = SEALServerBackend(plan.params)
+    first = backend.deserialize(parts[0])
+    parts[0] = backend.serialize(backend.multiply(first, first))  # three components, not relinearised
+    forged = wire.encode_parts("encrypted_model", parts, key_id=msg.key_id,
+                               extra={k: v for k, v in msg.extra.items() if k != "part_sizes"}, **ids)
+    fresh = Server(plan, backend="seal", encrypted_model=True)
+    with pytest.raises(InvalidMessage, match="two-component"):
+        fresh.register_encrypted_model(forged)

@@ -32,7 +32,8 @@ def run_roles(tmp_path: Path, backend: str, *, encrypted_model: bool = False) ->
     steps = [
         ["compile", "--model", "pneumoniamnist", "--out", "plan"],
         ["keygen", *clinic, "--out", "keys"],
-        *([["encrypt-model", "--plan", "plan", "--public-key", "keys/public.key", "--out", "enc"]]
+        *([["encrypt-model", "--plan", "plan", "--public-key", "keys/public.key", "--backend", backend,
+            "--out", "enc"]]
           if encrypted_model else []),
         ["encrypt", "scan.png", *clinic, "--keys", "keys", "--out", "scan.ct"],
         ["evaluate-ciphertext", *server, "--backend", backend, "--keys", "keys/evaluation.keys", "--in", "scan.ct",
@@ -104,3 +105,27 @@ def test_evaluate_encrypted_report(tmp_path, pneumoniamnist_npz, mode):
         assert 0.0 <= report[key] <= 1.0
     if mode == "latency":
         assert report["server_latency_s_median"] > 0
+
+
+def test_cli_path_mistakes_and_private_models_get_clear_errors(tmp_path):
+    run_roles(tmp_path, "clear")
+    shipped_dir = str(resolve_model_dir("pneumoniamnist"))
+    cases = [
+        (["keygen", "--model", shipped_dir, "--backend", "clear", "--out", "k2"], "client spec"),
+        (["encrypt-model", "--plan", "plan", "--public-key", "keys", "--backend", "clear", "--out", "plan"],
+         "weights in clear"),
+        (["evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "scan.ct",
+          "--out", "missing/scan.result"], "does not exist"),
+        (["evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "keys",
+          "--out", "x.result"], "expected a file"),
+        (["decrypt", "--spec", "plan", "--backend", "clear", "--keys", "nowhere", "--in", "scan.result"],
+         "no key directory"),
+    ]
+    for args, pattern in cases:
+        done = medhe(*args, cwd=tmp_path)
+        assert done.returncode == 2, (args, done.stderr)
+        assert pattern in done.stderr and "Traceback" not in done.stderr, (args, done.stderr)
+    # A key directory where a file is expected is read through its default file name.
+    done = medhe("evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "scan.ct",
+                 "--out", "again.result", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr

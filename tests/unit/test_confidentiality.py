@@ -85,15 +85,25 @@ def test_client_refuses_the_server_plan(shipped):
 
 
 def test_spec_commits_to_the_weights_without_holding_them(shipped):
-    _, plan, _ = shipped
+    model_dir, plan, _ = shipped
     spec = plan.client_spec()
     assert spec.model_commitment == plan.digest()
-    changed = compile_model(resolve_model_dir("br35h"))
+    changed = compile_model(model_dir)
     first = next(ins for ins in changed.instructions if ins.kind == "linear")
     first.diagonals = first.diagonals * (1 + 1e-6)
     changed._digest = None
-    assert changed.client_spec().model_commitment != compile_model(resolve_model_dir("br35h")).digest()
-    assert changed.structure_digest() == compile_model(resolve_model_dir("br35h")).structure_digest()
+    assert changed.client_spec().model_commitment != plan.digest()
+    assert changed.structure_digest() == plan.structure_digest()
+
+
+def test_compile_report_names_layers_without_numbers(shipped):
+    """The report travels with public artifacts (the plan without weights, the spec's summary):
+    its strings hold shapes and kinds, never a trained value (no decimal point anywhere)."""
+    _, plan, _ = shipped
+    for row in plan.report["layers"]:
+        for text in (row["op"], row["lowered_as"]):
+            assert "." not in text, text
+    assert "." not in json.dumps(plan.client_spec().summary)
 
 
 def test_spec_file_round_trips_and_detects_tampering(shipped, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 from torch import nn
 
-from medhe.errors import ConfigError, InvalidMessage, MissingKeyError
+from medhe.errors import ConfigError, ConflictError, InvalidMessage, MissingKeyError
 from medhe.nn.layers import PolyAct
 from medhe.plan import Plan
 from medhe.protocol import wire
@@ -40,7 +40,7 @@ def deployed(plan, tmp_path):
     client = Client(plan.client_spec(), backend="clear")
     server = Server(plan, backend="clear", key_dir=tmp_path / "store", encrypted_model=True)
     server.register_keys(client.evaluation_keys())
-    encrypted = ModelOwner().encrypt_model(plan, client.public_key())
+    encrypted = ModelOwner(backend="clear").encrypt_model(plan, client.public_key())
     assert server.register_encrypted_model(encrypted) == client.key_id
     return client, server, encrypted
 
@@ -99,36 +99,61 @@ def _reencode(message: bytes, plan, *, parts=None, **extra_changes) -> bytes:
     return wire.encode_parts("encrypted_model", payloads, key_id=msg.key_id, extra=extra, **ids)
 
 
-def test_malformed_encrypted_models_are_refused_and_change_nothing(plan, deployed):
+def _with_extra(message: bytes, plan, **changes) -> bytes:
+    """The same payload under a header whose `extra` fields are changed as given."""
+    spec = plan.client_spec()
+    ids = {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+    msg = wire.decode(message, expect_kind="encrypted_model", **ids)
+    return wire.encode("encrypted_model", msg.payload, key_id=msg.key_id, extra={**msg.extra, **changes}, **ids)
+
+
+def test_malformed_encrypted_models_are_refused_and_change_nothing(plan, deployed, tmp_path):
     client, server, encrypted = deployed
     spec = plan.client_spec()
+    probe = client.encrypt_input(np.random.rand(1, SIZE, SIZE))
+    before = client.decrypt_logits(server.evaluate(probe))
+    stored = (tmp_path / "store" / f"{client.key_id}.model").read_bytes()
     bad = {
         "swapped operands (wrong level or scale)": (_reencode(encrypted, plan, parts=lambda p: [p[-1]] + p[1:-1] + [p[0]]),
                                                     "level"),
         "missing operand": (_reencode(encrypted, plan, operands=[]), "operands"),
+        "part sizes not integers": (_with_extra(encrypted, plan, part_sizes=["a"] * plan.weight_operand_count()),
+                                    "parts"),
         "other architecture": (_reencode(encrypted, plan, structure_digest="0" * 64), "architecture"),
         "other backend": (_reencode(encrypted, plan, backend="seal"), "backend"),
         "truncated": (encrypted[:-7], "truncated"),
-        "not a model": (client.encrypt_input(np.zeros((1, SIZE, SIZE))), "expected a encrypted_model"),
+        "not a model": (probe, "expected a encrypted_model"),
         "path-like key id": (wire.encode("encrypted_model", b"", key_id="../../etc", spec_digest=spec.digest(),
                                          params_digest=spec.params.digest()), "key id"),
     }
     for name, (message, pattern) in bad.items():
         with pytest.raises(InvalidMessage, match=pattern):
             server.register_encrypted_model(message)
-    # The stored model still serves.
-    assert client.decrypt_logits(server.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))).shape == (2,)
+    # A valid but different model for the same clinic does not replace it; the same one again is fine.
+    other = ModelOwner(backend="clear").encrypt_model(plan, client.public_key())
+    scaled = _reencode(other, plan, parts=lambda p: p[:-1] + [p[-1][:-8] + np.float64(1.5).tobytes()])
+    with pytest.raises(ConflictError, match="not replaced"):
+        server.register_encrypted_model(scaled)
+    assert server.register_encrypted_model(encrypted) == client.key_id
+    # Nothing changed: same answer, same stored model.
+    np.testing.assert_array_equal(client.decrypt_logits(server.evaluate(probe)), before)
+    assert (tmp_path / "store" / f"{client.key_id}.model").read_bytes() == stored
 
 
 def test_owner_and_servers_refuse_the_wrong_inputs(model, plan):
     client = Client(plan.client_spec(), backend="clear")
     with pytest.raises(ConfigError, match="full server plan"):
-        ModelOwner().encrypt_model(plan.without_weights(), client.public_key())
+        ModelOwner(backend="clear").encrypt_model(plan.without_weights(), client.public_key())
     other = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(SIZE * SIZE, 2)).double(), (1, SIZE, SIZE))
     with pytest.raises(InvalidMessage, match="spec"):
-        ModelOwner().encrypt_model(other, client.public_key())
+        ModelOwner(backend="clear").encrypt_model(other, client.public_key())
     with pytest.raises(ConfigError, match="encrypted-model mode"):
-        Server(plan, backend="clear").register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key()))
+        Server(plan, backend="clear").register_encrypted_model(ModelOwner(backend="clear").encrypt_model(plan, client.public_key()))
+    # The owner picks the backend, never the key message: a "clear" key cannot make it skip encryption.
+    with pytest.raises(InvalidMessage, match="backend"):
+        ModelOwner().encrypt_model(plan, client.public_key())
+    # The server's copy of the plan never keeps a weight, whatever it was given.
+    assert not Server(plan, backend="clear", encrypted_model=True).plan.has_weights
 
 
 def test_encrypted_model_directory_holds_no_clear_weights(plan, deployed, tmp_path):
@@ -141,6 +166,9 @@ def test_encrypted_model_directory_holds_no_clear_weights(plan, deployed, tmp_pa
     assert loaded.client_spec() == plan.client_spec(), "the clinic's spec is the same in both modes"
     with pytest.raises(Exception, match="without weights"):
         Plan.load(directory)
+    plan.save(tmp_path / "plan")
+    with pytest.raises(ConfigError, match="weights in clear"):
+        save_encrypted_model(tmp_path / "plan", plan, encrypted)
 
 
 def test_http_encrypted_model_round_trip(model, plan, tmp_path):
@@ -152,7 +180,7 @@ def test_http_encrypted_model_round_trip(model, plan, tmp_path):
     http.register_keys(client.evaluation_keys())
     with pytest.raises(MissingKeyError, match="no encrypted model"):
         http.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))
-    assert http.register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key())) == client.key_id
+    assert http.register_encrypted_model(ModelOwner(backend="clear").encrypt_model(plan, client.public_key())) == client.key_id
     with pytest.raises(InvalidMessage, match="400"):
         http.register_encrypted_model(b"garbage")
     image = np.random.rand(SIZE, SIZE)
@@ -164,7 +192,7 @@ def test_plain_server_refuses_an_encrypted_model_upload_over_http(plan):
     app = create_app(plan, backend="clear")
     client = Client(plan.client_spec(), backend="clear")
     with TestClient(app) as tc:
-        response = tc.post("/v1/encrypted-model", content=ModelOwner().encrypt_model(plan, client.public_key()),
+        response = tc.post("/v1/encrypted-model", content=ModelOwner(backend="clear").encrypt_model(plan, client.public_key()),
                            headers={"content-type": "application/octet-stream"})
     assert response.status_code == 409
 
