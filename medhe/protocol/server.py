@@ -157,7 +157,7 @@ class Server:
             self._models[msg.key_id] = weights
             self._model_digests[msg.key_id] = digest
             self._executors.pop(msg.key_id, None)
-            if self.key_dir:
+            if self.key_dir and known is None:
                 _atomic_write(self.key_dir / f"{msg.key_id}{MODEL_SUFFIX}", bytes(message))
         return msg.key_id
 
