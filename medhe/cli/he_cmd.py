@@ -165,13 +165,17 @@ def cmd_keygen(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} exists and is not a directory")
+    if (out / SECRET_KEY_FILE).exists() and not args.force:
+        raise ConfigError(f"{out / SECRET_KEY_FILE} already exists; refusing to replace a secret key "
+                          "(pass --force to make new keys)")
     out.mkdir(parents=True, exist_ok=True)
+    out.chmod(0o700)  # the key directory is the clinic's alone, whatever the umask
     start = time.perf_counter()
     client = Client(spec, backend=args.backend)
     eval_keys = client.evaluation_keys()
+    client.save_secret_key(out / SECRET_KEY_FILE, overwrite=args.force)
     (out / EVAL_KEYS_FILE).write_bytes(eval_keys)
     (out / PUBLIC_KEY_FILE).write_bytes(client.public_key())
-    client.save_secret_key(out / SECRET_KEY_FILE)
     print(f"key id {client.key_id}: secret key -> {out / SECRET_KEY_FILE} (keep it on this machine), "
           f"evaluation keys -> {out / EVAL_KEYS_FILE} ({len(eval_keys) / 2**20:.1f} MiB, for the server), "
           f"public key -> {out / PUBLIC_KEY_FILE} (for a model owner) in {time.perf_counter() - start:.1f} s")
@@ -254,7 +258,9 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("keygen", help="clinic: make a secret key, the server's evaluation keys and a public key")
     add_spec_arguments(p)
-    p.add_argument("--out", required=True, help="directory for secret.key, evaluation.keys and public.key")
+    p.add_argument("--out", required=True, help="directory for secret.key, evaluation.keys and public.key "
+                                                 "(made mode 0700)")
+    p.add_argument("--force", action="store_true", help="replace an existing secret key (the old one is lost)")
     p.set_defaults(func=cmd_keygen)
 
     p = subparsers.add_parser("encrypt", help="clinic: preprocess and encrypt one image")

@@ -82,12 +82,33 @@ class Client:
         key = self._backend.export_secret_key() if self.backend_kind == "seal" else b""
         return wire.encode("secret_key", key, key_id=self.key_id, extra={"backend": self.backend_kind}, **self._ids)
 
-    def save_secret_key(self, path: str | Path) -> Path:
+    def save_secret_key(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the secret key to `path`, mode 0600 whatever the umask. It goes to a new file
+        beside `path` (created exclusively, never through a link) that then replaces `path`
+        atomically, so a symlink planted at `path` is replaced, not followed, and a crash leaves the
+        old key or the new one. An existing key is kept unless `overwrite`."""
         path = Path(path)
+        if path.is_symlink() or path.exists():
+            if not overwrite:
+                raise ConfigError(f"{path} already exists; refusing to replace a secret key (pass overwrite=True, "
+                                  "or --force on the command line)")
+            if path.is_dir():
+                raise ConfigError(f"{path} is a directory")
+        if not path.parent.is_dir():
+            raise ConfigError(f"cannot write {path}: the directory {path.parent} does not exist")
         data = self.export_secret_key()
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.part")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod

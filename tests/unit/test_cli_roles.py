@@ -129,3 +129,19 @@ def test_cli_path_mistakes_and_private_models_get_clear_errors(tmp_path):
     done = medhe("evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "scan.ct",
                  "--out", "again.result", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+
+
+def test_keygen_refuses_to_replace_a_key_and_keeps_the_directory_private(tmp_path):
+    keygen = f"umask 000; {sys.executable} -m medhe.cli.main keygen --model pneumoniamnist --backend clear --out keys"
+    first = subprocess.run(["bash", "-c", keygen], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "keys").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "keys" / "secret.key").stat().st_mode & 0o777 == 0o600
+    key = (tmp_path / "keys" / "secret.key").read_bytes()
+    again = subprocess.run(["bash", "-c", keygen], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 2 and "--force" in again.stderr and "Traceback" not in again.stderr
+    assert (tmp_path / "keys" / "secret.key").read_bytes() == key
+    forced = subprocess.run(["bash", "-c", keygen + " --force"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=600)
+    assert forced.returncode == 0, forced.stderr
+    assert (tmp_path / "keys" / "secret.key").read_bytes() != key

@@ -158,3 +158,26 @@ def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
     np.testing.assert_allclose(logits, expected, atol=1e-9)
     with pytest.raises(ConfigError, match="batch must have shape"):
         client.encrypt_batch(np.zeros((3, 1, SIZE + 1, SIZE)))
+
+
+def test_secret_key_file_is_private_atomic_and_never_follows_links(plan, tmp_path):
+    import os
+
+    client = Client(plan.client_spec(), backend="clear")
+    target = tmp_path / "elsewhere"
+    target.write_bytes(b"not a key")
+    link = tmp_path / "secret.key"
+    link.symlink_to(target)
+    with pytest.raises(ConfigError, match="already exists"):
+        client.save_secret_key(link)
+    old_umask = os.umask(0)
+    try:
+        client.save_secret_key(link, overwrite=True)
+    finally:
+        os.umask(old_umask)
+    assert not link.is_symlink() and target.read_bytes() == b"not a key", "the link is replaced, not followed"
+    assert link.stat().st_mode & 0o777 == 0o600
+    assert Client.load(plan.client_spec(), link).key_id == client.key_id
+    assert not list(tmp_path.glob(".*part")), "no temporary file is left behind"
+    with pytest.raises(ConfigError, match="does not exist"):
+        client.save_secret_key(tmp_path / "missing" / "secret.key")
