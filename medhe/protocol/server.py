@@ -60,6 +60,8 @@ class Server:
         self.backend_kind = backend
         self.key_dir = Path(key_dir) if key_dir else None
         if self.key_dir:
+            if self.key_dir.exists() and not self.key_dir.is_dir():
+                raise ConfigError(f"the key store {self.key_dir} exists and is not a directory")
             self.key_dir.mkdir(parents=True, exist_ok=True)
         self._ids = spec_ids(self.spec)
         self._backends: dict = {}

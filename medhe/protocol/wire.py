@@ -86,7 +86,8 @@ def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: st
         raise InvalidMessage("message header is truncated or too large")
     try:
         header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        # ValueError covers invalid JSON and integers too long to parse; RecursionError deep nesting.
         raise InvalidMessage("message header is not valid JSON") from None
     if not isinstance(header, dict):
         raise InvalidMessage("message header must be a JSON object")
@@ -119,6 +120,9 @@ def peek_key_id(data: bytes) -> str:
         if header_len > MAX_HEADER_BYTES:
             raise ValueError
         header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
-        return str(header["key_id"])
-    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        key_id = header["key_id"]
+        if not isinstance(key_id, str):
+            raise TypeError
+        return key_id
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
         raise InvalidMessage("not a medhe message with a key id") from None

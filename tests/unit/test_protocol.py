@@ -181,3 +181,29 @@ def test_secret_key_file_is_private_atomic_and_never_follows_links(plan, tmp_pat
     assert not list(tmp_path.glob(".*part")), "no temporary file is left behind"
     with pytest.raises(ConfigError, match="does not exist"):
         client.save_secret_key(tmp_path / "missing" / "secret.key")
+
+
+def _with_raw_header(message: bytes, header: bytes) -> bytes:
+    magic, version, header_len = struct.unpack_from(">5sHI", message)
+    return struct.pack(">5sHI", magic, version, len(header)) + header + message[11 + header_len:]
+
+
+def test_hostile_headers_are_invalid_messages_not_crashes(plan, parties):
+    client, server = parties
+    good = client.encrypt_image(np.random.rand(SIZE, SIZE))
+    hostile = {
+        "deep nesting": b"[" * 20000 + b"]" * 20000,
+        "absurdly long number": b'{"key_id": ' + b"9" * 20000 + b"}",
+        "key id of the wrong type": b'{"key_id": {"a": 1}, "kind": "ciphertext"}',
+        "header is a list": b'["key_id"]',
+    }
+    for name, header in hostile.items():
+        with pytest.raises(InvalidMessage):
+            server.evaluate(_with_raw_header(good, header))
+    assert client.decrypt_logits(server.evaluate(good)).shape == (2,)
+
+
+def test_a_key_store_that_is_a_file_is_a_clear_error(plan, tmp_path):
+    (tmp_path / "store").write_text("not a directory")
+    with pytest.raises(ConfigError, match="not a directory"):
+        Server(plan, backend="clear", key_dir=tmp_path / "store")
