@@ -9,6 +9,7 @@ for the model owner a public key to encrypt weights under);
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -33,7 +34,25 @@ def _save(obj) -> bytes:
         return Path(path).read_bytes()
 
 
+_SEAL_HEADER = struct.Struct("<HBBBBHQ")  # magic, header size, version major/minor, compression, reserved, size
+_SEAL_MAGIC = 0xA15E
+
+
+def _check_seal_header(data: bytes, what: str) -> None:
+    """The bytes must be exactly one SEAL object: SEAL itself would read the first object and
+    silently ignore anything after it (e.g. 40 ciphertexts sent as one)."""
+    if len(data) < _SEAL_HEADER.size:
+        raise InvalidMessage(f"{what} is {len(data)} bytes, too short for a SEAL object")
+    magic, header_size, _, _, _, _, size = _SEAL_HEADER.unpack_from(data)
+    if magic != _SEAL_MAGIC or header_size != _SEAL_HEADER.size:
+        raise InvalidMessage(f"{what} is not a SEAL object (bad magic or header)")
+    if size != len(data):
+        raise InvalidMessage(f"{what} must be exactly one SEAL object: its header says {size} bytes, "
+                             f"the message holds {len(data)}")
+
+
 def _load(obj, context, data: bytes, what: str):
+    _check_seal_header(data, what)
     with tempfile.TemporaryDirectory(dir=_TMP_ROOT) as tmp:
         path = os.path.join(tmp, "obj")
         Path(path).write_bytes(data)

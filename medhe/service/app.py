@@ -26,6 +26,9 @@ async def _read_body(request: Request, kind: str) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > limit):
         raise HTTPException(413, f"a {kind} message is at most {limit} bytes")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != OCTET:
+        raise HTTPException(415, f"a {kind} message is sent as {OCTET}, not {content_type or 'no content type'}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

@@ -137,3 +137,24 @@ def test_every_layer_on_seal_matches_the_plaintext_oracle():
     trace = []
     Executor(plan, SEALServerBackend(plan.params, relin, galois or None)).run(client.encrypt(pack(plan, x)), trace=trace)
     assert_layers_match_oracle(seq, plan, x, trace, client.decrypt)
+
+
+def test_concatenated_or_padded_seal_objects_are_refused():
+    """SEAL reads the first object of a buffer and ignores the rest; medhe refuses such messages."""
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
+    plan = small_plan(seq, (1, 8, 8))
+    client = Client(plan.client_spec(), backend="seal")
+    server = Server(plan, backend="seal")
+    server.register_keys(client.evaluation_keys())
+    good = client.encrypt_input(np.random.rand(1, 8, 8))
+    from medhe.protocol import wire
+
+    spec = plan.client_spec()
+    ids = {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+    payload = wire.decode(good, expect_kind="ciphertext", **ids).payload
+    for name, forged in {"40 ciphertexts in one": payload * 40, "trailing bytes": payload + b"\0" * 16,
+                         "not SEAL at all": b"\0" * 64}.items():
+        message = wire.encode("ciphertext", forged, key_id=client.key_id, **ids)
+        with pytest.raises(InvalidMessage):
+            server.evaluate(message)
+    assert client.decrypt_logits(server.evaluate(good)).shape == (2,)

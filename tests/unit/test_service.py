@@ -45,3 +45,11 @@ def test_oversized_body_is_refused_without_reading_it(setup):
     with TestClient(app) as tc:
         response = tc.post("/v1/diagnose", content=b"x", headers={"content-length": str(10**12)})
     assert response.status_code == 413
+
+
+def test_other_content_types_are_refused(setup):
+    _, _, app, _ = setup
+    with TestClient(app) as tc:
+        response = tc.post("/v1/diagnose", content=b"MEDHE...", headers={"content-type": "application/json"})
+        assert response.status_code == 415 and "octet-stream" in response.json()["detail"]
+        assert tc.get("/health").status_code == 200
