@@ -70,11 +70,13 @@ def ckks_tolerance(plan, magnitude: float = 1.0) -> float:
 
 def ckks_tolerance_encrypted_model(plan, magnitude: float = 1.0) -> float:
     """ckks_tolerance plus the noise of weights that arrive encrypted under a public key: about
-    3.2 * N in the slots (u*e + s*e'), 2^3 * N for its maximum over the slots and the fan-in,
+    3.2 * N in the slots (u*e + s*e'), 2^4 * N for its maximum over the slots and the fan-in,
     relative to a weight at the base scale, once per multiplication. (Rescaling a weight from the
-    level above leaves rounding noise of about the same size, so the bound holds for both.)"""
+    level above leaves rounding noise of about the same size, so the bound holds for both.) The
+    slow tier's maximum over 100 images varies 2-5x between runs (fresh noise each time): its
+    errors sit 3-15x below this bound."""
     p = plan.params
-    encryption = max(1, plan.multiplicative_depth) * 2.0 ** 3 * p.poly_modulus_degree * 2.0 ** (-p.log_scale_bits)
+    encryption = max(1, plan.multiplicative_depth) * 2.0 ** 4 * p.poly_modulus_degree * 2.0 ** (-p.log_scale_bits)
     return ckks_tolerance(plan, magnitude) + encryption * max(1.0, magnitude)
 
 
