@@ -13,7 +13,6 @@ latency <= 2.5x plain-weight latency, and <= 1.5 s per image on one core.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import held_out_inputs, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
+from common import benchmark_parser, held_out_inputs, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
 
 TARGET_RATIO = 2.5
 TARGET_ENCRYPTED_S = 1.5
@@ -84,12 +83,8 @@ def run(dataset: str, limit: int, data_file: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["br35h", "pneumoniamnist"])
-    parser.add_argument("--limit", type=int, default=20, help="encrypted images per dataset")
-    parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--all-cores", action="store_true", help="do not pin the process to one CPU")
-    parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     cores = "all"
     if not args.all_cores and hasattr(os, "sched_setaffinity"):

@@ -8,12 +8,11 @@ evaluation <= 1.0 s median per image; client encrypt + decrypt <= 0.1 s; upload 
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import held_out_inputs, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
+from common import benchmark_parser, held_out_inputs, machine, peak_memory_bytes, print_table, write_json  # noqa: E402
 
 TARGET_SERVER_S = 1.0
 TARGET_CLIENT_S = 0.1
@@ -48,11 +47,7 @@ def run(dataset: str, limit: int, data_file: str | None) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["br35h", "pneumoniamnist"])
-    parser.add_argument("--limit", type=int, default=20, help="encrypted images per dataset")
-    parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
-    parser.add_argument("--out", default=None)
+    parser = benchmark_parser(__doc__)
     args = parser.parse_args(argv)
     rows = [run(d, args.limit, args.data_file) for d in args.datasets]
     print()

@@ -51,6 +51,18 @@ def held_out_inputs(dataset: str, limit: int, data_file: str | None = None, *, s
     return inputs, np.asarray(labels)[pick], reference, source
 
 
+def benchmark_parser(doc: str):
+    """The options every per-model benchmark takes: datasets, image count, data file, output."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["br35h", "pneumoniamnist"])
+    parser.add_argument("--limit", type=int, default=20, help="encrypted images per dataset")
+    parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
+    parser.add_argument("--out", default=None)
+    return parser
+
+
 def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 

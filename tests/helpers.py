@@ -102,3 +102,23 @@ def two_block_model() -> nn.Sequential:
                         nn.Conv2d(4, 4, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(4), PolyAct(),
                         nn.Flatten(), nn.Linear(4 * 16, 8), nn.BatchNorm1d(8), PolyAct(), nn.Linear(8, 2)).double()
     return randomize_bn(seq)
+
+
+def reachable(root) -> list:
+    """Every object reachable from `root` through attributes, dict keys and values, and
+    sequences (to check what a server object holds)."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, np.ndarray):
+            stack.extend(vars(obj).values())
+    return found

@@ -26,7 +26,7 @@ from medhe.errors import ConfigError, InvalidMessage, PlanError
 from medhe.plan import Plan
 from medhe.protocol import wire
 from medhe.protocol.client import spec_ids
-from medhe.protocol.server import _KEY_ID, _atomic_write, operand_label
+from medhe.protocol.server import _atomic_write, operand_label, require_key_id
 from medhe.runtime.clear import ClearBackend
 from medhe.runtime.executor import operand_schedule
 
@@ -58,8 +58,7 @@ class ModelOwner:
             raise ConfigError("encrypt_model needs the full server plan (from `medhe compile`), weights included")
         spec = server_plan.client_spec()
         msg = wire.decode(public_key, expect_kind="public_key", **spec_ids(spec))
-        if not _KEY_ID.match(msg.key_id):
-            raise InvalidMessage("key id must be 16 lowercase hex digits")
+        require_key_id(msg)
         backend_kind = self.backend
         if msg.extra.get("backend", "seal") != backend_kind:
             raise InvalidMessage(f"the public key is for backend {msg.extra.get('backend')!r}; this model owner "

@@ -26,6 +26,13 @@ KEYS_SUFFIX = ".keys"
 MODEL_SUFFIX = ".model"
 
 
+def require_key_id(msg: wire.Message) -> str:
+    """Key ids name files in the key store: exactly 16 lowercase hex digits."""
+    if not _KEY_ID.match(msg.key_id):
+        raise InvalidMessage("key id must be 16 lowercase hex digits")
+    return msg.key_id
+
+
 def operand_label(key: tuple[int, str]) -> str:
     return f"i{key[0]}.{key[1]}"
 
@@ -110,8 +117,7 @@ class Server:
 
     def register_keys(self, message: bytes) -> str:
         msg = wire.decode(message, expect_kind="evaluation_keys", **self._ids)
-        if not _KEY_ID.match(msg.key_id):
-            raise InvalidMessage("key id must be 16 lowercase hex digits")
+        require_key_id(msg)
         backend = self._make_backend(msg)
         with self._lock:
             self._backends[msg.key_id] = backend
@@ -128,8 +134,7 @@ class Server:
         if not self.encrypted_model:
             raise ConfigError("this server runs the model in clear; start it in encrypted-model mode")
         msg = wire.decode(message, expect_kind="encrypted_model", **self._ids)
-        if not _KEY_ID.match(msg.key_id):
-            raise InvalidMessage("key id must be 16 lowercase hex digits")
+        require_key_id(msg)
         if msg.extra.get("structure_digest") != self.plan.structure_digest():
             raise InvalidMessage("the encrypted model was made for another architecture than this server's plan")
         if msg.extra.get("backend", "seal") != self.backend_kind:
@@ -203,6 +208,8 @@ class Server:
             self.register_keys(stored)
         if self.encrypted_model and key_id not in self._models \
                 and (stored := self._stored(key_id, MODEL_SUFFIX)) is not None:
+            with self._lock:  # the stored model is the known one: no second read of the file
+                self._model_digests.setdefault(key_id, hashlib.sha256(stored).hexdigest())
             self.register_encrypted_model(stored)
         return self._executors.get(key_id) or self._build_executor(key_id)
 

@@ -12,7 +12,8 @@ from medhe.protocol.client import Client
 from medhe.protocol.owner import ModelOwner, save_encrypted_model
 from medhe.protocol.server import Server
 from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend, seal
-from tests.helpers import SMALL_N, ckks_tolerance_encrypted_model, compile_torch, pack, torch_out, two_block_model
+from tests.helpers import (SMALL_N, ckks_tolerance_encrypted_model, compile_torch, pack, reachable, torch_out,
+                           two_block_model)
 from tests.leakage import LeakSearch, torch_secrets
 
 pytestmark = pytest.mark.he
@@ -79,22 +80,10 @@ def test_server_side_holds_no_weight_and_no_secret_key(deployment, tmp_path):
     assert not server.plan.has_weights
 
     # Nothing reachable from the server object is a secret key, a decryptor, or an array of weights.
-    seen, stack, arrays = set(), [server], []
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    objects = reachable(server)
+    for obj in objects:
         assert not isinstance(obj, (seal.SecretKey, seal.Decryptor, SEALClientBackend)), type(obj)
-        if isinstance(obj, np.ndarray):
-            arrays.append(obj)
-        elif isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__"):
-            stack.extend(vars(obj).values())
+    arrays = [obj for obj in objects if isinstance(obj, np.ndarray)]
     for array in arrays:
         if array.dtype.kind == "f":
             assert search.find(np.ascontiguousarray(array, dtype=np.float64).tobytes()) == []

@@ -13,7 +13,8 @@ from medhe.nn.layers import PolyAct
 from medhe.protocol.client import Client
 from medhe.protocol.server import Server
 from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend, seal
-from tests.helpers import SMALL_N, ckks_tolerance, compile_torch, randomize_bn, run_plan, torch_out, two_block_model
+from tests.helpers import (SMALL_N, ckks_tolerance, compile_torch, randomize_bn, reachable, run_plan, torch_out,
+                           two_block_model)
 
 pytestmark = pytest.mark.he
 
@@ -60,19 +61,8 @@ def test_server_holds_no_secret_key_and_writes_none(tmp_path):
     client.decrypt_logits(result)
 
     # Nothing reachable from the server object is a secret key or a decryptor.
-    seen, stack = set(), [server]
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen:
-            continue
-        seen.add(id(obj))
+    for obj in reachable(server):
         assert not isinstance(obj, (seal.SecretKey, seal.Decryptor, SEALClientBackend)), type(obj)
-        if isinstance(obj, dict):
-            stack.extend(obj.values())
-        elif isinstance(obj, (list, tuple, set)):
-            stack.extend(obj)
-        elif hasattr(obj, "__dict__"):
-            stack.extend(vars(obj).values())
 
     # No file the server wrote, nor the key message, contains the secret key's bytes.
     secret = client.export_secret_key()
