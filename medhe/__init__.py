@@ -12,6 +12,7 @@ from medhe.errors import (
     MissingKeyError,
     ModelFormatError,
     PlanError,
+    RemoteError,
     UnsupportedLayerError,
 )
 
@@ -22,6 +23,7 @@ _LAZY = {
     "Client": "medhe.protocol.client",
     "Server": "medhe.protocol.server",
     "ModelOwner": "medhe.protocol.owner",
+    "RemoteClient": "medhe.protocol.remote",
     "compile_model": "medhe.compiler",
     "Plan": "medhe.plan",
     "ClientSpec": "medhe.plan",
@@ -44,6 +46,7 @@ __all__ = [
     "ClientSpec",
     "ModelOwner",
     "Plan",
+    "RemoteClient",
     "Server",
     "compile_model",
     "load_model",
@@ -59,5 +62,6 @@ __all__ = [
     "MissingKeyError",
     "ModelFormatError",
     "PlanError",
+    "RemoteError",
     "UnsupportedLayerError",
 ]

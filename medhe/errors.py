@@ -47,3 +47,11 @@ class InvalidMessage(MedHEError):
 
 class ConflictError(MedHEError):
     """A request would replace something another party registered (e.g. a clinic's encrypted model)."""
+
+
+class RemoteError(MedHEError):
+    """The diagnosis server refused a request or could not be reached (status 0)."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code

@@ -23,9 +23,7 @@ from pathlib import Path
 
 from medhe.errors import ConfigError
 
-SECRET_KEY_FILE = "secret.key"
-EVAL_KEYS_FILE = "evaluation.keys"
-PUBLIC_KEY_FILE = "public.key"
+from medhe.protocol.keydir import EVAL_KEYS_FILE, PUBLIC_KEY_FILE, SECRET_KEY_FILE
 
 
 # --- what each role loads -------------------------------------------------------------------------
@@ -118,13 +116,9 @@ def _output_file(path: str | Path) -> Path:
 
 
 def _client(args, spec):
-    from medhe.protocol.client import Client
+    from medhe.protocol.keydir import load_key_directory
 
-    keys = _existing(args.keys, "key directory or secret key")
-    path = keys / SECRET_KEY_FILE if keys.is_dir() else keys
-    if not path.is_file():
-        raise ConfigError(f"no secret key at {path}; run `medhe keygen --out {keys}` first")
-    return Client.load(spec, path)
+    return load_key_directory(spec, args.keys)
 
 
 # --- model owner ---------------------------------------------------------------------------------
@@ -159,25 +153,15 @@ def cmd_encrypt_model(args) -> int:
 
 # --- clinic ---------------------------------------------------------------------------------------
 def cmd_keygen(args) -> int:
-    from medhe.protocol.client import Client
+    from medhe.protocol.keydir import make_key_directory
 
     spec = load_spec(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} exists and is not a directory")
-    if (out / SECRET_KEY_FILE).exists() and not args.force:
-        raise ConfigError(f"{out / SECRET_KEY_FILE} already exists; refusing to replace a secret key "
-                          "(pass --force to make new keys)")
-    out.mkdir(parents=True, exist_ok=True)
-    out.chmod(0o700)  # the key directory is the clinic's alone, whatever the umask
     start = time.perf_counter()
-    client = Client(spec, backend=args.backend)
-    eval_keys = client.evaluation_keys()
-    client.save_secret_key(out / SECRET_KEY_FILE, overwrite=args.force)
-    (out / EVAL_KEYS_FILE).write_bytes(eval_keys)
-    (out / PUBLIC_KEY_FILE).write_bytes(client.public_key())
+    client = make_key_directory(spec, out, backend=args.backend, force=args.force)
+    size_mib = (out / EVAL_KEYS_FILE).stat().st_size / 2**20
     print(f"key id {client.key_id}: secret key -> {out / SECRET_KEY_FILE} (keep it on this machine), "
-          f"evaluation keys -> {out / EVAL_KEYS_FILE} ({len(eval_keys) / 2**20:.1f} MiB, for the server), "
+          f"evaluation keys -> {out / EVAL_KEYS_FILE} ({size_mib:.1f} MiB, for the server), "
           f"public key -> {out / PUBLIC_KEY_FILE} (for a model owner) in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -223,6 +207,8 @@ def cmd_evaluate_ciphertext(args) -> int:
 
 # --- all roles in one process ---------------------------------------------------------------------
 def cmd_diagnose(args) -> int:
+    if args.server:
+        return _diagnose_remote(args)
     from medhe.protocol.local import LocalSession
 
     plan = load_plan(args)
@@ -238,6 +224,43 @@ def cmd_diagnose(args) -> int:
         r = session.diagnose_image(image)
         print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
               f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
+    return 0
+
+
+def _diagnose_remote(args) -> int:
+    """The clinic against a diagnosis server: keys made or reused locally, ciphertexts only sent."""
+    import os
+
+    from tqdm import tqdm
+
+    from medhe.protocol.remote import RemoteClient
+
+    if args.plan or args.encrypted_model:
+        raise ConfigError("with --server the server holds the model: name it with --model (see the server's "
+                          "GET /v1/models), not --plan or --encrypted-model")
+    for image in args.images:
+        _existing_file(image, "image file")
+    remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
+                          backend=args.backend)
+    try:
+        model = args.model
+        if model is None:
+            names = [m["name"] for m in remote.models()]
+            if len(names) != 1:
+                raise ConfigError(f"the server hosts {', '.join(names)}: choose one with --model")
+            model = names[0]
+        start = time.perf_counter()
+        client = remote.client(model, accept_new=args.accept_new_model, progress=lambda text: print(text, flush=True))
+        card = remote.model_card(model)
+        print(f"model {model} (spec {client.spec.digest()[:16]}, weights {card.get('weights')} on the server), "
+              f"key id {client.key_id}, ready in {time.perf_counter() - start:.1f} s; keys in {remote.key_home}")
+        print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
+        for image in tqdm(args.images, desc="diagnosing", disable=True if len(args.images) < 2 else None, leave=False):
+            r = remote.diagnose(image, model, accept_new=args.accept_new_model)
+            tqdm.write(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
+                       f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
+    finally:
+        remote.close()
     return 0
 
 
@@ -289,4 +312,11 @@ def register(subparsers) -> None:
     add_plan_arguments(p)
     p.add_argument("--encrypted-model", action="store_true",
                    help="the model owner encrypts the weights under the client's public key first")
+    p.add_argument("--server", metavar="URL", help="diagnose with a remote diagnosis server (`medhe serve`): "
+                                                   "only ciphertexts leave this machine; --model names its model")
+    p.add_argument("--token", help="the clinic's access token for --server (default: $MEDHE_TOKEN)")
+    p.add_argument("--keys", metavar="DIR", help="with --server: where this clinic's keys and model pins are kept "
+                                                 "(default: ~/.medhe/servers/HOST_PORT)")
+    p.add_argument("--accept-new-model", action="store_true",
+                   help="with --server: accept a model that changed since first use (new keys are made)")
     p.set_defaults(func=cmd_diagnose)

@@ -1,33 +1,141 @@
-"""`medhe serve`: run the diagnosis server over HTTP."""
+"""The diagnosis service from the command line.
+
+  operator: medhe token add clinic-a --data-dir srv/          (prints a token once)
+            medhe serve --model br35h pneumoniamnist --data-dir srv/ [--workers N] [--ssl-certfile ...]
+  clinic:   medhe diagnose --server https://host:8000 --token ... --model br35h scan.dcm ...
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+from medhe.errors import ConfigError
+
+
+def _hosted_models(args) -> list:
+    """--model NAME_OR_DIR..., --plan DIR..., --encrypted-model DIR... -> hosted models (NAME=PATH
+    names one explicitly; otherwise the shipped name or the directory's name)."""
+    from medhe.service.hosting import host_plan
+
+    def named(value: str) -> tuple[str, str]:
+        name, sep, path = value.partition("=")
+        return (name, path) if sep else (Path(value.rstrip("/")).name.lower(), value)
+
+    hosted = []
+    for value in args.model or []:
+        from medhe.compiler import compile_model
+        from medhe.nn.modeldir import resolve_model_dir
+
+        name, path = named(value)
+        hosted.append(host_plan(args.data_dir, name, compile_model(resolve_model_dir(path)), backend=args.backend))
+    for value in args.plan or []:
+        from medhe.plan import Plan
+
+        name, path = named(value)
+        if not Path(path).is_dir():
+            raise ConfigError(f"no plan directory at {path}")
+        hosted.append(host_plan(args.data_dir, name, Plan.load(path), backend=args.backend))
+    for value in args.encrypted_model or []:
+        from medhe.protocol.owner import load_encrypted_model
+        from medhe.protocol.server import Server
+
+        name, path = named(value)
+        plan, message = load_encrypted_model(path)
+        model = host_plan(args.data_dir, name, plan, backend=args.backend, encrypted_model=True)
+        # The directory's encrypted model (for the key id it was made for) goes into the key store.
+        Server(plan, backend=args.backend, key_dir=model.key_dir, encrypted_model=True).register_encrypted_model(message)
+        hosted.append(model)
+    if not hosted:
+        raise ConfigError("name at least one model to serve: --model br35h, --plan DIR or --encrypted-model DIR")
+    return hosted
+
 
 def cmd_serve(args) -> int:
+    import logging
+
     import uvicorn
 
-    from medhe.cli.he_cmd import load_server_plan
-    from medhe.plan.report import format_report
-    from medhe.service.app import create_app
+    from medhe.service.app import Limits, create_app
+    from medhe.service.auth import TokenStore
 
-    plan, encrypted = load_server_plan(args)
-    if plan.report:
-        print(format_report(plan.report))
-    app = create_app(plan, backend=args.backend, key_dir=args.key_store, encrypted_model=encrypted is not None,
-                     encrypted_models=(encrypted,) if encrypted is not None else ())
-    mode = "encrypted-model mode: the weights are ciphertexts" if encrypted is not None else "plain weights"
-    print(f"serving model spec {plan.client_spec().digest()[:16]} ({mode}) on http://{args.host}:{args.port}")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    tokens = TokenStore(args.data_dir)
+    if not tokens.enabled() and not args.no_auth:
+        raise ConfigError(f"no tokens in {tokens.path}: issue one per clinic with `medhe token add NAME --data-dir "
+                          f"{args.data_dir}`, or pass --no-auth for a server only you can reach")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("TLS needs both --ssl-certfile and --ssl-keyfile")
+    for path in (args.ssl_certfile, args.ssl_keyfile):
+        if path and not Path(path).is_file():
+            raise ConfigError(f"no TLS file at {path}")
+    models = _hosted_models(args)
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
+    app = create_app(models, data_dir=args.data_dir, workers=workers, max_key_sets=args.key_cache,
+                     tokens=None if args.no_auth else tokens,
+                     limits=Limits(queue_size=args.queue, evaluate_timeout_s=args.timeout,
+                                   idle_upload_timeout_s=args.upload_timeout))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    scheme = "https" if args.ssl_certfile else "http"
+    for model in models:
+        mode = "encrypted-model mode: the weights are ciphertexts" if model.encrypted_model else "plain weights"
+        print(f"model {model.name}: spec {model.spec_digest[:16]} ({mode})")
+    print(f"serving on {scheme}://{args.host}:{args.port} with {workers} worker process(es)"
+          f"{'' if not args.no_auth else ' WITHOUT access control (--no-auth)'}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.ssl_certfile,
+                ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5)
+    return 0
+
+
+def cmd_token(args) -> int:
+    from medhe.service.auth import TokenStore
+
+    store = TokenStore(args.data_dir)
+    if args.action == "add":
+        if not args.name:
+            raise ConfigError("medhe token add NAME")
+        token = store.add(args.name, args.role)
+        print(f"token for {args.role} {args.name} (shown once; the server keeps only its hash):\n{token}")
+    elif args.action == "revoke":
+        if not args.name:
+            raise ConfigError("medhe token revoke NAME")
+        store.revoke(args.name)
+        print(f"token of {args.name} revoked")
+    else:
+        for name, role in store.names():
+            print(f"{name}\t{role}")
     return 0
 
 
 def register(subparsers) -> None:
-    from medhe.cli.he_cmd import add_plan_arguments
+    from medhe.cli.he_cmd import add_backend_argument
 
     p = subparsers.add_parser("serve", help="server: run the encrypted diagnosis HTTP service")
-    add_plan_arguments(p, encrypted_model=True)
+    p.add_argument("--model", nargs="+", metavar="NAME_OR_DIR",
+                   help="shipped model names or model directories, compiled at start (NAME=DIR to name one)")
+    p.add_argument("--plan", nargs="+", metavar="DIR", help="compiled plan directories (from `medhe compile`)")
+    p.add_argument("--encrypted-model", nargs="+", metavar="DIR",
+                   help="encrypted-model directories (from `medhe encrypt-model`): the server never sees the weights")
+    add_backend_argument(p)
+    p.add_argument("--data-dir", default="medhe-server",
+                   help="where keys, encrypted models, tokens and plans are kept (default: ./medhe-server)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--key-store", default=None,
-                   help="directory where registered evaluation keys and encrypted models are kept")
+    p.add_argument("--workers", type=int, default=None,
+                   help="evaluation worker processes (default: the number of cores; 0: a thread of the server)")
+    p.add_argument("--key-cache", type=int, default=4, help="key sets each worker keeps in memory (default 4)")
+    p.add_argument("--queue", type=int, default=8, help="requests that may wait beyond those being evaluated; "
+                                                         "more get 503 with Retry-After (default 8)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds one evaluation may take (default 600)")
+    p.add_argument("--upload-timeout", type=float, default=30.0,
+                   help="seconds an upload may stall before it is dropped (default 30)")
+    p.add_argument("--no-auth", action="store_true", help="no bearer tokens (only for a server only you can reach)")
+    p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile the server speaks https")
+    p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("token", help="operator: issue, list or revoke access tokens for clinics")
+    p.add_argument("action", choices=("add", "list", "revoke"))
+    p.add_argument("name", nargs="?", help="clinic (or model owner) name")
+    p.add_argument("--role", choices=("clinic", "owner"), default="clinic")
+    p.add_argument("--data-dir", default="medhe-server", help="the server's data directory")
+    p.set_defaults(func=cmd_token)

@@ -45,6 +45,10 @@ class Client:
 
     The secret key stays inside this object; `export_secret_key` / `save_secret_key` are the
     only ways out, and both must be called explicitly.
+
+    The key id is the hash of the evaluation keys (`wire.derive_key_id`): a new client makes them
+    the first time it needs its key id or is asked for them; a client loaded from a secret key has
+    them already (`medhe keygen` saved them beside it) and cannot make a second set under the same id.
     """
 
     def __init__(self, spec: ClientSpec, *, backend: str = "seal", secret_key: bytes | None = None,
@@ -52,23 +56,46 @@ class Client:
         self.spec = require_spec(spec)
         self.backend_kind = backend
         self._backend = _client_backend(backend, spec, secret_key)
-        self.key_id = key_id or secrets.token_hex(8)
+        if secret_key is not None and key_id is None:
+            raise ConfigError("a client restored from a secret key needs that key's id")
+        if secret_key is None and backend == "seal" and key_id is not None:
+            raise ConfigError("a new client gets its key id from its evaluation keys; it cannot be chosen")
+        self._key_id = key_id
+        self._unsent_evaluation_keys: bytes | None = None
         self._ids = spec_ids(spec)
         self._preprocessing = None
 
+    @property
+    def key_id(self) -> str:
+        if self._key_id is None:
+            self._unsent_evaluation_keys = self._make_evaluation_keys()
+        return self._key_id
+
     def __repr__(self) -> str:
-        return f"Client(key_id={self.key_id!r}, backend={self.backend_kind!r})"
+        return f"Client(key_id={self._key_id or 'not made yet'!r}, backend={self.backend_kind!r})"
 
     # --- keys ---------------------------------------------------------------------------------
     def evaluation_keys(self) -> bytes:
         """Public evaluation material for the server: relinearization keys and Galois keys for
-        exactly the rotation steps the plan uses. Contains no secret key."""
+        exactly the rotation steps the plan uses, under the key id that is their hash. Contains no
+        secret key. Made once per client: keep the message (`medhe keygen` writes evaluation.keys)."""
+        if self._unsent_evaluation_keys is not None:
+            message, self._unsent_evaluation_keys = self._unsent_evaluation_keys, None
+            return message
+        if self._key_id is not None:
+            raise ConfigError(f"the evaluation keys of key id {self._key_id} were made when this key was; send "
+                              "those again (a new set would have another key id)")
+        return self._make_evaluation_keys()
+
+    def _make_evaluation_keys(self) -> bytes:
         steps = list(self.spec.rotation_steps)
         if self.backend_kind == "seal":
             relin, galois = self._backend.evaluation_keys(steps)
         else:
-            relin, galois = b"", b""
-        return wire.encode_parts("evaluation_keys", [relin, galois], key_id=self.key_id,
+            # No key material without encryption: a random nonce keeps clear-backend key ids apart.
+            relin, galois = secrets.token_bytes(32), b""
+        self._key_id = wire.derive_key_id(self._ids["params_digest"], relin, galois)
+        return wire.encode_parts("evaluation_keys", [relin, galois], key_id=self._key_id,
                                  extra={"rotation_steps": steps, "backend": self.backend_kind}, **self._ids)
 
     def public_key(self) -> bytes:

@@ -9,8 +9,12 @@ by the model owner; it multiplies ciphertext by ciphertext and can read neither 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import secrets
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 from medhe.errors import ConfigError, ConflictError, InvalidMessage, MissingKeyError
@@ -21,16 +25,20 @@ from medhe.runtime.batch_executor import BatchExecutor
 from medhe.runtime.clear import ClearBackend
 from medhe.runtime.executor import EncryptedWeights, Executor, operand_schedule
 
-_KEY_ID = re.compile(r"^[0-9a-f]{16}\Z")
+_KEY_ID = re.compile(rf"^[0-9a-f]{{{wire.KEY_ID_HEX_DIGITS}}}\Z")
 KEYS_SUFFIX = ".keys"
 MODEL_SUFFIX = ".model"
 
 
 def require_key_id(msg: wire.Message) -> str:
-    """Key ids name files in the key store: exactly 16 lowercase hex digits."""
+    """Key ids name files in the key store: exactly 32 lowercase hex digits, the whole string."""
     if not _KEY_ID.match(msg.key_id):
-        raise InvalidMessage("key id must be 16 lowercase hex digits")
+        raise InvalidMessage(f"key id must be {wire.KEY_ID_HEX_DIGITS} lowercase hex digits")
     return msg.key_id
+
+
+def is_key_id(text: str) -> bool:
+    return isinstance(text, str) and bool(_KEY_ID.match(text))
 
 
 def operand_label(key: tuple[int, str]) -> str:
@@ -38,22 +46,58 @@ def operand_label(key: tuple[int, str]) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _place_once(path: Path, data: bytes | None = None, *, upload: Path | None = None) -> bool:
+    """Put `data` (or the file `upload`) at `path` unless something is there already; atomic
+    (a hard link, which fails if the name exists), so of two concurrent writers exactly one wins.
+    True when this call placed it."""
+    if path.exists():  # the common case on a reload from the store: no copy written
+        if upload is not None:
+            upload.unlink(missing_ok=True)
+        return False
+    source = upload
+    if source is None:
+        source = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        source.write_bytes(data)
+    try:
+        os.link(source, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        source.unlink(missing_ok=True)
+
+
+@dataclass
+class _KeySet:
+    """What the server holds for one key id: the clinic's evaluation keys (as a backend), in
+    encrypted-model mode its encrypted model, and the executor built from them."""
+    backend: object | None = None
+    model: EncryptedWeights | None = None
+    model_digest: str | None = None
+    executor: Executor | BatchExecutor | None = None
 
 
 class Server:
-    """Registers clients' evaluation keys (-> key id) and, in encrypted-model mode, their encrypted
-    models; evaluates their ciphertexts.
+    """Registers clients' evaluation keys (-> key id, the hash of the keys) and, in encrypted-model
+    mode, their encrypted models; evaluates their ciphertexts.
 
     With `key_dir`, registered keys and encrypted models are kept on disk (public material and
-    ciphertexts only) so a restarted server still knows them. A bad message raises
+    ciphertexts only; content-addressed, so a file never changes once written) so a restarted
+    server still knows them, and at most `max_key_sets` key sets are held in memory (least
+    recently used ones are dropped and reloaded from disk on demand). A bad message raises
     InvalidMessage and changes nothing stored.
     """
 
     def __init__(self, plan: Plan | BatchPlan, *, backend: str = "seal", key_dir: str | Path | None = None,
-                 encrypted_model: bool = False) -> None:
+                 encrypted_model: bool = False, max_key_sets: int | None = None) -> None:
         if backend not in ("seal", "clear"):
             raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
         if encrypted_model:
@@ -61,6 +105,8 @@ class Server:
                 raise ConfigError("encrypted-model mode evaluates latency plans; throughput mode needs the weights")
             # Keep only the architecture: an encrypted-model server never holds a weight.
             plan = plan.without_weights()
+        if max_key_sets is not None and (not key_dir or max_key_sets < 1):
+            raise ConfigError("a bound on key sets in memory needs a key store to reload them from, and at least 1")
         self.plan = plan
         self.encrypted_model = encrypted_model
         self.spec = plan.client_spec()
@@ -70,14 +116,12 @@ class Server:
             if self.key_dir.exists() and not self.key_dir.is_dir():
                 raise ConfigError(f"the key store {self.key_dir} exists and is not a directory")
             self.key_dir.mkdir(parents=True, exist_ok=True)
+        self.max_key_sets = max_key_sets
         self._ids = spec_ids(self.spec)
-        self._backends: dict = {}
-        self._models: dict[str, EncryptedWeights] = {}
-        self._model_digests: dict[str, str] = {}
-        self._executors: dict[str, Executor | BatchExecutor] = {}
+        self._key_sets: OrderedDict[str, _KeySet] = OrderedDict()
         self._plain_cache: dict = {}  # encoded weights depend on the parameters only: shared by key sets
         self._context = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     # --- keys ---------------------------------------------------------------------------------
     def _shared_context(self):
@@ -97,6 +141,8 @@ class Server:
 
     def _make_backend(self, msg: wire.Message):
         relin, galois = msg.parts(["relin_keys", "galois_keys"])
+        if msg.key_id != wire.derive_key_id(self._ids["params_digest"], relin, galois):
+            raise InvalidMessage("the key id of evaluation keys must be the hash of the keys (wire.derive_key_id)")
         if msg.extra.get("backend", "seal") != self.backend_kind:
             raise InvalidMessage(f"evaluation keys are for backend {msg.extra.get('backend')!r}, "
                                  f"this server runs {self.backend_kind!r}")
@@ -113,22 +159,39 @@ class Server:
             raise InvalidMessage(f"evaluation keys lack rotation steps {sorted(needed - offered)[:8]}")
         if not relin:
             raise InvalidMessage("evaluation keys lack relinearization keys")
+        if needed and not galois:
+            raise InvalidMessage("evaluation keys list rotation steps but carry no Galois keys")
         return SEALServerBackend(self.plan.params, relin, galois or None, context=self._shared_context())
 
-    def register_keys(self, message: bytes) -> str:
+    def _entry(self, key_id: str) -> _KeySet:
+        """The cached key set for `key_id` (made if absent), marked most recently used; evicts the
+        least recently used ones beyond `max_key_sets`. Call with the lock held."""
+        entry = self._key_sets.get(key_id)
+        if entry is None:
+            entry = self._key_sets[key_id] = _KeySet()
+        self._key_sets.move_to_end(key_id)
+        while self.max_key_sets is not None and len(self._key_sets) > self.max_key_sets:
+            self._key_sets.popitem(last=False)  # on disk; reloaded when next used
+        return entry
+
+    def register_keys(self, message: bytes, *, upload: Path | None = None) -> str:
+        """Validate a clinic's evaluation keys and keep them; returns their key id. `upload` is the
+        file the message was streamed to: it is moved into the key store rather than copied."""
         msg = wire.decode(message, expect_kind="evaluation_keys", **self._ids)
         require_key_id(msg)
         backend = self._make_backend(msg)
+        if self.key_dir:
+            # Content-addressed: the same id always names the same bytes, so a copy already there is kept.
+            _place_once(self.key_dir / f"{msg.key_id}{KEYS_SUFFIX}", bytes(message), upload=upload)
         with self._lock:
-            self._backends[msg.key_id] = backend
-            self._executors.pop(msg.key_id, None)
-            if self.key_dir:
-                _atomic_write(self.key_dir / f"{msg.key_id}{KEYS_SUFFIX}", bytes(message))
+            entry = self._entry(msg.key_id)
+            if entry.backend is None:
+                entry.backend, entry.executor = backend, None
         if not self.encrypted_model:
             self._build_executor(msg.key_id)  # encode the weights now, not during the first request
         return msg.key_id
 
-    def register_encrypted_model(self, message: bytes) -> str:
+    def register_encrypted_model(self, message: bytes, *, upload: Path | None = None) -> str:
         """Store a model owner's encrypted model for the clinic whose key id it names. Every
         operand is checked against the plan (names, levels, scales) before anything is kept."""
         if not self.encrypted_model:
@@ -154,33 +217,33 @@ class Server:
         for key, like, scale in schedule:
             weights.get(key, like, scale)  # raises InvalidMessage on a wrong level or scale
         digest = hashlib.sha256(bytes(message)).hexdigest()
+        # One (model, clinic key) pair has one encrypted model: a different one under the same key
+        # id would replace the clinic's model, so it is refused (re-uploading is idempotent). The
+        # first to be placed in the store wins, also between server processes sharing it.
         with self._lock:
-            # One (model, clinic key) pair has one encrypted model: a different one under the same
-            # key id would replace the clinic's model, so it is refused (re-uploading is idempotent).
-            known = self._model_digests.get(msg.key_id) or self._stored_digest(msg.key_id)
-            if known is not None and known != digest:
-                raise ConflictError(f"an encrypted model is already registered for key id {msg.key_id}; "
-                                    "it is not replaced")
-            self._models[msg.key_id] = weights
-            self._model_digests[msg.key_id] = digest
-            self._executors.pop(msg.key_id, None)
-            if self.key_dir and known is None:
-                _atomic_write(self.key_dir / f"{msg.key_id}{MODEL_SUFFIX}", bytes(message))
+            entry = self._key_sets.get(msg.key_id)
+            known = entry.model_digest if entry is not None else None
+        if known is None and self.key_dir:
+            path = self.key_dir / f"{msg.key_id}{MODEL_SUFFIX}"
+            if not _place_once(path, bytes(message), upload=upload):
+                known = hashlib.sha256(path.read_bytes()).hexdigest()
+        if known is not None and known != digest:
+            raise ConflictError(f"an encrypted model is already registered for key id {msg.key_id}; it is not replaced")
+        with self._lock:
+            entry = self._entry(msg.key_id)
+            entry.model, entry.model_digest, entry.executor = weights, digest, None
         return msg.key_id
 
-    def _stored_digest(self, key_id: str) -> str | None:
-        stored = self._stored(key_id, MODEL_SUFFIX)
-        return hashlib.sha256(stored).hexdigest() if stored is not None else None
-
     def _stored(self, key_id: str, suffix: str) -> bytes | None:
-        if not self.key_dir or not _KEY_ID.match(key_id):
+        if not self.key_dir or not is_key_id(key_id):
             return None
         path = self.key_dir / f"{key_id}{suffix}"
         return path.read_bytes() if path.is_file() else None
 
     def _build_executor(self, key_id: str):
         with self._lock:
-            backend, model = self._backends.get(key_id), self._models.get(key_id)
+            entry = self._key_sets.get(key_id) or _KeySet()
+            backend, model = entry.backend, entry.model
         if backend is None:
             raise MissingKeyError(f"no evaluation keys registered under key id {key_id!r}; register them first")
         if isinstance(self.plan, BatchPlan):
@@ -194,32 +257,45 @@ class Server:
             executor = Executor(self.plan, backend, cache=self._plain_cache)
             executor.prepare()
         with self._lock:
-            # Keys or model re-registered meanwhile: this executor is stale; use it once, keep none.
-            if self._backends.get(key_id) is backend and self._models.get(key_id) is model:
-                self._executors[key_id] = executor
+            # Keys or model replaced or evicted meanwhile: use this executor once, keep none.
+            current = self._key_sets.get(key_id)
+            if current is not None and current.backend is backend and current.model is model:
+                current.executor = executor
         return executor
 
     def _executor(self, key_id: str):
         with self._lock:
-            executor = self._executors.get(key_id)
-        if executor is not None:
-            return executor
-        if key_id not in self._backends and (stored := self._stored(key_id, KEYS_SUFFIX)) is not None:
+            entry = self._key_sets.get(key_id)
+            if entry is not None:
+                self._key_sets.move_to_end(key_id)
+                if entry.executor is not None:
+                    return entry.executor
+            has_backend = entry is not None and entry.backend is not None
+            has_model = entry is not None and entry.model is not None
+        if not has_backend and (stored := self._stored(key_id, KEYS_SUFFIX)) is not None:
             self.register_keys(stored)
-        if self.encrypted_model and key_id not in self._models \
-                and (stored := self._stored(key_id, MODEL_SUFFIX)) is not None:
+        if self.encrypted_model and not has_model and (stored := self._stored(key_id, MODEL_SUFFIX)) is not None:
             with self._lock:  # the stored model is the known one: no second read of the file
-                self._model_digests.setdefault(key_id, hashlib.sha256(stored).hexdigest())
+                self._entry(key_id).model_digest = hashlib.sha256(stored).hexdigest()
             self.register_encrypted_model(stored)
-        return self._executors.get(key_id) or self._build_executor(key_id)
+        with self._lock:
+            entry = self._key_sets.get(key_id)
+            if entry is not None and entry.executor is not None:
+                return entry.executor
+        return self._build_executor(key_id)
 
     @property
     def key_ids(self) -> list[str]:
         with self._lock:
-            known = set(self._backends)
+            known = {k for k, entry in self._key_sets.items() if entry.backend is not None}
         if self.key_dir:
             known |= {p.name[: -len(KEYS_SUFFIX)] for p in self.key_dir.glob(f"*{KEYS_SUFFIX}")}
         return sorted(known)
+
+    @property
+    def key_sets_in_memory(self) -> int:
+        with self._lock:
+            return len(self._key_sets)
 
     # --- evaluation ---------------------------------------------------------------------------
     def evaluate_batch(self, message: bytes) -> bytes:

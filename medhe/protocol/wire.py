@@ -27,6 +27,19 @@ MAX_PAYLOAD_BYTES = {"ciphertext": 64 * 2**20, "result": 64 * 2**20, "evaluation
                      "secret_key": 64 * 2**20, "batch_ciphertext": 4 * 2**30, "batch_result": 256 * 2**20,
                      "public_key": 64 * 2**20, "encrypted_model": 4 * 2**30}
 _PREFIX = struct.Struct(">5sHI")
+PEEK_BYTES = _PREFIX.size + MAX_HEADER_BYTES  # enough to read any valid message's header
+KEY_ID_HEX_DIGITS = 32
+
+
+def derive_key_id(params_digest: str, *key_parts: bytes) -> str:
+    """A key id is the hash of the evaluation keys it names (128 bits): registering the same keys
+    again gives the same id, and nobody can register other keys under a clinic's id. Each part is
+    hashed with its length, so moving bytes from one part to the next changes the id."""
+    digest = hashlib.sha256(b"medhe-key-id-v1\0" + params_digest.encode())
+    for part in key_parts:
+        digest.update(struct.pack(">Q", len(part)))
+        digest.update(part)
+    return digest.hexdigest()[:KEY_ID_HEX_DIGITS]
 
 
 @dataclass(frozen=True)
@@ -111,6 +124,27 @@ def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: st
         raise InvalidMessage(f"{kind} message is for key id {header.get('key_id')!r}, expected {key_id!r}")
     extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
     return Message(kind, spec_digest, params_digest, str(header.get("key_id")), payload, extra)
+
+
+def peek_header(data: bytes) -> dict:
+    """A message's header, read from its first PEEK_BYTES before the payload has arrived or been
+    checked (to route it and refuse it early); `decode` still validates the whole message."""
+    try:
+        magic, version, header_len = _PREFIX.unpack_from(data)
+        if magic != MAGIC or version != FORMAT_VERSION or header_len > MAX_HEADER_BYTES:
+            raise ValueError
+        header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
+        if not isinstance(header, dict):
+            raise TypeError
+    except (struct.error, ValueError, TypeError, UnicodeDecodeError, RecursionError):
+        raise InvalidMessage(f"not a medhe message of format version {FORMAT_VERSION} "
+                             f"(expected it to start with {MAGIC!r} and a JSON header)") from None
+    for field in ("kind", "spec_digest", "key_id"):
+        if not isinstance(header.get(field), str):
+            raise InvalidMessage(f"message header lacks a string {field!r}")
+    if type(header.get("payload_bytes")) is not int or header["payload_bytes"] < 0:
+        raise InvalidMessage("message header lacks a payload size")
+    return header
 
 
 def peek_key_id(data: bytes) -> str:

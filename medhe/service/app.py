@@ -1,130 +1,338 @@
 """HTTP service for the diagnosis server (FastAPI). Bytes in, bytes out: the bodies are the same
 versioned wire messages the CLI writes to files, so nothing is unpickled and every message is
-validated (version, plan hash, key id, checksum, size) before use.
+validated (version, spec digest, key id, checksum, size) before use.
 
-    GET  /v1/model            the model card: the public client spec (no weight) and its digest
-    POST /v1/keys             evaluation keys message   -> {"key_id": ...}
-    POST /v1/encrypted-model  encrypted model message   -> {"key_id": ...} (encrypted-model mode)
-    POST /v1/diagnose         ciphertext message        -> result message (application/octet-stream)
-    GET  /health
+    GET  /health                    liveness; never waits for an evaluation
+    GET  /v1/models                 the hosted models
+    GET  /v1/models/{name}          a model card: the public client spec (no weight) and its digest
+    POST /v1/keys                   evaluation keys (streamed to disk)  -> {"model", "key_id"}
+    GET  /v1/keys/{key_id}          whether this clinic's key id is registered (and has its model)
+    POST /v1/encrypted-model        encrypted model (model owner; encrypted-model mode)
+    POST /v1/diagnose               ciphertext -> result (application/octet-stream)
+
+Evaluation runs in worker processes (or, with workers=0, on a thread), never on the event loop; at
+most workers + queue_size requests are in flight and the next gets 503 with Retry-After. Messages
+name their model by spec digest. With a token store, every /v1 call needs `Authorization: Bearer`
+and a clinic sees and uses only the key ids it registered. Errors are JSON
+{"error": stable code, "message": text}; a peer's bad input is a 4xx, never a 500.
 """
 
 from __future__ import annotations
 
-from fastapi import FastAPI, HTTPException, Request, Response
+import asyncio
+import hashlib
+import json
+import logging
+import re
+import secrets
+import struct
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 
-from medhe.errors import ConfigError, ConflictError, InvalidMessage, MedHEError, MissingKeyError
-from medhe.plan import ClientSpec, Plan
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from medhe.errors import ConfigError, InvalidMessage
 from medhe.protocol import wire
-from medhe.protocol.server import Server
+from medhe.protocol.server import is_key_id
+from medhe.service.auth import Principal, TokenStore
+from medhe.service.hosting import HostedModel, uploads_dir
+from medhe.service.workers import InlinePool, PoolBusy, ProcessPool, WorkerFailed
 
 OCTET = "application/octet-stream"
+log = logging.getLogger("medhe.service")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 
 
-async def _read_body(request: Request, kind: str) -> bytes:
-    limit = wire.MAX_PAYLOAD_BYTES[kind] + wire.MAX_HEADER_BYTES + 64
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > limit):
-        raise HTTPException(413, f"a {kind} message is at most {limit} bytes")
+@dataclass(frozen=True)
+class Limits:
+    """Request size limits (bytes, whole message) and timeouts."""
+    ciphertext_bytes: int = 64 * 2**20
+    evaluation_keys_bytes: int = 2 * 2**30  # keys at N=16384 are 340-400 MB; never held in memory
+    encrypted_model_bytes: int = 2 * 2**30
+    idle_upload_timeout_s: float = 30.0  # a stalled upload is dropped after this long without a byte
+    evaluate_timeout_s: float = 600.0
+    queue_size: int = 8  # requests waiting beyond the ones being evaluated
+    retry_after_s: int = 2
+
+
+class ServiceError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | None = None,
+                   idle_timeout_s: float) -> tuple[dict, bytes]:
+    """Read a `kind` message body of at most `limit` bytes. Its header is checked as soon as it has
+    arrived (a too-large or wrong-kind message is refused before its payload is read); with
+    `to_file` the body is streamed there and never held in memory. Returns (header, body or b"")."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != OCTET:
-        raise HTTPException(415, f"a {kind} message is sent as {OCTET}, not {content_type or 'no content type'}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HTTPException(413, f"a {kind} message is at most {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+        raise ServiceError(415, "unsupported_media_type",
+                           f"a {kind} message is sent as {OCTET}, not {content_type or 'no content type'}")
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise ServiceError(413, "too_large", f"a {kind} message is at most {limit} bytes")
+    buffer, header, expected, total, sink = bytearray(), None, None, 0, None
+    digest = hashlib.sha256()
+    stream = request.stream().__aiter__()
+    try:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise ServiceError(408, "upload_timeout", f"no data for {idle_timeout_s:.0f} s; upload dropped") from None
+            total += len(chunk)
+            if total > limit or (expected is not None and total > expected):
+                raise ServiceError(413, "too_large", f"a {kind} message is at most {limit} bytes and as long as its "
+                                                     "header says")
+            if sink is not None:
+                sink.write(chunk)
+                digest.update(chunk)
+                continue
+            buffer += chunk
+            if header is None and len(buffer) >= 11:
+                header_len = struct.unpack_from(">I", buffer, 7)[0]
+                if buffer[:5] != wire.MAGIC or len(buffer) >= 11 + min(header_len, wire.MAX_HEADER_BYTES):
+                    header = _checked_header(bytes(buffer), kind)
+                    expected = 11 + header_len + header["payload_bytes"]
+                    if expected > limit:
+                        raise ServiceError(413, "too_large", f"a {kind} message is at most {limit} bytes; this one "
+                                                             f"says {expected}")
+                    if to_file is not None:
+                        sink = open(to_file, "xb")
+                        sink.write(buffer)
+                        digest.update(buffer[11 + header_len:])
+                        buffer = bytearray()
+        if header is None:
+            header = _checked_header(bytes(buffer), kind)
+            expected = 11 + struct.unpack_from(">I", buffer, 7)[0] + header["payload_bytes"]
+        if total != expected:
+            raise ServiceError(400, "invalid_message", f"{kind} message is truncated: {total} of {expected} bytes")
+        if sink is not None and digest.hexdigest() != header.get("payload_sha256"):
+            # Checked here, while streaming, so a corrupt upload never reaches a worker's memory.
+            raise ServiceError(400, "invalid_message", f"{kind} payload does not match its checksum")
+    except BaseException:
+        if sink is not None:
+            sink.close()
+            to_file.unlink(missing_ok=True)
+        raise
+    if sink is not None:
+        sink.close()
+    return header, bytes(buffer)
 
 
-def create_app(plan: Plan, *, backend: str = "seal", key_dir=None, encrypted_model: bool = False,
-               encrypted_models: tuple[bytes, ...] = ()) -> FastAPI:
-    """The app for one model: `plan` is the server plan (plain-weight mode) or the plan without
-    weights (encrypted-model mode, with `encrypted_models` registered at start)."""
-    server = Server(plan, backend=backend, key_dir=key_dir, encrypted_model=encrypted_model)
-    for message in encrypted_models:
-        server.register_encrypted_model(message)
-    card = server.spec.card()
-    app = FastAPI(title="medhe diagnosis server", version="2")
-    app.state.server = server
+def _checked_header(prefix: bytes, kind: str) -> dict:
+    try:
+        header = wire.peek_header(prefix)
+    except InvalidMessage as exc:
+        raise ServiceError(400, "invalid_message", str(exc)) from None
+    if header["kind"] != kind:
+        raise ServiceError(400, "invalid_message", f"expected a {kind} message, got {header['kind']!r}")
+    if not is_key_id(header["key_id"]):
+        raise ServiceError(400, "invalid_message", f"key id must be {wire.KEY_ID_HEX_DIGITS} lowercase hex digits")
+    return header
 
+
+def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int = 0, max_key_sets: int | None = 4,
+               tokens: TokenStore | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The service for `models` (from `hosting.host_plan`). workers=0 evaluates on a thread of this
+    process; workers=N in N worker processes. Without `tokens` (or with an empty token store)
+    there is no access control: for a server only its operator can reach."""
+    if not models:
+        raise ConfigError("a server hosts at least one model")
+    by_name = {m.name: m for m in models}
+    by_digest = {m.spec_digest: m for m in models}
+    if len(by_name) != len(models) or len(by_digest) != len(models):
+        raise ConfigError("hosted models need distinct names and distinct client specs")
+    uploads = uploads_dir(data_dir)
+    for stale in uploads.glob("*.part"):  # bodies a crash left half-received
+        stale.unlink(missing_ok=True)
+    if workers == 0:
+        pool = InlinePool(models, max_key_sets=max_key_sets, queue_size=limits.queue_size)
+    else:
+        pool = ProcessPool(models, workers=workers, max_key_sets=max_key_sets, queue_size=limits.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await pool.start()
+        try:
+            yield
+        finally:
+            await pool.close()
+
+    app = FastAPI(title="medhe diagnosis server", version=str(wire.FORMAT_VERSION), lifespan=lifespan,
+                  description=__doc__)
+    app.state.pool = pool
+    app.state.models = by_name
+
+    # --- errors and logs ------------------------------------------------------------------------
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        request.state.log["error"] = exc.code
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return _error_response(422, "invalid_request", "the request's parameters are not valid")
+
+    @app.middleware("http")
+    async def request_log(request: Request, call_next):
+        given = request.headers.get("x-request-id", "")
+        request_id = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
+        request.state.log = {}
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # a bug: logged with its type, answered without internals
+            log.exception(json.dumps({"request_id": request_id, "event": "internal_error", "type": type(exc).__name__}))
+            response = _error_response(500, "internal", "internal error; the request id is in the server log")
+        response.headers["x-request-id"] = request_id
+        # Ids, sizes and timings only: never image, ciphertext or key bytes.
+        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
+                             "status": response.status_code, "latency_s": round(time.perf_counter() - start, 4),
+                             **request.state.log}))
+        return response
+
+    # --- helpers ------------------------------------------------------------------------------
+    def principal(request: Request) -> Principal | None:
+        """The caller (None without access control); a missing or wrong token is a 401."""
+        if tokens is None or not tokens.enabled():
+            return None
+        who = tokens.identify(request.headers.get("authorization"))
+        if who is None:
+            raise ServiceError(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer ...)",
+                               {"www-authenticate": "Bearer"})
+        request.state.log["clinic"] = who.name
+        return who
+
+    def model_for(header: dict) -> HostedModel:
+        model = by_digest.get(header["spec_digest"])
+        if model is None:
+            raise ServiceError(400, "unknown_model", f"the message was made for model spec "
+                                                     f"{header['spec_digest'][:16]}, which this server does not host "
+                                                     f"(it hosts {', '.join(sorted(by_name))}: GET /v1/models)")
+        return model
+
+    def require_own_key(model: HostedModel, key_id: str, who: Principal | None) -> None:
+        # Another clinic's key id and an unknown one get the same answer: ids are not disclosed.
+        if not model.has_keys(key_id) or (who is not None and not model.owned_by(key_id, who.name)):
+            raise ServiceError(404, "unknown_key", f"no evaluation keys registered under key id {key_id} for model "
+                                                   f"{model.name}{' by this clinic' if who else ''}; POST /v1/keys")
+
+    def reserve():
+        try:
+            return pool.reserve()
+        except PoolBusy as exc:
+            raise ServiceError(503, "busy", str(exc), {"retry-after": str(limits.retry_after_s)}) from None
+
+    async def run(request: Request, job: dict, payload: bytes = b"") -> tuple[dict, bytes]:
+        start = time.perf_counter()
+        try:
+            reply, out = await pool.call(job, payload, timeout_s=limits.evaluate_timeout_s)
+        except WorkerFailed as exc:
+            raise ServiceError(503, "worker_failed", str(exc), {"retry-after": str(limits.retry_after_s)}) from None
+        request.state.log["server_s"] = round(time.perf_counter() - start, 4)
+        if "error" in reply:
+            raise ServiceError(int(reply["status"]), reply["error"], reply["message"])
+        return reply, out
+
+    def upload_path() -> Path:
+        return uploads / f"{secrets.token_hex(12)}.part"
+
+    # --- endpoints ----------------------------------------------------------------------------
     @app.get("/health")
-    def health() -> dict:
-        return {"status": "ok", "spec_digest": card["spec_digest"]}
+    async def health() -> dict:
+        return {"status": "ok", "models": sorted(by_name), "workers": pool.workers, "in_flight": pool.pending,
+                "max_in_flight": pool.max_pending}
 
-    @app.get("/v1/model")
-    def model_card() -> dict:
-        return {**card, "wire_format_version": wire.FORMAT_VERSION,
-                "weights": "encrypted" if encrypted_model else "plain"}
+    @app.get("/v1/models")
+    async def list_models(request: Request) -> dict:
+        principal(request)
+        return {"models": [{"name": m.name, "spec_digest": m.spec_digest, "weights": m.card()["weights"],
+                            "class_names": list(m.spec.class_names)} for m in models]}
+
+    @app.get("/v1/models/{name}")
+    async def model_card(name: str, request: Request) -> dict:
+        principal(request)
+        if name not in by_name:
+            raise ServiceError(404, "unknown_model", f"no model {name!r}; this server hosts {', '.join(sorted(by_name))}")
+        return by_name[name].card()
+
+    async def upload(request: Request, kind: str, limit: int, *, encrypted_model_only: bool = False):
+        """Stream a keys or encrypted-model body to a file, then have a worker validate it and move
+        it into the model's key store. -> (model, worker reply)."""
+        path = upload_path()
+        try:
+            with reserve():
+                header, _ = await _receive(request, kind, limit, to_file=path,
+                                           idle_timeout_s=limits.idle_upload_timeout_s)
+                model = model_for(header)
+                request.state.log.update(model=model.name, key_id=header["key_id"])
+                if encrypted_model_only and not model.encrypted_model:
+                    raise ServiceError(409, "wrong_mode", f"model {model.name} runs with its weights in clear here")
+                reply, _ = await run(request, {"op": f"register_{kind}", "model": model.name, "path": str(path),
+                                               "key_id": header["key_id"]})
+        finally:
+            path.unlink(missing_ok=True)  # moved into the key store when valid
+        return model, reply
 
     @app.post("/v1/keys")
     async def register_keys(request: Request) -> dict:
-        body = await _read_body(request, "evaluation_keys")
-        try:
-            return {"key_id": server.register_keys(body)}
-        except InvalidMessage as exc:
-            raise HTTPException(400, str(exc)) from None
+        who = principal(request)
+        model, reply = await upload(request, "evaluation_keys", limits.evaluation_keys_bytes)
+        if who is not None:
+            model.add_owner(reply["key_id"], who.name)
+        return {"model": model.name, "key_id": reply["key_id"]}
+
+    @app.get("/v1/keys/{key_id}")
+    async def key_status(key_id: str, request: Request) -> dict:
+        who = principal(request)
+        for model in models:
+            if model.has_keys(key_id) and (who is None or model.owned_by(key_id, who.name)):
+                return {"key_id": key_id, "model": model.name,
+                        "encrypted_model": model.has_encrypted_model(key_id) if model.encrypted_model else None}
+        raise ServiceError(404, "unknown_key", f"no evaluation keys registered under key id {key_id[:40]!r}"
+                                               f"{' by this clinic' if who else ''}")
 
     @app.post("/v1/encrypted-model")
     async def register_encrypted_model(request: Request) -> dict:
-        body = await _read_body(request, "encrypted_model")
-        try:
-            return {"key_id": server.register_encrypted_model(body)}
-        except (ConfigError, ConflictError) as exc:
-            raise HTTPException(409, str(exc)) from None
-        except InvalidMessage as exc:
-            raise HTTPException(400, str(exc)) from None
+        who = principal(request)
+        if who is not None and who.role != "owner":
+            raise ServiceError(403, "forbidden", "only a model owner's token may upload encrypted models")
+        model, reply = await upload(request, "encrypted_model", limits.encrypted_model_bytes, encrypted_model_only=True)
+        return {"model": model.name, "key_id": reply["key_id"]}
 
     @app.post("/v1/diagnose")
     async def diagnose(request: Request) -> Response:
-        body = await _read_body(request, "ciphertext")
-        try:
-            result = server.evaluate(body)
-        except MissingKeyError as exc:
-            raise HTTPException(404, str(exc)) from None
-        except InvalidMessage as exc:
-            raise HTTPException(400, str(exc)) from None
-        except MedHEError:
-            # Toward a peer: no internals beyond the category.
-            raise HTTPException(400, "the ciphertext could not be evaluated with this plan") from None
-        return Response(result, media_type=OCTET)
+        who = principal(request)
+        with reserve():
+            header, body = await _receive(request, "ciphertext", limits.ciphertext_bytes,
+                                          idle_timeout_s=limits.idle_upload_timeout_s)
+            model = model_for(header)
+            request.state.log.update(model=model.name, key_id=header["key_id"])
+            require_own_key(model, header["key_id"], who)
+            if model.encrypted_model and not model.has_encrypted_model(header["key_id"]):
+                raise ServiceError(404, "unknown_key", f"no encrypted model registered for key id {header['key_id']}; "
+                                                       "the model owner must upload one")
+            reply, result = await run(request, {"op": "diagnose", "model": model.name, "key_id": header["key_id"]},
+                                      body)
+        return Response(result, media_type=OCTET, headers={"x-evaluate-s": f"{reply['evaluate_s']:.4f}"})
 
     return app
-
-
-class HTTPServerClient:
-    """The clinic's side of the HTTP service (httpx)."""
-
-    def __init__(self, base_url: str, *, timeout_s: float = 300.0, transport=None) -> None:
-        import httpx
-
-        self._http = httpx.Client(base_url=base_url, timeout=timeout_s, transport=transport)
-
-    def model_card(self) -> dict:
-        return self._checked(self._http.get("/v1/model")).json()
-
-    def client_spec(self) -> ClientSpec:
-        """The server's public client spec, checked against its own digest."""
-        return ClientSpec.from_dict(self.model_card())
-
-    def register_encrypted_model(self, message: bytes) -> str:
-        return self._checked(self._http.post("/v1/encrypted-model", content=message,
-                                             headers={"content-type": OCTET})).json()["key_id"]
-
-    def register_keys(self, message: bytes) -> str:
-        return self._checked(self._http.post("/v1/keys", content=message,
-                                             headers={"content-type": OCTET})).json()["key_id"]
-
-    def evaluate(self, message: bytes) -> bytes:
-        return self._checked(self._http.post("/v1/diagnose", content=message,
-                                             headers={"content-type": OCTET})).content
-
-    @staticmethod
-    def _checked(response):
-        if response.status_code == 404:
-            raise MissingKeyError(response.json().get("detail", "unknown key id"))
-        if response.status_code >= 400:
-            raise InvalidMessage(f"server refused the request ({response.status_code}): "
-                                 f"{response.json().get('detail', '')}")
-        return response

@@ -76,3 +76,35 @@ def test_cli_roles_with_real_keys(tmp_path, encrypted_model):
     tolerance = (ckks_tolerance_encrypted_model if encrypted_model else ckks_tolerance)(plan, np.abs(expected).max())
     np.testing.assert_allclose(answer["logits"], expected, atol=tolerance)
     assert int(np.argmax(answer["logits"])) == int(np.argmax(expected))
+
+
+def test_both_default_models_over_http_match_the_plaintext_model(tmp_path, pneumoniamnist_npz, report_line):
+    """A real `medhe serve` process hosting both shipped models (2 worker processes, tokens); a
+    clinic diagnoses held-out images of each through RemoteClient at 128-bit security."""
+    from medhe.protocol.remote import RemoteClient
+    from medhe.service.auth import TokenStore
+    from tests.service_process import ServerProcess
+
+    token = TokenStore(tmp_path / "srv").add("clinic-a")
+    server = ServerProcess(tmp_path / "srv", "--model", "br35h", "pneumoniamnist", "--workers", "2")
+    try:
+        server.start(timeout_s=600)
+        remote = RemoteClient(server.url, token=token, key_home=tmp_path / "clinic")
+        for dataset in ("br35h", "pneumoniamnist"):
+            model, card = load_model(resolve_model_dir(dataset))
+            images, labels = held_out(dataset, card, pneumoniamnist_npz)
+            pick = np.linspace(0, len(images) - 1, 6).round().astype(int)
+            inputs = card.preprocessing.apply_batch(images[pick])
+            with torch.no_grad():
+                reference = model(torch.tensor(inputs)).double().numpy()
+            plan = compile_model(resolve_model_dir(dataset))
+            tolerance = ckks_tolerance(plan, np.abs(reference).max())
+            results = [remote.diagnose(images[i], dataset) for i in pick]
+            logits = np.stack([r.logits for r in results])
+            assert (logits.argmax(1) == reference.argmax(1)).all(), dataset
+            assert np.abs(logits - reference).max() <= tolerance, dataset
+            report_line(f"{dataset} over HTTP (2 workers, tokens): 6 images, labels equal to plaintext, max |logit "
+                        f"error| {np.abs(logits - reference).max():.2e}, request round trip "
+                        f"{np.median([r.server_s for r in results]):.3f} s median")
+    finally:
+        server.kill()

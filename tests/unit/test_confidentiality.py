@@ -20,6 +20,7 @@ from medhe.plan import ClientSpec
 from medhe.protocol.client import Client
 from medhe.protocol.server import Server
 from medhe.service.app import create_app
+from medhe.service.hosting import host_plan
 from tests.leakage import LeakSearch, model_dir_secrets
 
 
@@ -34,16 +35,18 @@ def shipped(request):
 def client_artifacts(plan, tmp_path) -> dict[str, tuple[bytes, bool]]:
     """name -> (bytes, is_text) for everything a clinic receives, makes or sends."""
     spec_file = plan.client_spec().save(tmp_path)
-    card = TestClient(create_app(plan, backend="clear")).get("/v1/model")
+    card = TestClient(create_app([host_plan(tmp_path / "srv", "m", plan, backend="clear")],
+                                 data_dir=tmp_path / "srv")).get("/v1/models/m")
     assert card.status_code == 200
     client = Client(ClientSpec.load(spec_file), backend="clear")
     server = Server(plan, backend="clear")
-    server.register_keys(client.evaluation_keys())
+    evaluation_keys = client.evaluation_keys()
+    server.register_keys(evaluation_keys)
     ciphertext = client.encrypt_image(np.random.default_rng(0).random((64, 48)))
     return {
         "client_spec.json": (spec_file.read_bytes(), True),
         "model card": (card.content, True),
-        "evaluation keys": (client.evaluation_keys(), False),
+        "evaluation keys": (evaluation_keys, False),
         "public key": (client.public_key(), False),
         "secret key": (client.export_secret_key(), False),
         "ciphertext": (ciphertext, False),

@@ -10,14 +10,16 @@ import pytest
 from fastapi.testclient import TestClient
 from torch import nn
 
-from medhe.errors import ConfigError, ConflictError, InvalidMessage, MissingKeyError
+from medhe.errors import ConfigError, ConflictError, InvalidMessage, MissingKeyError, RemoteError
 from medhe.nn.layers import PolyAct
 from medhe.plan import Plan
 from medhe.protocol import wire
 from medhe.protocol.client import Client
 from medhe.protocol.owner import ModelOwner, load_encrypted_model, save_encrypted_model
+from medhe.protocol.remote import RemoteClient
 from medhe.protocol.server import Server
-from medhe.service.app import HTTPServerClient, create_app
+from medhe.service.app import create_app
+from medhe.service.hosting import host_plan
 from tests.helpers import compile_torch, randomize_bn, torch_out
 
 SIZE = 8
@@ -172,29 +174,32 @@ def test_encrypted_model_directory_holds_no_clear_weights(plan, deployed, tmp_pa
 
 
 def test_http_encrypted_model_round_trip(model, plan, tmp_path):
-    app = create_app(plan.without_weights(), backend="clear", key_dir=tmp_path / "store", encrypted_model=True)
-    http = HTTPServerClient("http://testserver", transport=TestClient(app)._transport)
-    spec = http.client_spec()
-    assert spec == plan.client_spec() and http.model_card()["weights"] == "encrypted"
-    client = Client(spec, backend="clear")
-    http.register_keys(client.evaluation_keys())
+    hosted = host_plan(tmp_path / "srv", "tiny", plan, backend="clear", encrypted_model=True)
+    app = create_app([hosted], data_dir=tmp_path / "srv")
+    http = RemoteClient("http://testserver", key_home=tmp_path / "clinic", backend="clear",
+                        transport=TestClient(app)._transport)
+    assert http.model_card("tiny")["weights"] == "encrypted"
+    assert not (hosted.plan_dir / "arrays.npz").exists(), "an encrypted-model server keeps no weight on disk"
+    client = http.client("tiny")
+    assert client.spec == plan.client_spec()
     with pytest.raises(MissingKeyError, match="no encrypted model"):
         http.evaluate(client.encrypt_input(np.zeros((1, SIZE, SIZE))))
     assert http.register_encrypted_model(ModelOwner(backend="clear").encrypt_model(plan, client.public_key())) == client.key_id
-    with pytest.raises(InvalidMessage, match="400"):
+    with pytest.raises(RemoteError, match="400 invalid_message"):
         http.register_encrypted_model(b"garbage")
     image = np.random.rand(SIZE, SIZE)
-    logits = client.decrypt_logits(http.evaluate(client.encrypt_image(image)))
+    logits = http.diagnose(image, "tiny").logits
     np.testing.assert_allclose(logits, torch_out(model, client.preprocess(image)), atol=1e-9)
+    assert http.key_status(client.key_id)["encrypted_model"] is True
 
 
-def test_plain_server_refuses_an_encrypted_model_upload_over_http(plan):
-    app = create_app(plan, backend="clear")
+def test_plain_server_refuses_an_encrypted_model_upload_over_http(plan, tmp_path):
+    app = create_app([host_plan(tmp_path, "tiny", plan, backend="clear")], data_dir=tmp_path)
     client = Client(plan.client_spec(), backend="clear")
     with TestClient(app) as tc:
         response = tc.post("/v1/encrypted-model", content=ModelOwner(backend="clear").encrypt_model(plan, client.public_key()),
                            headers={"content-type": "application/octet-stream"})
-    assert response.status_code == 409
+    assert response.status_code == 409 and response.json()["error"] == "wrong_mode"
 
 
 def test_a_new_instruction_kind_is_one_class_and_one_executor_method(plan, tmp_path):

@@ -130,11 +130,47 @@ def test_bad_inputs_name_what_was_expected(plan, parties):
         client.encrypt_input(bad)
 
 
-def test_evaluation_keys_for_another_plan_are_refused(model, parties):
-    client, _ = parties
+def test_evaluation_keys_for_another_plan_are_refused(model, plan):
     other_plan = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double(), (1, SIZE, SIZE))
     with pytest.raises(InvalidMessage, match="spec"):
-        Server(other_plan, backend="clear").register_keys(client.evaluation_keys())
+        Server(other_plan, backend="clear").register_keys(Client(plan.client_spec(), backend="clear").evaluation_keys())
+
+
+def test_key_ids_are_the_hash_of_the_keys_so_nobody_can_take_over_one(plan, parties, tmp_path):
+    client, server = parties
+    keys_file = tmp_path / "keys" / f"{client.key_id}.keys"
+    stored = keys_file.read_bytes()
+    # Another clinic's keys sent under this clinic's key id are refused; nothing stored changes.
+    intruder = Client(plan.client_spec(), backend="clear")
+    forged = _tamper_header(intruder.evaluation_keys(), key_id=client.key_id)
+    with pytest.raises(InvalidMessage, match="hash of the keys"):
+        server.register_keys(forged)
+    assert keys_file.read_bytes() == stored
+    # Re-registering the same keys is idempotent; a new client gets a new id.
+    assert server.register_keys(stored) == client.key_id and keys_file.read_bytes() == stored
+    assert intruder.key_id != client.key_id and len(client.key_id) == 32
+    # A restored client cannot mint a second key set under its id.
+    with pytest.raises(ConfigError, match="were made"):
+        Client.from_secret_key(plan.client_spec(), client.export_secret_key()).evaluation_keys()
+    # Key ids are checked as whole strings (no trailing newline, no path).
+    for bad_id in (client.key_id + "\n", "../" + client.key_id[3:], client.key_id.upper()):
+        with pytest.raises(InvalidMessage, match="key id"):
+            server.register_keys(_tamper_header(stored, key_id=bad_id))
+
+
+def test_key_sets_in_memory_are_bounded_and_reloaded_from_the_store(model, plan, tmp_path):
+    server = Server(plan, backend="clear", key_dir=tmp_path / "store", max_key_sets=2)
+    clients = [Client(plan.client_spec(), backend="clear") for _ in range(5)]
+    for client in clients:
+        server.register_keys(client.evaluation_keys())
+    assert server.key_sets_in_memory == 2 and len(server.key_ids) == 5
+    image = np.random.rand(SIZE, SIZE)
+    for client in clients + clients[::-1]:  # every clinic, evicted or not, still gets its answer
+        logits = client.decrypt_logits(server.evaluate(client.encrypt_image(image)))
+        np.testing.assert_allclose(logits, torch_out(model, client.preprocess(image)), atol=1e-9)
+        assert server.key_sets_in_memory <= 2
+    with pytest.raises(ConfigError, match="key store"):
+        Server(plan, backend="clear", max_key_sets=2)
 
 
 def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):

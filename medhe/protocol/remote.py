@@ -1,0 +1,193 @@
+"""The clinic's side of the HTTP service: `RemoteClient`.
+
+It fetches a model card, checks it against the digest pinned at first use (a model that changed is
+refused), makes or reuses the clinic's keys in a local key directory, uploads the evaluation keys
+once, and then per image: preprocess and encrypt here, send ciphertexts only, decrypt here.
+
+    KEY_HOME/pins.json                        model name -> pinned spec digest, for this server
+    KEY_HOME/NAME-DIGEST12/secret.key ...     a key directory per model version (medhe.protocol.keydir)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from medhe.errors import ConfigError, MissingKeyError, RemoteError
+from medhe.plan import ClientSpec
+from medhe.protocol.client import Client
+from medhe.protocol.keydir import EVAL_KEYS_FILE, SECRET_KEY_FILE, load_key_directory, make_key_directory
+
+OCTET = "application/octet-stream"
+PINS_FILE = "pins.json"
+
+
+def default_key_home(server_url: str) -> Path:
+    """~/.medhe/servers/HOST_PORT (or under $MEDHE_HOME): keys and pins for one server."""
+    parts = urlsplit(server_url)
+    root = Path(os.environ.get("MEDHE_HOME") or Path.home() / ".medhe")
+    return root / "servers" / f"{parts.hostname or 'local'}_{parts.port or (443 if parts.scheme == 'https' else 80)}"
+
+
+@dataclass
+class RemoteResult:
+    image: str
+    label: str
+    probabilities: np.ndarray
+    logits: np.ndarray
+    encrypt_s: float
+    server_s: float  # request round trip: upload, queue, evaluation, download
+    evaluate_s: float  # evaluation alone, as the server measured it
+    decrypt_s: float
+    upload_bytes: int
+
+
+class RemoteClient:
+    """A clinic talking to a diagnosis server. The secret key stays in `key_home`."""
+
+    def __init__(self, server_url: str, *, token: str | None = None, key_home: str | Path | None = None,
+                 backend: str = "seal", timeout_s: float = 900.0, transport=None, verify: bool | str | Path = True) -> None:
+        import httpx
+
+        self.server_url = server_url.rstrip("/")
+        self.key_home = Path(key_home) if key_home else default_key_home(server_url)
+        self.backend = backend
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        if isinstance(verify, (str, Path)):  # a CA bundle or the server's own (self-signed) certificate
+            import ssl
+
+            verify = ssl.create_default_context(cafile=str(verify))
+        self._http = httpx.Client(base_url=self.server_url, timeout=timeout_s, transport=transport, headers=headers,
+                                  verify=verify)
+        self._clients: dict[str, Client] = {}
+
+    def close(self) -> None:
+        self._http.close()
+
+    # --- transport ------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kwargs):
+        import httpx
+
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise RemoteError(0, "unreachable", f"the diagnosis server at {self.server_url} cannot be reached "
+                                                f"({type(exc).__name__}: {exc})") from None
+        if response.status_code >= 400:
+            try:
+                body = response.json()
+                code, message = str(body.get("error")), str(body.get("message"))
+            except ValueError:
+                code, message = "http_error", response.text[:200]
+            hint = {401: " (check the token: --token or MEDHE_TOKEN)",
+                    503: f" (server busy; retry after {response.headers.get('retry-after', '?')} s)"}
+            if code == "unknown_key":
+                raise MissingKeyError(message)
+            raise RemoteError(response.status_code, code,
+                              f"the server refused {method} {path} ({response.status_code} {code}): {message}"
+                              f"{hint.get(response.status_code, '')}")
+        return response
+
+    def health(self) -> dict:
+        return self._request("GET", "/health").json()
+
+    def models(self) -> list[dict]:
+        return self._request("GET", "/v1/models").json()["models"]
+
+    def model_card(self, name: str) -> dict:
+        return self._request("GET", f"/v1/models/{name}").json()
+
+    def register_keys(self, message: bytes | Path) -> str:
+        """Upload evaluation keys (bytes, or a file that is streamed) -> key id."""
+        if isinstance(message, Path):
+            with open(message, "rb") as f:
+                return self._post("/v1/keys", f).json()["key_id"]
+        return self._post("/v1/keys", message).json()["key_id"]
+
+    def register_encrypted_model(self, message: bytes | Path) -> str:
+        if isinstance(message, Path):
+            with open(message, "rb") as f:
+                return self._post("/v1/encrypted-model", f).json()["key_id"]
+        return self._post("/v1/encrypted-model", message).json()["key_id"]
+
+    def key_status(self, key_id: str) -> dict | None:
+        try:
+            return self._request("GET", f"/v1/keys/{key_id}").json()
+        except MissingKeyError:
+            return None
+
+    def evaluate(self, message: bytes) -> bytes:
+        return self._post("/v1/diagnose", message).content
+
+    def _post(self, path: str, content):
+        return self._request("POST", path, content=content, headers={"content-type": OCTET})
+
+    # --- the clinic's workflow --------------------------------------------------------------------
+    def spec(self, model: str, *, accept_new: bool = False) -> ClientSpec:
+        """The model's public client spec, checked against its digest and against the digest pinned
+        at first use: a model that changed since is refused unless `accept_new`."""
+        card = self.model_card(model)
+        spec = ClientSpec.from_dict(card)
+        if card.get("spec_digest") != spec.digest():
+            raise RemoteError(0, "bad_card", f"the server's card for {model} does not match its own digest")
+        pins_path = self.key_home / PINS_FILE
+        pins = json.loads(pins_path.read_text()) if pins_path.is_file() else {}
+        pinned = pins.get(model)
+        if pinned is not None and pinned != spec.digest() and not accept_new:
+            raise ConfigError(f"model {model} at {self.server_url} changed since first use: pinned spec "
+                              f"{pinned[:16]}, the server now offers {spec.digest()[:16]}. If the operator announced "
+                              "a new model version, accept it with --accept-new-model (new keys are made)")
+        if pinned != spec.digest():
+            self.key_home.mkdir(parents=True, exist_ok=True)
+            self.key_home.chmod(0o700)
+            pins[model] = spec.digest()
+            tmp = pins_path.with_name(PINS_FILE + ".part")
+            tmp.write_text(json.dumps(pins, indent=1))
+            tmp.replace(pins_path)
+        return spec
+
+    def key_dir(self, model: str, spec: ClientSpec) -> Path:
+        return self.key_home / f"{model}-{spec.digest()[:12]}"
+
+    def client(self, model: str, *, accept_new: bool = False, progress=None) -> Client:
+        """The clinic's client for `model`: keys made on first use (then reused), evaluation keys
+        uploaded once (again only if the server lost them)."""
+        if model in self._clients:
+            return self._clients[model]
+        spec = self.spec(model, accept_new=accept_new)
+        directory = self.key_dir(model, spec)
+        if (directory / SECRET_KEY_FILE).is_file():
+            client = load_key_directory(spec, directory)
+        else:
+            if progress:
+                progress(f"making keys for {model} (first use; a few seconds)")
+            self.key_home.mkdir(parents=True, exist_ok=True)
+            client = make_key_directory(spec, directory, backend=self.backend)
+        if self.key_status(client.key_id) is None:
+            keys_file = directory / EVAL_KEYS_FILE
+            if progress:
+                progress(f"uploading evaluation keys ({keys_file.stat().st_size / 2**20:.0f} MiB, once)")
+            registered = self.register_keys(keys_file)
+            if registered != client.key_id:
+                raise RemoteError(0, "bad_key_id", f"the server registered key id {registered}, expected {client.key_id}")
+        self._clients[model] = client
+        return client
+
+    def diagnose(self, image, model: str, *, accept_new: bool = False) -> RemoteResult:
+        client = self.client(model, accept_new=accept_new)
+        t0 = time.perf_counter()
+        message = client.encrypt_image(image)
+        t1 = time.perf_counter()
+        response = self._post("/v1/diagnose", message)
+        t2 = time.perf_counter()
+        logits = client.decrypt_logits(response.content)
+        label, probabilities = client.diagnosis(logits)
+        t3 = time.perf_counter()
+        return RemoteResult(str(image), label, probabilities, logits, t1 - t0, t2 - t1,
+                            float(response.headers.get("x-evaluate-s", "nan")), t3 - t2, len(message))

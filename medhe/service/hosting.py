@@ -1,0 +1,111 @@
+"""What a diagnosis server hosts: named models, each a plan directory on disk (workers load it
+from there, without the compiler) and a key store of its own under the server's data directory.
+
+    DATA_DIR/
+      tokens.json                     clinic and model-owner tokens, hashed (`medhe token add`)
+      uploads/                        bodies being streamed in (moved into a key store when valid)
+      models/NAME/plan/               the plan the server runs (weights in clear, or none in
+                                      encrypted-model mode)
+      models/NAME/keys/ID.keys        registered evaluation keys, named by their hash
+      models/NAME/keys/ID.model       encrypted models (encrypted-model mode), first upload wins
+      models/NAME/owners/ID           the clinics that registered key id ID (one name a line)
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from medhe.errors import ConfigError
+from medhe.plan import ClientSpec, Plan
+from medhe.protocol.server import KEYS_SUFFIX, MODEL_SUFFIX, is_key_id
+
+_MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
+
+
+@dataclass(frozen=True)
+class HostedModel:
+    name: str
+    plan_dir: Path
+    encrypted_model: bool
+    backend: str
+    key_dir: Path
+    owners_dir: Path
+    spec: ClientSpec
+
+    @property
+    def spec_digest(self) -> str:
+        return self.spec.digest()
+
+    def card(self) -> dict:
+        from medhe.protocol import wire
+
+        return {**self.spec.card(), "name": self.name, "wire_format_version": wire.FORMAT_VERSION,
+                "weights": "encrypted" if self.encrypted_model else "plain"}
+
+    def has_keys(self, key_id: str) -> bool:
+        return is_key_id(key_id) and (self.key_dir / f"{key_id}{KEYS_SUFFIX}").is_file()
+
+    def has_encrypted_model(self, key_id: str) -> bool:
+        return self.encrypted_model and is_key_id(key_id) and (self.key_dir / f"{key_id}{MODEL_SUFFIX}").is_file()
+
+    # --- which clinic registered which key id -------------------------------------------------
+    def add_owner(self, key_id: str, clinic: str) -> None:
+        path = self.owners_dir / key_id
+        owners = set(path.read_text().split()) if path.is_file() else set()
+        if clinic not in owners:
+            tmp = path.with_name(f".{key_id}.{secrets.token_hex(6)}.tmp")
+            tmp.write_text("".join(f"{name}\n" for name in sorted(owners | {clinic})))
+            os.replace(tmp, path)
+
+    def owned_by(self, key_id: str, clinic: str) -> bool:
+        path = self.owners_dir / key_id
+        return is_key_id(key_id) and path.is_file() and clinic in path.read_text().split()
+
+
+def check_name(name: str, what: str = "model name") -> str:
+    """Model and clinic names become file names and log fields: a short, plain alphabet."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name):
+        raise ConfigError(f"{what} {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-' (starting with a "
+                          "letter or digit)")
+    return name
+
+
+def host_plan(data_dir: str | Path, name: str, plan: Plan, *, backend: str = "seal",
+              encrypted_model: bool = False) -> HostedModel:
+    """Write `plan` (without its weights in encrypted-model mode) under DATA_DIR/models/NAME and
+    return the hosted model."""
+    check_name(name)
+    root = _data_dir(data_dir) / "models" / name
+    if encrypted_model:
+        plan = plan.without_weights()
+    plan_dir = root / "plan"
+    if plan_dir.exists():
+        # A re-hosted model replaces its plan (never leaves weights beside a weightless plan).
+        for stale in plan_dir.iterdir():
+            stale.unlink()
+    plan.save(plan_dir)
+    for sub in ("keys", "owners"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    return HostedModel(name, plan_dir, encrypted_model, backend, root / "keys", root / "owners", plan.client_spec())
+
+
+def load_hosted_plan(model: HostedModel) -> Plan:
+    return Plan.load(model.plan_dir, weights=not model.encrypted_model)
+
+
+def uploads_dir(data_dir: str | Path) -> Path:
+    path = _data_dir(data_dir) / "uploads"
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _data_dir(data_dir: str | Path) -> Path:
+    path = Path(data_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"the data directory {path} exists and is not a directory")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
