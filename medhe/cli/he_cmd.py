@@ -148,6 +148,18 @@ def cmd_encrypt_model(args) -> int:
     report = owner.last_report
     print(f"{report.operands} weight operands encrypted in {report.encrypt_s:.1f} s: "
           f"{report.size_bytes / 2**20:.1f} MiB -> {out} (for the server; it cannot read them)")
+    if args.server:
+        import os
+
+        from medhe.protocol.owner import ENCRYPTED_MODEL_FILE
+        from medhe.protocol.remote import RemoteClient
+
+        remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"))
+        try:
+            key_id = remote.register_encrypted_model(Path(out) / ENCRYPTED_MODEL_FILE)
+        finally:
+            remote.close()
+        print(f"uploaded to {args.server} for key id {key_id}")
     return 0
 
 
@@ -227,6 +239,23 @@ def cmd_diagnose(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
+
+
+def _image_files(paths: list[str]) -> list[str]:
+    """Files as given; folders expanded to the image files in them (sorted, recursively)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
+            files.extend(map(str, found))
+        else:
+            files.append(str(path))
+    return files
+
+
 def _diagnose_remote(args) -> int:
     """The clinic against a diagnosis server: keys made or reused locally, ciphertexts only sent."""
     import os
@@ -238,7 +267,8 @@ def _diagnose_remote(args) -> int:
     if args.plan or args.encrypted_model:
         raise ConfigError("with --server the server holds the model: name it with --model (see the server's "
                           "GET /v1/models), not --plan or --encrypted-model")
-    for image in args.images:
+    images = _image_files(args.images) if args.batch else args.images
+    for image in images:
         _existing_file(image, "image file")
     remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
                           backend=args.backend)
@@ -254,10 +284,16 @@ def _diagnose_remote(args) -> int:
         card = remote.model_card(model)
         print(f"model {model} (spec {client.spec.digest()[:16]}, weights {card.get('weights')} on the server), "
               f"key id {client.key_id}, ready in {time.perf_counter() - start:.1f} s; keys in {remote.key_home}")
-        print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
-        for image in tqdm(args.images, desc="diagnosing", disable=True if len(args.images) < 2 else None, leave=False):
-            r = remote.diagnose(image, model, accept_new=args.accept_new_model)
-            tqdm.write(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
+        print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}"
+              f"{'  (per image, amortized over the batch)' if args.batch else ''}")
+        if args.batch:
+            results = remote.diagnose_batch(images, model, accept_new=args.accept_new_model)
+        else:
+            results = (remote.diagnose(image, model, accept_new=args.accept_new_model)
+                       for image in tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None,
+                                         leave=False))
+        for r in results:
+            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
                        f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
     finally:
         remote.close()
@@ -276,6 +312,9 @@ def register(subparsers) -> None:
     p.add_argument("--plan", required=True, help="compiled plan directory (from `medhe compile`)")
     p.add_argument("--public-key", required=True, help="public.key from the clinic's `medhe keygen` (or your own)")
     p.add_argument("--out", required=True, help="encrypted model directory to write (for the server)")
+    p.add_argument("--server", metavar="URL", help="also upload it to this diagnosis server (`medhe serve`, "
+                                                   "the model hosted in encrypted-model mode)")
+    p.add_argument("--token", help="the model owner's token for --server (default: $MEDHE_TOKEN)")
     add_backend_argument(p)
     p.set_defaults(func=cmd_encrypt_model)
 
@@ -317,6 +356,9 @@ def register(subparsers) -> None:
     p.add_argument("--token", help="the clinic's access token for --server (default: $MEDHE_TOKEN)")
     p.add_argument("--keys", metavar="DIR", help="with --server: where this clinic's keys and model pins are kept "
                                                  "(default: ~/.medhe/servers/HOST_PORT)")
+    p.add_argument("--batch", action="store_true",
+                   help="with --server: throughput mode, all images (folders are expanded) in as few messages as "
+                        "possible; --model names a model the server hosts in throughput mode (NAME-batch)")
     p.add_argument("--accept-new-model", action="store_true",
                    help="with --server: accept a model that changed since first use (new keys are made)")
     p.set_defaults(func=cmd_diagnose)

@@ -16,38 +16,54 @@ from medhe.errors import ConfigError
 def _hosted_models(args) -> list:
     """--model NAME_OR_DIR..., --plan DIR..., --encrypted-model DIR... -> hosted models (NAME=PATH
     names one explicitly; otherwise the shipped name or the directory's name)."""
+    from medhe.plan import Plan, load_plan_dir
     from medhe.service.hosting import host_plan
 
     def named(value: str) -> tuple[str, str]:
         name, sep, path = value.partition("=")
         return (name, path) if sep else (Path(value.rstrip("/")).name.lower(), value)
 
-    hosted = []
-    for value in args.model or []:
+    def compiled(path: str, throughput: bool):
         from medhe.compiler import compile_model
+        from medhe.compiler.batch import compile_batch
         from medhe.nn.modeldir import resolve_model_dir
 
-        name, path = named(value)
-        hosted.append(host_plan(args.data_dir, name, compile_model(resolve_model_dir(path)), backend=args.backend))
-    for value in args.plan or []:
-        from medhe.plan import Plan
+        return (compile_batch if throughput else compile_model)(resolve_model_dir(path))
 
+    hosted = []
+    for value in args.model or []:
+        name, path = named(value)
+        hosted.append(host_plan(args.data_dir, name, compiled(path, False), backend=args.backend))
+    for value in args.batch_model or []:
+        name, path = named(value)
+        hosted.append(host_plan(args.data_dir, name if "=" in value else f"{name}-batch", compiled(path, True),
+                                backend=args.backend))
+    for value in args.plan or []:
         name, path = named(value)
         if not Path(path).is_dir():
             raise ConfigError(f"no plan directory at {path}")
-        hosted.append(host_plan(args.data_dir, name, Plan.load(path), backend=args.backend))
+        hosted.append(host_plan(args.data_dir, name, load_plan_dir(path), backend=args.backend))
     for value in args.encrypted_model or []:
-        from medhe.protocol.owner import load_encrypted_model
+        from medhe.protocol.owner import ENCRYPTED_MODEL_FILE, load_encrypted_model
         from medhe.protocol.server import Server
 
         name, path = named(value)
-        plan, message = load_encrypted_model(path)
+        if (Path(path) / ENCRYPTED_MODEL_FILE).is_file():
+            plan, message = load_encrypted_model(path)
+        elif (Path(path) / "arrays.npz").exists() or not Path(path).is_dir():
+            raise ConfigError(f"--encrypted-model takes a directory from `medhe encrypt-model` (or a plan saved "
+                              f"without weights); {path} is not one, or holds weights in clear")
+        else:  # the architecture only: encrypted models arrive per clinic (POST /v1/encrypted-model)
+            plan, message = Plan.load(path, weights=False), None
         model = host_plan(args.data_dir, name, plan, backend=args.backend, encrypted_model=True)
-        # The directory's encrypted model (for the key id it was made for) goes into the key store.
-        Server(plan, backend=args.backend, key_dir=model.key_dir, encrypted_model=True).register_encrypted_model(message)
+        if message is not None:
+            # The directory's encrypted model (for the key id it was made for) goes into the key store.
+            Server(plan, backend=args.backend, key_dir=model.key_dir,
+                   encrypted_model=True).register_encrypted_model(message)
         hosted.append(model)
     if not hosted:
-        raise ConfigError("name at least one model to serve: --model br35h, --plan DIR or --encrypted-model DIR")
+        raise ConfigError("name at least one model to serve: --model br35h, --batch-model br35h, --plan DIR or "
+                          "--encrypted-model DIR")
     return hosted
 
 
@@ -69,6 +85,8 @@ def cmd_serve(args) -> int:
         if path and not Path(path).is_file():
             raise ConfigError(f"no TLS file at {path}")
     models = _hosted_models(args)
+    if args.ray is not None:
+        return _serve_on_ray(args, models, tokens)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     app = create_app(models, data_dir=args.data_dir, workers=workers, max_key_sets=args.key_cache,
                      tokens=None if args.no_auth else tokens,
@@ -82,7 +100,24 @@ def cmd_serve(args) -> int:
     print(f"serving on {scheme}://{args.host}:{args.port} with {workers} worker process(es)"
           f"{'' if not args.no_auth else ' WITHOUT access control (--no-auth)'}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5)
+                ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5, limit_concurrency=args.max_connections)
+    return 0
+
+
+def _serve_on_ray(args, models, tokens) -> int:
+    from medhe.service.app import Limits
+    from medhe.service.cluster import ray_application, serve_on_ray
+
+    workers = args.workers if args.workers is not None else 1
+    application = ray_application(models, args.data_dir, replicas=args.replicas, workers_per_replica=workers,
+                                  max_key_sets=args.key_cache, auth=not args.no_auth,
+                                  limits=Limits(queue_size=args.queue, evaluate_timeout_s=args.timeout,
+                                                idle_upload_timeout_s=args.upload_timeout))
+    scheme = "https" if args.ssl_certfile else "http"
+    print(f"serving {', '.join(m.name for m in models)} on Ray ({args.ray}): {args.replicas} replica(s) x {workers} "
+          f"worker process(es) at {scheme}://{args.host}:{args.port}", flush=True)
+    serve_on_ray(application, address=args.ray, host=args.host, port=args.port, ssl_certfile=args.ssl_certfile,
+                 ssl_keyfile=args.ssl_keyfile)
     return 0
 
 
@@ -112,6 +147,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("serve", help="server: run the encrypted diagnosis HTTP service")
     p.add_argument("--model", nargs="+", metavar="NAME_OR_DIR",
                    help="shipped model names or model directories, compiled at start (NAME=DIR to name one)")
+    p.add_argument("--batch-model", nargs="+", metavar="NAME_OR_DIR",
+                   help="models to host in throughput mode too, as NAME-batch (up to N/2 images per message, "
+                        "POST /v1/diagnose-batch)")
     p.add_argument("--plan", nargs="+", metavar="DIR", help="compiled plan directories (from `medhe compile`)")
     p.add_argument("--encrypted-model", nargs="+", metavar="DIR",
                    help="encrypted-model directories (from `medhe encrypt-model`): the server never sees the weights")
@@ -128,7 +166,14 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one evaluation may take (default 600)")
     p.add_argument("--upload-timeout", type=float, default=30.0,
                    help="seconds an upload may stall before it is dropped (default 30)")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="open connections beyond which new ones get 503 (default 256)")
     p.add_argument("--no-auth", action="store_true", help="no bearer tokens (only for a server only you can reach)")
+    p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                   help="run as a Ray Serve application on the Ray cluster at ADDRESS (e.g. auto, or HOST:6379; "
+                        "without ADDRESS a local one); needs pip install 'medhe[cluster]'")
+    p.add_argument("--replicas", type=int, default=2, help="with --ray: copies of the service (default 2); "
+                                                            "--workers is then per replica (default 1)")
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile the server speaks https")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)

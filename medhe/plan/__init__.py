@@ -6,11 +6,12 @@ protocol (which read it). Needs numpy only: no torch, no compiler passes, no FHE
 - `BatchPlan`: the throughput-mode server plan.
 """
 
-from medhe.plan.batch_plan import BatchPlan, BatchStep
+from medhe.plan.batch_plan import BatchPlan, BatchStep, load_plan_dir
 from medhe.plan.client_spec import SPEC_FILE, ClientSpec
 from medhe.plan.instructions import INSTRUCTION_KINDS, AddPlain, Instruction, Linear, RotSum, SquareOp, rescale_factors
 from medhe.plan.layout import Layout, signed_step
 from medhe.plan.server_plan import Plan
 
 __all__ = ["INSTRUCTION_KINDS", "SPEC_FILE", "AddPlain", "BatchPlan", "BatchStep", "ClientSpec", "Instruction",
-           "Layout", "Linear", "Plan", "RotSum", "SquareOp", "rescale_factors", "signed_step"]
+           "Layout", "Linear", "Plan", "RotSum", "SquareOp", "load_plan_dir", "rescale_factors",
+           "signed_step"]

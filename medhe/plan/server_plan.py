@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 from medhe.errors import PlanError
 from medhe.params import CKKSParams
 from medhe.plan.client_spec import ClientSpec
+from medhe.plan.files import write_plan_files
 from medhe.plan.instructions import Instruction, instruction_from_entry, rescale_factors
 from medhe.plan.layout import Layout
 
@@ -135,12 +135,9 @@ class Plan:
             raise PlanError(f"{directory} holds a plan with weights ({PLAN_ARRAYS}); write the plan without "
                             "weights to another directory")
         if self.has_weights:
-            tmp = directory / (PLAN_ARRAYS + ".part.npz")
-            np.savez_compressed(tmp, **self._arrays())
-            os.replace(tmp, directory / PLAN_ARRAYS)
-        tmp = directory / (PLAN_JSON + ".part")
-        tmp.write_text(json.dumps(doc, indent=1))
-        os.replace(tmp, directory / PLAN_JSON)
+            write_plan_files(directory, PLAN_JSON, doc, PLAN_ARRAYS, self._arrays())
+        else:
+            write_plan_files(directory, PLAN_JSON, doc)
         return directory
 
     @classmethod

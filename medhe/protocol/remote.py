@@ -179,15 +179,39 @@ class RemoteClient:
         self._clients[model] = client
         return client
 
+    def _exchange(self, endpoint: str, encrypt, decrypt) -> tuple[int, np.ndarray, tuple[float, ...]]:
+        """Encrypt, send, decrypt -> (message bytes, logits, (encrypt_s, server_s, evaluate_s, decrypt_s))."""
+        t0 = time.perf_counter()
+        message = encrypt()
+        t1 = time.perf_counter()
+        response = self._post(endpoint, message)
+        t2 = time.perf_counter()
+        logits = decrypt(response.content)
+        t3 = time.perf_counter()
+        return len(message), logits, (t1 - t0, t2 - t1, float(response.headers.get("x-evaluate-s", "nan")), t3 - t2)
+
     def diagnose(self, image, model: str, *, accept_new: bool = False) -> RemoteResult:
         client = self.client(model, accept_new=accept_new)
-        t0 = time.perf_counter()
-        message = client.encrypt_image(image)
-        t1 = time.perf_counter()
-        response = self._post("/v1/diagnose", message)
-        t2 = time.perf_counter()
-        logits = client.decrypt_logits(response.content)
+        size, logits, timings = self._exchange("/v1/diagnose", lambda: client.encrypt_image(image),
+                                               client.decrypt_logits)
         label, probabilities = client.diagnosis(logits)
-        t3 = time.perf_counter()
-        return RemoteResult(str(image), label, probabilities, logits, t1 - t0, t2 - t1,
-                            float(response.headers.get("x-evaluate-s", "nan")), t3 - t2, len(message))
+        return RemoteResult(str(image), label, probabilities, logits, *timings, size)
+
+    def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False) -> list[RemoteResult]:
+        """Throughput mode (a model the server hosts as a batch plan): up to N/2 images per message,
+        slots across images. Timings per image are the batch's, divided by its size."""
+        client = self.client(model, accept_new=accept_new)
+        if client.spec.mode != "throughput":
+            raise ConfigError(f"model {model} runs in latency mode: diagnose its images one by one")
+        inputs = np.stack([client.preprocess(image) for image in images])
+        results = []
+        for start in range(0, len(inputs), client.spec.slot_count):
+            chunk = inputs[start: start + client.spec.slot_count]
+            size, logits, timings = self._exchange("/v1/diagnose-batch", lambda: client.encrypt_batch(chunk),
+                                                   client.decrypt_batch)
+            per_image = [t / len(chunk) for t in timings]
+            for offset, row in enumerate(logits):
+                label, probabilities = client.diagnosis(row)
+                results.append(RemoteResult(str(images[start + offset]), label, probabilities, row, *per_image,
+                                            size // len(chunk)))
+        return results

@@ -23,12 +23,33 @@ try:
 except ImportError as exc:  # pragma: no cover - tenseal is a hard dependency
     raise BackendError("tenseal is not installed; pip install tenseal==0.3.18") from exc
 
-_TMP_ROOT = "/dev/shm" if os.path.isdir("/dev/shm") else None
+def _memory_file():
+    """An anonymous in-memory file (Linux memfd): it has no name in any file system, so nothing
+    (a secret key least of all) is ever written where another process or a crash could leave it.
+    sealapi saves and loads through paths only; /proc/self/fd/N is the path of this file."""
+    fd = os.memfd_create("medhe-seal", os.MFD_CLOEXEC)
+    return fd, f"/proc/self/fd/{fd}"
 
 
 def _save(obj) -> bytes:
-    """SEAL objects serialise to files only through sealapi; a RAM-backed temp file is the bridge."""
-    with tempfile.TemporaryDirectory(dir=_TMP_ROOT) as tmp:
+    if not hasattr(os, "memfd_create"):
+        return _save_via_temp_dir(obj)
+    fd, path = _memory_file()
+    try:
+        obj.save(path)
+        size = os.fstat(fd).st_size
+        chunks, offset = [], 0
+        while offset < size:  # one read returns at most about 2 GB
+            chunks.append(os.pread(fd, size - offset, offset))
+            offset += len(chunks[-1])
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _save_via_temp_dir(obj) -> bytes:
+    """Where there is no memfd (not Linux): a private temporary directory, removed at once."""
+    with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "obj")
         obj.save(path)
         return Path(path).read_bytes()
@@ -53,13 +74,23 @@ def _check_seal_header(data: bytes, what: str) -> None:
 
 def _load(obj, context, data: bytes, what: str):
     _check_seal_header(data, what)
-    with tempfile.TemporaryDirectory(dir=_TMP_ROOT) as tmp:
-        path = os.path.join(tmp, "obj")
-        Path(path).write_bytes(data)
-        try:
-            obj.load(context, path)
-        except Exception as exc:  # SEAL raises plain exceptions on any invalid buffer
-            raise InvalidMessage(f"{what} is not valid for these CKKS parameters") from exc
+    try:
+        if hasattr(os, "memfd_create"):
+            fd, path = _memory_file()
+            try:
+                view, written = memoryview(data), 0
+                while written < len(view):
+                    written += os.write(fd, view[written:])
+                obj.load(context, path)
+            finally:
+                os.close(fd)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "obj")
+                Path(path).write_bytes(data)
+                obj.load(context, path)
+    except Exception as exc:  # SEAL raises plain exceptions on any invalid buffer
+        raise InvalidMessage(f"{what} is not valid for these CKKS parameters") from exc
     return obj
 
 

@@ -9,6 +9,7 @@ validated (version, spec digest, key id, checksum, size) before use.
     GET  /v1/keys/{key_id}          whether this clinic's key id is registered (and has its model)
     POST /v1/encrypted-model        encrypted model (model owner; encrypted-model mode)
     POST /v1/diagnose               ciphertext -> result (application/octet-stream)
+    POST /v1/diagnose-batch         throughput mode: a batch of images (streamed to disk) -> results
 
 Evaluation runs in worker processes (or, with workers=0, on a thread), never on the event loop; at
 most workers + queue_size requests are in flight and the next gets 503 with Retry-After. Messages
@@ -52,9 +53,11 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 class Limits:
     """Request size limits (bytes, whole message) and timeouts."""
     ciphertext_bytes: int = 64 * 2**20
+    batch_bytes: int = 4 * 2**30  # one ciphertext per input feature (about 1-2 GB at N=16384); streamed to disk
     evaluation_keys_bytes: int = 2 * 2**30  # keys at N=16384 are 340-400 MB; never held in memory
     encrypted_model_bytes: int = 2 * 2**30
     idle_upload_timeout_s: float = 30.0  # a stalled upload is dropped after this long without a byte
+    upload_deadline_s: float = 1800.0  # and any upload after this long (a trickle of bytes included)
     evaluate_timeout_s: float = 600.0
     queue_size: int = 8  # requests waiting beyond the ones being evaluated
     retry_after_s: int = 2
@@ -71,7 +74,7 @@ def _error_response(status: int, code: str, message: str, headers: dict | None =
 
 
 async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | None = None,
-                   idle_timeout_s: float) -> tuple[dict, bytes]:
+                   idle_timeout_s: float, deadline_s: float) -> tuple[dict, bytes]:
     """Read a `kind` message body of at most `limit` bytes. Its header is checked as soon as it has
     arrived (a too-large or wrong-kind message is refused before its payload is read); with
     `to_file` the body is streamed there and never held in memory. Returns (header, body or b"")."""
@@ -85,14 +88,16 @@ async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | N
     buffer, header, expected, total, sink = bytearray(), None, None, 0, None
     digest = hashlib.sha256()
     stream = request.stream().__aiter__()
+    deadline = time.monotonic() + deadline_s
     try:
         while True:
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+                chunk = await asyncio.wait_for(stream.__anext__(), min(idle_timeout_s, deadline - time.monotonic()))
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:
-                raise ServiceError(408, "upload_timeout", f"no data for {idle_timeout_s:.0f} s; upload dropped") from None
+                raise ServiceError(408, "upload_timeout", f"no data for {idle_timeout_s:.0f} s, or the upload took "
+                                                          f"longer than {deadline_s:.0f} s; dropped") from None
             total += len(chunk)
             if total > limit or (expected is not None and total > expected):
                 raise ServiceError(413, "too_large", f"a {kind} message is at most {limit} bytes and as long as its "
@@ -176,6 +181,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
                   description=__doc__)
     app.state.pool = pool
     app.state.models = by_name
+    instance = secrets.token_hex(4)  # names this server process (or Ray replica) in answers and logs
 
     # --- errors and logs ------------------------------------------------------------------------
     @app.exception_handler(ServiceError)
@@ -204,8 +210,10 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             log.exception(json.dumps({"request_id": request_id, "event": "internal_error", "type": type(exc).__name__}))
             response = _error_response(500, "internal", "internal error; the request id is in the server log")
         response.headers["x-request-id"] = request_id
+        response.headers["x-medhe-instance"] = instance
         # Ids, sizes and timings only: never image, ciphertext or key bytes.
-        log.info(json.dumps({"request_id": request_id, "method": request.method, "path": request.url.path,
+        log.info(json.dumps({"request_id": request_id, "instance": instance, "method": request.method,
+                             "path": request.url.path,
                              "status": response.status_code, "latency_s": round(time.perf_counter() - start, 4),
                              **request.state.log}))
         return response
@@ -236,6 +244,11 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             raise ServiceError(404, "unknown_key", f"no evaluation keys registered under key id {key_id} for model "
                                                    f"{model.name}{' by this clinic' if who else ''}; POST /v1/keys")
 
+    def require_mode(model: HostedModel, mode: str) -> None:
+        if model.mode != mode:
+            raise ServiceError(409, "wrong_mode", f"model {model.name} runs in {model.mode} mode: send its messages "
+                                                  f"to {model.card()['endpoint']}")
+
     def reserve():
         try:
             return pool.reserve()
@@ -253,14 +266,16 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             raise ServiceError(int(reply["status"]), reply["error"], reply["message"])
         return reply, out
 
+    timeouts = {"idle_timeout_s": limits.idle_upload_timeout_s, "deadline_s": limits.upload_deadline_s}
+
     def upload_path() -> Path:
         return uploads / f"{secrets.token_hex(12)}.part"
 
     # --- endpoints ----------------------------------------------------------------------------
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "models": sorted(by_name), "workers": pool.workers, "in_flight": pool.pending,
-                "max_in_flight": pool.max_pending}
+        return {"status": "ok", "instance": instance, "models": sorted(by_name), "workers": pool.workers,
+                "in_flight": pool.pending, "max_in_flight": pool.max_pending}
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -275,28 +290,29 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             raise ServiceError(404, "unknown_model", f"no model {name!r}; this server hosts {', '.join(sorted(by_name))}")
         return by_name[name].card()
 
-    async def upload(request: Request, kind: str, limit: int, *, encrypted_model_only: bool = False):
-        """Stream a keys or encrypted-model body to a file, then have a worker validate it and move
-        it into the model's key store. -> (model, worker reply)."""
+    async def streamed(request: Request, kind: str, limit: int, op: str, check=None):
+        """Stream a large body (keys, encrypted model, batch) to a file, `check(model, header)`, then
+        have a worker process it from there (valid keys and models are moved into the key store).
+        -> (model, worker reply, reply bytes)."""
         path = upload_path()
         try:
             with reserve():
-                header, _ = await _receive(request, kind, limit, to_file=path,
-                                           idle_timeout_s=limits.idle_upload_timeout_s)
+                header, _ = await _receive(request, kind, limit, to_file=path, **timeouts)
                 model = model_for(header)
                 request.state.log.update(model=model.name, key_id=header["key_id"])
-                if encrypted_model_only and not model.encrypted_model:
-                    raise ServiceError(409, "wrong_mode", f"model {model.name} runs with its weights in clear here")
-                reply, _ = await run(request, {"op": f"register_{kind}", "model": model.name, "path": str(path),
-                                               "key_id": header["key_id"]})
+                if check is not None:
+                    check(model, header)
+                reply, out = await run(request, {"op": op, "model": model.name, "path": str(path),
+                                                 "key_id": header["key_id"]})
         finally:
-            path.unlink(missing_ok=True)  # moved into the key store when valid
-        return model, reply
+            path.unlink(missing_ok=True)
+        return model, reply, out
 
     @app.post("/v1/keys")
     async def register_keys(request: Request) -> dict:
         who = principal(request)
-        model, reply = await upload(request, "evaluation_keys", limits.evaluation_keys_bytes)
+        model, reply, _ = await streamed(request, "evaluation_keys", limits.evaluation_keys_bytes,
+                                         "register_evaluation_keys")
         if who is not None:
             model.add_owner(reply["key_id"], who.name)
         return {"model": model.name, "key_id": reply["key_id"]}
@@ -316,23 +332,42 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         who = principal(request)
         if who is not None and who.role != "owner":
             raise ServiceError(403, "forbidden", "only a model owner's token may upload encrypted models")
-        model, reply = await upload(request, "encrypted_model", limits.encrypted_model_bytes, encrypted_model_only=True)
+        def encrypted_mode_only(model: HostedModel, header: dict) -> None:
+            if not model.encrypted_model:
+                raise ServiceError(409, "wrong_mode", f"model {model.name} runs with its weights in clear here")
+
+        model, reply, _ = await streamed(request, "encrypted_model", limits.encrypted_model_bytes,
+                                         "register_encrypted_model", encrypted_mode_only)
         return {"model": model.name, "key_id": reply["key_id"]}
 
     @app.post("/v1/diagnose")
     async def diagnose(request: Request) -> Response:
         who = principal(request)
         with reserve():
-            header, body = await _receive(request, "ciphertext", limits.ciphertext_bytes,
-                                          idle_timeout_s=limits.idle_upload_timeout_s)
+            header, body = await _receive(request, "ciphertext", limits.ciphertext_bytes, **timeouts)
             model = model_for(header)
             request.state.log.update(model=model.name, key_id=header["key_id"])
+            require_mode(model, "latency")
             require_own_key(model, header["key_id"], who)
             if model.encrypted_model and not model.has_encrypted_model(header["key_id"]):
                 raise ServiceError(404, "unknown_key", f"no encrypted model registered for key id {header['key_id']}; "
                                                        "the model owner must upload one")
             reply, result = await run(request, {"op": "diagnose", "model": model.name, "key_id": header["key_id"]},
                                       body)
+        return Response(result, media_type=OCTET, headers={"x-evaluate-s": f"{reply['evaluate_s']:.4f}"})
+
+    @app.post("/v1/diagnose-batch")
+    async def diagnose_batch(request: Request) -> Response:
+        """Throughput mode: one message holding up to N/2 images (one ciphertext per input feature,
+        slots across images), streamed to disk; the result holds one ciphertext per class."""
+        who = principal(request)
+
+        def own_throughput_key(model: HostedModel, header: dict) -> None:
+            require_mode(model, "throughput")
+            require_own_key(model, header["key_id"], who)
+
+        _, reply, result = await streamed(request, "batch_ciphertext", limits.batch_bytes, "diagnose_batch",
+                                          own_throughput_key)
         return Response(result, media_type=OCTET, headers={"x-evaluate-s": f"{reply['evaluate_s']:.4f}"})
 
     return app

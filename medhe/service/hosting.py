@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medhe.errors import ConfigError
-from medhe.plan import ClientSpec, Plan
+from medhe.plan import BatchPlan, ClientSpec, Plan, load_plan_dir
 from medhe.protocol.server import KEYS_SUFFIX, MODEL_SUFFIX, is_key_id
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
@@ -40,11 +40,18 @@ class HostedModel:
     def spec_digest(self) -> str:
         return self.spec.digest()
 
+    @property
+    def mode(self) -> str:
+        """latency (one image per ciphertext, POST /v1/diagnose) or throughput (slots across
+        images, POST /v1/diagnose-batch)."""
+        return self.spec.mode
+
     def card(self) -> dict:
         from medhe.protocol import wire
 
         return {**self.spec.card(), "name": self.name, "wire_format_version": wire.FORMAT_VERSION,
-                "weights": "encrypted" if self.encrypted_model else "plain"}
+                "weights": "encrypted" if self.encrypted_model else "plain",
+                "endpoint": "/v1/diagnose" if self.mode == "latency" else "/v1/diagnose-batch"}
 
     def has_keys(self, key_id: str) -> bool:
         return is_key_id(key_id) and (self.key_dir / f"{key_id}{KEYS_SUFFIX}").is_file()
@@ -74,13 +81,15 @@ def check_name(name: str, what: str = "model name") -> str:
     return name
 
 
-def host_plan(data_dir: str | Path, name: str, plan: Plan, *, backend: str = "seal",
+def host_plan(data_dir: str | Path, name: str, plan: Plan | BatchPlan, *, backend: str = "seal",
               encrypted_model: bool = False) -> HostedModel:
     """Write `plan` (without its weights in encrypted-model mode) under DATA_DIR/models/NAME and
     return the hosted model."""
     check_name(name)
     root = _data_dir(data_dir) / "models" / name
     if encrypted_model:
+        if not isinstance(plan, Plan):
+            raise ConfigError("encrypted-model mode evaluates latency plans; throughput mode needs the weights")
         plan = plan.without_weights()
     plan_dir = root / "plan"
     if plan_dir.exists():
@@ -93,8 +102,12 @@ def host_plan(data_dir: str | Path, name: str, plan: Plan, *, backend: str = "se
     return HostedModel(name, plan_dir, encrypted_model, backend, root / "keys", root / "owners", plan.client_spec())
 
 
-def load_hosted_plan(model: HostedModel) -> Plan:
-    return Plan.load(model.plan_dir, weights=not model.encrypted_model)
+def open_hosted(data_dir: str | Path, name: str, *, backend: str = "seal", encrypted_model: bool = False) -> HostedModel:
+    """A model `host_plan` put under DATA_DIR/models/NAME (e.g. by another process sharing the
+    data directory), without loading its weights."""
+    root = Path(data_dir) / "models" / check_name(name)
+    plan = load_plan_dir(root / "plan", weights=False)
+    return HostedModel(name, root / "plan", encrypted_model, backend, root / "keys", root / "owners", plan.client_spec())
 
 
 def uploads_dir(data_dir: str | Path) -> Path:

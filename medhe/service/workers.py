@@ -16,6 +16,7 @@ import asyncio
 import json
 import logging
 import multiprocessing
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -50,10 +51,10 @@ def model_refs(models) -> list[ModelRef]:
 
 
 def load_servers(refs: list[ModelRef], max_key_sets: int | None) -> dict:
-    from medhe.plan import Plan
+    from medhe.plan import load_plan_dir
     from medhe.protocol.server import Server
 
-    return {ref.name: Server(Plan.load(ref.plan_dir, weights=not ref.encrypted_model), backend=ref.backend,
+    return {ref.name: Server(load_plan_dir(ref.plan_dir, weights=not ref.encrypted_model), backend=ref.backend,
                              key_dir=ref.key_dir, encrypted_model=ref.encrypted_model, max_key_sets=max_key_sets)
             for ref in refs}
 
@@ -78,6 +79,9 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
         if op == "diagnose":
             result = server.evaluate(payload)
             return {"evaluate_s": time.perf_counter() - start}, result
+        if op == "diagnose_batch":  # a whole batch, streamed to a file by the server process
+            result = server.evaluate_batch(Path(request["path"]).read_bytes())
+            return {"evaluate_s": time.perf_counter() - start}, result
         if op == "ping":
             return {}, b""
         raise ConfigError(f"unknown operation {op!r}")
@@ -94,8 +98,14 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
             Path(path).unlink(missing_ok=True)
 
 
+WORKER_NICENESS = 5
+
+
 def _worker_main(conn, refs: list[dict], max_key_sets: int | None) -> None:
     """A worker process: load the models, then answer requests until the pipe closes."""
+    # Evaluations take every core they can get; the server's event loop (and /health) must still
+    # be scheduled at once, so workers run at a lower priority. Throughput is unchanged.
+    os.nice(WORKER_NICENESS)
     try:
         servers = load_servers([ModelRef(**ref) for ref in refs], max_key_sets)
     except Exception as exc:  # reported to the parent, which refuses to start

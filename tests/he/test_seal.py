@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,30 @@ def test_concatenated_or_padded_seal_objects_are_refused():
         with pytest.raises(InvalidMessage):
             server.evaluate(message)
     assert client.decrypt_logits(server.evaluate(good)).shape == (2,)
+
+
+def test_seal_objects_never_pass_through_a_named_file(monkeypatch):
+    """Secret keys, keys and ciphertexts go through anonymous in-memory files (memfd): no temp file
+    in /dev/shm or the temp directory that a crash could leave behind or another user could read."""
+    import os
+    import tempfile
+
+    if not hasattr(os, "memfd_create"):
+        pytest.skip("memfd is Linux only; elsewhere a private temporary directory is used")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a SEAL object went through a temporary directory")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", refuse)
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", refuse)
+    places = [Path(p) for p in ("/dev/shm", tempfile.gettempdir()) if Path(p).is_dir()]
+    before = {p: set(os.listdir(p)) for p in places}
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
+    plan = small_plan(seq, (1, 8, 8))
+    client = Client(plan.client_spec(), backend="seal")
+    server = Server(plan, backend="seal")
+    server.register_keys(client.evaluation_keys())
+    restored = Client.from_secret_key(plan.client_spec(), client.export_secret_key())
+    result = server.evaluate(client.encrypt_input(np.random.rand(1, 8, 8)))
+    np.testing.assert_array_equal(restored.decrypt_logits(result), client.decrypt_logits(result))
+    assert {p: set(os.listdir(p)) for p in places} == before

@@ -50,3 +50,29 @@ def test_remote_round_trip_on_seal_and_keys_without_galois_keys_are_refused(tmp_
         remote.register_keys(no_galois)
     stored = {p.name for p in (tmp_path / "srv" / "models" / "small" / "keys").iterdir()}
     assert stored == {f"{client.key_id}.keys"}
+
+
+def test_throughput_mode_over_http_on_seal(tmp_path):
+    from medhe.compiler.batch import batch_steps
+    from medhe.compiler.passes import optimize
+    from medhe.params import choose_params
+    from medhe.plan import BatchPlan, rescale_factors
+    from tests.helpers import randomize_bn, trace_torch
+
+    seq = randomize_bn(nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(2), PolyAct(),
+                                     nn.Flatten(), nn.Linear(2 * 9, 2)).double())
+    steps = batch_steps(optimize(trace_torch(seq, (1, 6, 6))))
+    plan = BatchPlan(choose_params(rescale_factors([s.kind for s in steps]), 1, poly_modulus_degree=SMALL_N,
+                                   insecure_for_tests=True),
+                     (1, 6, 6), steps, ["a", "b"], {"image_size": 6, "mean": 0.0, "std": 1.0}, "test")
+    app = create_app([host_plan(tmp_path / "srv", "small-batch", plan)], data_dir=tmp_path / "srv")
+    remote = RemoteClient("http://testserver", key_home=tmp_path / "clinic", transport=TestClient(app)._transport)
+    images = [np.random.rand(6, 6) for _ in range(40)]
+    results = remote.diagnose_batch(images, "small-batch")
+    client = remote.client("small-batch")
+    expected = np.stack([torch_out(seq, client.preprocess(image)) for image in images])
+    logits = np.stack([r.logits for r in results])
+    tolerance = max(1, plan.multiplicative_depth) * np.sqrt(SMALL_N) * 2.0 ** (-plan.params.log_scale_bits + 10) \
+        * max(1, np.abs(expected).max())
+    np.testing.assert_allclose(logits, expected, atol=tolerance)
+    assert (logits.argmax(1) == expected.argmax(1)).all()

@@ -199,3 +199,56 @@ def test_hosting_refuses_bad_names_and_duplicate_models(tmp_path):
     with pytest.raises(ConfigError, match="clinic name"):
         TokenStore(tmp_path).add("Bad Name")
     assert wire.KEY_ID_HEX_DIGITS == 32
+
+
+def _batch_plan(seq, size: int):
+    from medhe.compiler.batch import batch_steps
+    from medhe.compiler.passes import optimize
+    from medhe.params import choose_params
+    from medhe.plan import BatchPlan, rescale_factors
+    from tests.helpers import trace_torch
+
+    steps = batch_steps(optimize(trace_torch(seq, (1, size, size))))
+    return BatchPlan(choose_params(rescale_factors([s.kind for s in steps]), 1), (1, size, size), steps, ["a", "b"],
+                     {"image_size": size, "mean": 0.0, "std": 1.0}, "test")
+
+
+def test_throughput_mode_over_http_matches_plaintext(tmp_path):
+    from medhe.nn.layers import PolyAct
+    from medhe.plan import BatchPlan, load_plan_dir
+
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.AvgPool2d(2), PolyAct(), nn.Flatten(),
+                        nn.Linear(2 * 9, 2)).double()
+    batch_plan = _batch_plan(seq, 6)
+    # The batch plan round-trips through its directory (digest checked on load).
+    assert load_plan_dir(batch_plan.save(tmp_path / "bp")).digest() == batch_plan.digest()
+    _, latency_plan = _tiny(2)
+    data = tmp_path / "srv"
+    app = create_app([host_plan(data, "tiny-batch", batch_plan, backend="clear"),
+                      host_plan(data, "tiny", latency_plan, backend="clear")], data_dir=data)
+    assert isinstance(load_plan_dir(data / "models" / "tiny-batch" / "plan"), BatchPlan)
+    remote = RemoteClient("http://testserver", key_home=tmp_path / "clinic", backend="clear",
+                          transport=TestClient(app)._transport)
+    assert remote.model_card("tiny-batch")["endpoint"] == "/v1/diagnose-batch"
+    images = [np.random.rand(6, 6) for _ in range(37)]
+    results = remote.diagnose_batch(images, "tiny-batch")
+    client = remote.client("tiny-batch")
+    expected = np.stack([torch_out(seq, client.preprocess(image)) for image in images])
+    np.testing.assert_allclose(np.stack([r.logits for r in results]), expected, atol=1e-9)
+    assert [r.label for r in results] == [["a", "b"][i] for i in expected.argmax(1)]
+    # Each model only on its own endpoint.
+    with TestClient(app) as tc:
+        batch_message = client.encrypt_batch(np.stack([client.preprocess(i) for i in images[:3]]))
+        wrong = tc.post("/v1/diagnose", content=batch_message, headers=OCTET)
+        assert wrong.status_code == 400 and "batch_ciphertext" in wrong.json()["message"]
+        single = remote.client("tiny").encrypt_image(images[0])
+        wrong = tc.post("/v1/diagnose-batch", content=single, headers=OCTET)
+        assert wrong.status_code == 400 and "ciphertext" in wrong.json()["message"]
+        latency = remote.client("tiny")
+        spec = latency.spec
+        for_latency_model = wire.encode_parts("batch_ciphertext", [b""], key_id=latency.key_id,
+                                              spec_digest=spec.digest(), params_digest=spec.params.digest())
+        wrong = tc.post("/v1/diagnose-batch", content=for_latency_model, headers=OCTET)
+        assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_mode"
+    with pytest.raises(ConfigError, match="latency mode"):
+        remote.diagnose_batch(images[:2], "tiny")

@@ -12,6 +12,7 @@ import socket
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from torch import nn
 
 from medhe.protocol import wire
+from medhe.protocol.client import Client
 from medhe.protocol.remote import RemoteClient
 from medhe.service.auth import TokenStore
 from tests.helpers import compile_torch, torch_out
@@ -34,9 +36,8 @@ def setting(tmp_path):
     tokens = {f"clinic-{i}": store.add(f"clinic-{i}") for i in range(8)}
     servers = []
 
-    def serve(*extra, **kwargs) -> ServerProcess:
-        servers.append(ServerProcess(data, "--plan", f"tiny={tmp_path / 'plan'}", "--backend", "clear",
-                                     "--workers", "2", *extra, **kwargs))
+    def serve(*extra, models: tuple = ("--plan", f"tiny={tmp_path / 'plan'}", "--workers", "2"), **kwargs):
+        servers.append(ServerProcess(data, *models, "--backend", "clear", *extra, **kwargs))
         return servers[-1]
 
     yield {"seq": seq, "plan": plan, "data": data, "tokens": tokens, "serve": serve, "tmp": tmp_path}
@@ -69,6 +70,8 @@ def test_eight_clinics_at_once_sigkill_and_restart(setting):
         key_ids = list(pool.map(clinic, range(8)))
     assert len(set(key_ids)) == 8
     assert len(server.workers()) == 2, "evaluation runs in 2 worker processes"
+    for pid in server.workers():  # at a lower priority than the event loop that answers /health
+        assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) > 0
 
     server.kill()
     restarted = setting["serve"]().start()
@@ -160,3 +163,35 @@ def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path, setting):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "medhe token add" in result.stderr
 
+
+
+def test_encrypted_model_mode_over_http_from_the_command_line(setting):
+    """The server hosts only the architecture; the model owner encrypts the weights under the
+    clinic's public key and uploads them with `medhe encrypt-model --server`; the clinic diagnoses
+    with `medhe diagnose --server`."""
+    tmp = setting["tmp"]
+    owner_token = TokenStore(setting["data"]).add("acme", "owner")
+    setting["plan"].without_weights().save(tmp / "architecture")
+    server = setting["serve"](models=("--encrypted-model", f"tiny={tmp / 'architecture'}", "--workers", "1")).start()
+    image = tmp / "scan.png"
+    from PIL import Image
+
+    Image.fromarray((np.random.rand(6, 6) * 255).astype(np.uint8)).save(image)
+    clinic = [*MEDHE, "diagnose", "--server", server.url, "--backend", "clear", "--keys", str(tmp / "clinic"),
+              str(image)]
+    env = {**os.environ, "MEDHE_TOKEN": setting["tokens"]["clinic-0"]}
+    first = subprocess.run(clinic, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 2 and "no encrypted model" in first.stderr, first.stderr
+    public_key = next((tmp / "clinic").glob("tiny-*/public.key"))
+    owner = subprocess.run([*MEDHE, "encrypt-model", "--plan", str(tmp / "plan"), "--public-key", str(public_key),
+                            "--out", str(tmp / "enc"), "--backend", "clear", "--server", server.url,
+                            "--token", owner_token], capture_output=True, text=True, timeout=120)
+    assert owner.returncode == 0 and "uploaded" in owner.stdout, owner.stderr
+    second = subprocess.run(clinic, capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 0, second.stderr
+    remote = _remote(setting, server, "clinic-0")
+    client = Client.load(remote.spec("tiny"), public_key.with_name("secret.key"))
+    expected = torch_out(setting["seq"], client.preprocess(str(image)))
+    label = ["0", "1"][int(np.argmax(expected))]
+    assert f" {label} " in second.stdout.splitlines()[-1] + " ", second.stdout
+    assert not (setting["data"] / "models" / "tiny" / "plan" / "arrays.npz").exists()
