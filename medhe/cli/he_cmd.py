@@ -133,6 +133,10 @@ def cmd_compile(args) -> int:
     print(format_report(plan.report))
     print(f"server plan {plan.digest()[:16]} written to {out} (weights: keep it on the server or encrypt it)")
     print(f"client spec {plan.client_spec().digest()[:16]} written to {spec_path} (public: give it to clinics)")
+    if args.architecture:
+        architecture = plan.without_weights().save(args.architecture)
+        plan.client_spec().save(architecture)
+        print(f"architecture (the plan without weights) written to {architecture} (for an encrypted-model server)")
     return 0
 
 
@@ -306,6 +310,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="plan directory to write (server plan + public client_spec.json)")
     p.add_argument("--poly-modulus-degree", type=int, default=None, help="force N (default: smallest that fits)")
     p.add_argument("--log-scale-bits", type=int, default=None, help="force the CKKS scale (default: largest that fits)")
+    p.add_argument("--architecture", metavar="DIR", help="also write the plan without its weights here (what "
+                                                         "`medhe serve --encrypted-model` hosts)")
     p.set_defaults(func=cmd_compile)
 
     p = subparsers.add_parser("encrypt-model", help="model owner: encrypt a plan's weights under a public key")

@@ -82,8 +82,6 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
         if op == "diagnose_batch":  # a whole batch, streamed to a file by the server process
             result = server.evaluate_batch(Path(request["path"]).read_bytes())
             return {"evaluate_s": time.perf_counter() - start}, result
-        if op == "ping":
-            return {}, b""
         raise ConfigError(f"unknown operation {op!r}")
     except MedHEError as exc:
         for kind, (status, code) in ERROR_CODES.items():

@@ -75,15 +75,17 @@ def test_cli_reports_a_corrupted_ciphertext_clearly(tmp_path):
 
 
 def test_compile_prints_levels_before_and_after(tmp_path):
-    done = medhe("compile", "--model", "br35h", "--out", "plan", cwd=tmp_path)
+    done = medhe("compile", "--model", "br35h", "--out", "plan", "--architecture", "arch", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert "levels before" in done.stdout and "128-bit security" in done.stdout
+    assert not (tmp_path / "arch" / "arrays.npz").exists() and (tmp_path / "arch" / "client_spec.json").is_file()
     total = next(line for line in done.stdout.splitlines() if line.startswith("total"))
     assert total.split()[1:3] == ["20", "9"]
     plan = compile_model(resolve_model_dir("br35h"))
     from medhe.compiler import Plan
 
     assert Plan.load(tmp_path / "plan").digest() == plan.digest()
+    assert Plan.load(tmp_path / "arch", weights=False).structure_digest() == plan.structure_digest()
 
 
 def test_compile_refuses_parameters_that_cannot_fit(tmp_path):
