@@ -14,24 +14,23 @@ import numpy as np
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def eval_images(dataset: str, image_size: int, data_file: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """Held-out grayscale images in [0,1] (n, S, S) and labels: Br35H grouped test split,
-    PneumoniaMNIST val (its test split is withheld from us)."""
+def eval_images(dataset: str, preprocessing, data_file: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Held-out grayscale images in [0,1] (n, S, S), cropped and resized by a model's Preprocessing,
+    and labels: Br35H grouped test split, PneumoniaMNIST val (its test split is withheld from us)."""
     if dataset == "br35h":
         from medhe.data.br35h import load_br35h
 
-        images, labels = load_br35h("test", image_size)
+        images, labels = load_br35h("test", **preprocessing.geometry())
         return images, labels, "br35h-v1 test (grouped, leakage-free)"
     from medhe.data.medmnist import default_pneumoniamnist_path, load_medmnist_npz
-    from medhe.data.preprocess import resize_gray01
 
     path = data_file or default_pneumoniamnist_path()
     if path is None:
         raise SystemExit("PneumoniaMNIST npz not found: pass --data-file PATH.npz")
     images, labels = load_medmnist_npz(path, "val")
     gray = images.astype(np.float32) / 255.0
-    if gray.shape[1] != image_size:
-        gray = np.stack([resize_gray01(g, image_size) for g in gray])
+    if gray.shape[1] != preprocessing.image_size:
+        gray = np.stack([preprocessing.resize(g) for g in gray])
     return gray, labels, f"{Path(path).name} val"
 
 
@@ -43,7 +42,7 @@ def held_out_inputs(dataset: str, limit: int, data_file: str | None = None, *, s
     from medhe.nn.io import load_model, resolve_model_dir
 
     model, card = load_model(resolve_model_dir(dataset))
-    images, labels, source = eval_images(dataset, card.arch.image_size, data_file)
+    images, labels, source = eval_images(dataset, card.preprocessing, data_file)
     pick = np.linspace(0, len(images) - 1, limit).round().astype(int) if spread else np.arange(min(limit, len(images)))
     inputs = card.preprocessing.apply_batch(images[pick])
     with torch.no_grad():
@@ -74,14 +73,14 @@ def machine() -> dict:
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
-    widths = [max(len(h), 10) for _, h, _ in columns]
+    def cell(row: dict, key: str, fmt: str) -> str:
+        value = row.get(key, "")
+        return format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value)
+
+    widths = [max([len(h), 10] + [len(cell(row, key, fmt)) for row in rows]) for key, h, fmt in columns]
     print("  ".join(h.rjust(w) for (_, h, _), w in zip(columns, widths)))
     for row in rows:
-        cells = []
-        for (key, _, fmt), w in zip(columns, widths):
-            value = row.get(key, "")
-            cells.append((format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value)).rjust(w))
-        print("  ".join(cells))
+        print("  ".join(cell(row, key, fmt).rjust(w) for (key, _, fmt), w in zip(columns, widths)))
 
 
 def write_json(name: str, payload: dict, out: str | None = None) -> Path:

@@ -117,9 +117,14 @@ def load_dataset(
         if data_file:
             raise SystemExit("--data-file is only used for pneumoniamnist; Br35H is found by its loader.")
         from medhe.data.br35h import load_br35h
+        from medhe.nn.io import load_model, resolve_model_dir
 
-        train_gray, train_y = load_br35h(train_split, image_size)
-        eval_gray, eval_y = load_br35h(eval_split, image_size)
+        # Both networks see the images cropped as the shipped medhe model's recipe says.
+        geometry = load_model(resolve_model_dir("br35h"))[1].preprocessing.geometry()
+        geometry["image_size"] = image_size
+        info["crop"], info["resize_filter"] = geometry["crop"], geometry["resize_filter"]
+        train_gray, train_y = load_br35h(train_split, **geometry)
+        eval_gray, eval_y = load_br35h(eval_split, **geometry)
         train_gray = np.asarray(train_gray, dtype=np.float32)
         eval_gray = np.asarray(eval_gray, dtype=np.float32)
     else:  # argparse restricts choices

@@ -120,7 +120,7 @@ def main() -> None:
     args = parser.parse_args()
 
     _, card = load_model(resolve_model_dir(args.model))
-    images, _, _ = eval_images(args.model, card.arch.image_size)
+    images, _, _ = eval_images(args.model, card.preprocessing)
     rows = []
     with tempfile.TemporaryDirectory(prefix="medhe-load-") as tmp:
         tmp = Path(tmp)

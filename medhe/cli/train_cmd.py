@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from medhe.data.preprocess import CROP_RULES, RESIZE_FILTERS
 from medhe.errors import ConfigError
 
 DATASETS = ("br35h", "pneumoniamnist")
@@ -43,6 +44,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
+    p.add_argument("--crop", choices=CROP_RULES, default=None,
+                   help="how a full-size image is cropped before resizing; stored with the model and applied "
+                        "to every input (default: br35h foreground_square, pneumoniamnist center_square)")
+    p.add_argument("--resize-filter", choices=tuple(RESIZE_FILTERS), default=None,
+                   help="Pillow resize filter, stored with the model (default: bicubic)")
     p.add_argument("--activation", choices=("poly", "relu"), default="poly")
     p.add_argument("--relu-twin", action="store_true",
                    help="also train the ReLU twin and record its metrics and the accuracy gap")
@@ -65,7 +71,8 @@ def cmd_train(args) -> int:
     options = TrainOptions(
         dataset=args.dataset, out=args.out, data_file=args.data_file, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
-        seed=args.seed, image_size=args.image_size, activation=args.activation,
+        seed=args.seed, image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
+        activation=args.activation,
         relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
     )
     metrics = run_training(options, log=lambda line: print(line, flush=True))

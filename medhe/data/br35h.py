@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from medhe.data.images import load_image
-from medhe.data.preprocess import resize_gray01
+from medhe.data.preprocess import LEGACY_CROP, LEGACY_RESIZE_FILTER, resize_gray01
 from medhe.errors import DataError
 
 SPLIT_VERSION = "br35h-v1"
@@ -95,10 +95,10 @@ def file_list_sha256(relative_paths: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(sorted(relative_paths)).encode("utf-8")).hexdigest()
 
 
-def _load_resized(root: Path, relative_paths: Sequence[str], image_size_px: int) -> np.ndarray:
+def _load_resized(root: Path, relative_paths: Sequence[str], image_size_px: int, **geometry: str) -> np.ndarray:
     images = np.empty((len(relative_paths), image_size_px, image_size_px), dtype=np.float32)
     for i, relative_path in enumerate(relative_paths):
-        images[i] = resize_gray01(load_image(root / relative_path), image_size_px)
+        images[i] = resize_gray01(load_image(root / relative_path), image_size_px, **geometry)
     return images
 
 
@@ -368,8 +368,8 @@ def cache_dir() -> Path:
     return Path(configured).expanduser() if configured else DEFAULT_CACHE_DIR.expanduser()
 
 
-def _cache_path(version: str, split: str, image_size_px: int) -> Path:
-    return cache_dir() / f"{version}_{split}_{image_size_px}px_c{CACHE_FORMAT_VERSION}.npz"
+def _cache_path(version: str, split: str, image_size_px: int, crop: str, resize_filter: str) -> Path:
+    return cache_dir() / f"{version}_{split}_{image_size_px}px_{crop}_{resize_filter}_c{CACHE_FORMAT_VERSION}.npz"
 
 
 def _read_cache(path: Path, relative_paths: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -400,22 +400,25 @@ def _write_cache(path: Path, images: np.ndarray, labels: np.ndarray, relative_pa
 # ------------------------------------------------------------------ loading
 
 
-def load_br35h(split: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(images float32 (n, image_size, image_size) in [0, 1], labels int64 (n,)) of a stored split.
+def load_br35h(split: str, image_size: int, *, crop: str = LEGACY_CROP,
+               resize_filter: str = LEGACY_RESIZE_FILTER) -> tuple[np.ndarray, np.ndarray]:
+    """(images float32 (n, image_size, image_size) in [0, 1], labels int64 (n,)) of a stored split,
+    cropped and resized as a model's Preprocessing says (pass `**preprocessing.geometry()`-like
+    arguments: crop and resize_filter; see medhe.data.preprocess).
 
     Decoded, resized arrays are cached in $MEDHE_CACHE_DIR (default ~/.cache/medhe)
-    per split version, split and size, so only the first call decodes JPEGs.
+    per split version, split, size, crop and filter, so only the first call decodes JPEGs.
     """
     _check_split_name(split)
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive int (pixels), got {image_size!r}.")
     files = _split_files(split)
     relative_paths = [path for path, _ in files]
-    cache_path = _cache_path(SPLIT_VERSION, split, image_size)
+    cache_path = _cache_path(SPLIT_VERSION, split, image_size, crop, resize_filter)
     cached = _read_cache(cache_path, relative_paths)
     if cached is not None:
         return cached
-    images = _load_resized(br35h_root(), relative_paths, image_size)
+    images = _load_resized(br35h_root(), relative_paths, image_size, crop=crop, resize_filter=resize_filter)
     labels = np.array([label for _, label in files], dtype=np.int64)
     _write_cache(cache_path, images, labels, relative_paths)
     return images, labels

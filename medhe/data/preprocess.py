@@ -1,7 +1,19 @@
-"""Resize and normalise grayscale images: the one code path used by training AND the client.
+"""Crop, resize and normalise grayscale images: the one code path used by training AND the client.
 
-If the two sides disagreed (another resize filter, other mean/std), the encrypted
-model would see inputs unlike its training data and misdiagnose silently.
+If the two sides disagreed (another crop, resize filter, other mean/std), the encrypted
+model would see inputs unlike its training data and misdiagnose silently. The recipe is
+stored with the model (model card -> client spec), so a full-resolution scan given to
+`medhe diagnose` goes through exactly the steps its training images went through.
+
+Crop rules (applied before resizing to image_size x image_size):
+  stretch            no crop: a non-square image is stretched (older models)
+  center_square      the centred square whose side is the short edge (MedMNIST's rule:
+                     "center-cropped with a window of the short edge, then resized")
+  foreground_square  the bounding box of the non-dark pixels (the head in an MRI slice),
+                     widened to a square around its centre (black beyond the image), so
+                     scans framed with more or less dark background arrive alike
+An image that is already image_size x image_size is taken as already cropped and resized
+(MedMNIST's npz images are; so are the cached training images).
 """
 
 from __future__ import annotations
@@ -18,20 +30,93 @@ from medhe.data.images import image_to_gray01
 from medhe.errors import DataError
 
 MAX_IMAGE_SIZE_PX = 4096
+CROP_RULES = ("stretch", "center_square", "foreground_square")
+RESIZE_FILTERS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+}
+# What models saved before crop rules existed were trained with.
+LEGACY_CROP = "stretch"
+LEGACY_RESIZE_FILTER = "bilinear"
+# foreground_square: a pixel is foreground above this fraction of the image's 99th percentile; the
+# box holds every connected foreground region of at least this fraction of the largest one's area
+# (so a burnt-in text label or scanner noise does not widen it, while a head in two pieces stays whole).
+FOREGROUND_LEVEL = 0.15
+FOREGROUND_REGION_FRACTION = 0.10
 
 
-def resize_gray01(gray01: np.ndarray, image_size_px: int) -> np.ndarray:
-    """Resize a 2-D [0, 1] image to (image_size_px, image_size_px) float32, bilinear.
+def _check_choice(value: Any, choices, what: str) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise DataError(f"{what} must be one of {', '.join(choices)}; got {value!r}.")
+    return value
 
-    Uses Pillow mode 'F' (32-bit float) so no 8-bit rounding happens; non-square
-    images are stretched, not cropped. Already the right size -> returned unchanged.
+
+def center_square(gray01: np.ndarray) -> np.ndarray:
+    """The centred square of side min(height, width)."""
+    height, width = gray01.shape
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    return gray01[top: top + side, left: left + side]
+
+
+def foreground_box(gray01: np.ndarray) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right), exclusive ends, of the non-dark object; the whole image if none."""
+    from scipy import ndimage
+
+    height, width = gray01.shape
+    level = FOREGROUND_LEVEL * float(np.percentile(gray01, 99))
+    if level <= 0.0:
+        return 0, height, 0, width
+    regions, count = ndimage.label(gray01 > level, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return 0, height, 0, width
+    areas = np.bincount(regions.ravel())[1:]
+    keep = np.flatnonzero(areas >= FOREGROUND_REGION_FRACTION * areas.max()) + 1
+    rows, cols = np.nonzero(np.isin(regions, keep))
+    return int(rows.min()), int(rows.max()) + 1, int(cols.min()), int(cols.max()) + 1
+
+
+def foreground_square(gray01: np.ndarray) -> np.ndarray:
+    """The foreground box widened to a square around its centre, black where it leaves the image."""
+    top, bottom, left, right = foreground_box(gray01)
+    side = max(bottom - top, right - left)
+    square = np.zeros((side, side), dtype=np.float32)
+    row0 = (top + bottom - side) // 2
+    col0 = (left + right - side) // 2
+    # Copy the part of the square that lies inside the image.
+    src_r0, src_r1 = max(row0, 0), min(row0 + side, gray01.shape[0])
+    src_c0, src_c1 = max(col0, 0), min(col0 + side, gray01.shape[1])
+    square[src_r0 - row0: src_r1 - row0, src_c0 - col0: src_c1 - col0] = gray01[src_r0:src_r1, src_c0:src_c1]
+    return square
+
+
+def crop_gray01(gray01: np.ndarray, crop: str) -> np.ndarray:
+    _check_choice(crop, CROP_RULES, "crop")
+    if crop == "center_square":
+        return center_square(gray01)
+    if crop == "foreground_square":
+        return foreground_square(gray01)
+    return gray01
+
+
+def resize_gray01(gray01: np.ndarray, image_size_px: int, *, crop: str = LEGACY_CROP,
+                  resize_filter: str = LEGACY_RESIZE_FILTER) -> np.ndarray:
+    """Crop a 2-D [0, 1] image by `crop`, resize it to (image_size_px, image_size_px) float32.
+
+    Uses Pillow mode 'F' (32-bit float) so no 8-bit rounding happens; Pillow's filters widen
+    their support when shrinking, so a 2000-pixel scan is averaged, not aliased, down to 28.
+    Already the right size -> returned unchanged (taken as already cropped and resized).
     """
     gray01 = image_to_gray01(gray01)
+    _check_choice(resize_filter, tuple(RESIZE_FILTERS), "resize_filter")
     if gray01.shape == (image_size_px, image_size_px):
         return np.ascontiguousarray(gray01, dtype=np.float32)
-    image = Image.fromarray(np.ascontiguousarray(gray01, dtype=np.float32))
-    resized = image.resize((image_size_px, image_size_px), Image.Resampling.BILINEAR)
-    # Bilinear filtering cannot leave [0, 1] in exact arithmetic; clip float round-off.
+    cropped = crop_gray01(gray01, crop)
+    image = Image.fromarray(np.ascontiguousarray(cropped, dtype=np.float32))
+    resized = image.resize((image_size_px, image_size_px), RESIZE_FILTERS[resize_filter])
+    # Bicubic and Lanczos overshoot at edges; bilinear round-off too: clip back to [0, 1].
     return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
 
 
@@ -48,7 +133,7 @@ def _as_image_list(images: np.ndarray | Sequence[np.ndarray], what: str) -> list
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Resize to image_size x image_size, then (pixel - mean) / std.
+    """Crop by `crop`, resize to image_size x image_size with `resize_filter`, then (pixel - mean) / std.
 
     mean and std are of resized training pixels in [0, 1] (see fit_preprocessing).
     """
@@ -56,6 +141,8 @@ class Preprocessing:
     image_size: int
     mean: float
     std: float
+    crop: str = LEGACY_CROP
+    resize_filter: str = LEGACY_RESIZE_FILTER
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
@@ -86,30 +173,40 @@ class Preprocessing:
                 f"Preprocessing.std must be > 0 (it divides the pixels), got {self.std}. "
                 "Fit it on training images that are not all constant."
             )
+        _check_choice(self.crop, CROP_RULES, "Preprocessing.crop")
+        _check_choice(self.resize_filter, tuple(RESIZE_FILTERS), "Preprocessing.resize_filter")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": self.mean, "std": self.std}
+        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+                "crop": self.crop, "resize_filter": self.resize_filter}
+
+    def geometry(self) -> dict[str, Any]:
+        """image_size, crop, resize_filter: the keyword arguments of load_br35h for this recipe."""
+        return {"image_size": self.image_size, "crop": self.crop, "resize_filter": self.resize_filter}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Preprocessing:
         if not isinstance(d, Mapping):
             raise DataError(
-                f"Preprocessing.from_dict expects a mapping with keys image_size, mean, std; "
-                f"got {type(d).__name__}."
+                f"Preprocessing.from_dict expects a mapping with keys image_size, mean, std "
+                f"(and crop, resize_filter); got {type(d).__name__}."
             )
-        expected = {"image_size", "mean", "std"}
-        missing = sorted(expected - set(d))
-        extra = sorted(set(d) - expected)
+        required = {"image_size", "mean", "std"}
+        # Model cards written before crop rules existed lack these two: they mean "stretch, bilinear".
+        optional = {"crop", "resize_filter"}
+        missing = sorted(required - set(d))
+        extra = sorted(set(d) - required - optional)
         if missing or extra:
             raise DataError(
-                f"Preprocessing.from_dict: expected exactly keys {sorted(expected)}; "
-                f"missing {missing}, unexpected {extra}."
+                f"Preprocessing.from_dict: expected keys {sorted(required)} and optionally "
+                f"{sorted(optional)}; missing {missing}, unexpected {extra}."
             )
-        return cls(image_size=d["image_size"], mean=d["mean"], std=d["std"])
+        return cls(image_size=d["image_size"], mean=d["mean"], std=d["std"],
+                   crop=d.get("crop", LEGACY_CROP), resize_filter=d.get("resize_filter", LEGACY_RESIZE_FILTER))
 
     def resize(self, gray01: np.ndarray) -> np.ndarray:
-        """2-D [0, 1] image -> float32 (image_size, image_size), Pillow bilinear."""
-        return resize_gray01(gray01, self.image_size)
+        """2-D [0, 1] image -> float32 (image_size, image_size): this recipe's crop, then its filter."""
+        return resize_gray01(gray01, self.image_size, crop=self.crop, resize_filter=self.resize_filter)
 
     def apply(self, gray01: np.ndarray) -> np.ndarray:
         """2-D [0, 1] image -> float32 (1, S, S) normalised model input."""
@@ -128,19 +225,20 @@ class Preprocessing:
 
 
 def fit_preprocessing(
-    train_images_gray01: np.ndarray | Sequence[np.ndarray], image_size: int
+    train_images_gray01: np.ndarray | Sequence[np.ndarray], image_size: int, *,
+    crop: str = LEGACY_CROP, resize_filter: str = LEGACY_RESIZE_FILTER,
 ) -> Preprocessing:
-    """Mean and std of the resized TRAINING pixels (never val/test, which would leak)."""
+    """Mean and std of the cropped, resized TRAINING pixels (never val/test, which would leak)."""
     image_list = _as_image_list(train_images_gray01, "fit_preprocessing")
     if not image_list:
         raise DataError("fit_preprocessing: got no training images; expected at least one.")
     # Validate image_size before resizing thousands of images with it.
-    Preprocessing(image_size=image_size, mean=0.0, std=1.0)
+    recipe = Preprocessing(image_size=image_size, mean=0.0, std=1.0, crop=crop, resize_filter=resize_filter)
     total = 0.0
     total_sq = 0.0
     n_pixels = 0
     for i, image in enumerate(image_list):
-        resized = resize_gray01(image_to_gray01(image, source=f"training image {i}"), image_size)
+        resized = recipe.resize(image_to_gray01(image, source=f"training image {i}"))
         values = resized.astype(np.float64)
         total += float(values.sum())
         total_sq += float(np.square(values).sum())
@@ -153,4 +251,4 @@ def fit_preprocessing(
             "fit_preprocessing: all training pixels are equal (std 0); expected varied "
             "images. Check that the images loaded correctly."
         )
-    return Preprocessing(image_size=image_size, mean=mean, std=std)
+    return Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop, resize_filter=resize_filter)

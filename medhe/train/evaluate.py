@@ -190,7 +190,7 @@ def _load_eval_data(card: ModelCard, split: str, data_file) -> tuple[np.ndarray,
                 f"the model was trained on Br35H split {trained_on!r} but this medhe ships "
                 f"{SPLIT_VERSION!r}; its {split} split may overlap the model's training data"
             )
-        images, labels = load_br35h(split, card.preprocessing.image_size)
+        images, labels = load_br35h(split, **card.preprocessing.geometry())
         return images, labels, {"name": "br35h", "split_version": SPLIT_VERSION, "split": split}
     raise ConfigError(
         f"don't know where the data of this model ({dataset_name!r}) lives; pass --data-file PATH.npz"

@@ -55,6 +55,8 @@ class TrainOptions:
     augment: bool | None = None
     seed: int = 0
     image_size: int | None = None
+    crop: str | None = None
+    resize_filter: str | None = None
     activation: str = "poly"
     relu_twin: bool = False
     leakage_demo: bool = False
@@ -67,7 +69,8 @@ class TrainOptions:
             parts += ["--data-file", str(self.data_file)]
         parts += ["--out", str(self.out)]
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr),
-                            ("--patience", self.patience), ("--image-size", self.image_size)):
+                            ("--patience", self.patience), ("--image-size", self.image_size),
+                            ("--crop", self.crop), ("--resize-filter", self.resize_filter)):
             if value is not None:
                 parts += [flag, str(value)]
         if self.augment is False:
@@ -127,11 +130,13 @@ def run_training(options: TrainOptions, log: Callable[[str], None] = print) -> d
     settings = options.settings()
 
     log(f"loading {options.dataset} ...")
-    data = prepare_dataset(options.dataset, data_file=options.data_file, image_size=options.image_size)
+    data = prepare_dataset(options.dataset, data_file=options.data_file, image_size=options.image_size,
+                           crop=options.crop, resize_filter=options.resize_filter)
     size = data.preprocessing.image_size
     log(f"  train {data.card['n']['train']}, early-stopping ({data.card['stop_split']}) "
         f"{data.card['n']['stop']}, report ({data.card['report_split']}) {data.card['n']['report']}; "
-        f"image {size}x{size}, mean {data.preprocessing.mean:.4f}, std {data.preprocessing.std:.4f}")
+        f"image {size}x{size} ({data.preprocessing.crop}, {data.preprocessing.resize_filter}), "
+        f"mean {data.preprocessing.mean:.4f}, std {data.preprocessing.std:.4f}")
 
     arch = ArchConfig(image_size=size, activation=options.activation)
     log(f"training {options.activation} model: {json.dumps(settings)}")
@@ -166,7 +171,8 @@ def run_training(options: TrainOptions, log: Callable[[str], None] = print) -> d
 
     if options.leakage_demo:
         log("leakage demo: the same training on a RANDOM per-file split (ignores near-duplicates) ...")
-        leaky = prepare_br35h_random_split(size, seed=options.seed)
+        leaky = prepare_br35h_random_split(size, seed=options.seed, crop=data.preprocessing.crop,
+                                           resize_filter=data.preprocessing.resize_filter)
         _, _, leaky_report, _ = _train_and_report(arch, leaky, settings, options.progress)
         metrics["random_split_leaky_accuracy"] = leaky_report["accuracy"]
         metrics["leakage_demo"] = {

@@ -20,7 +20,7 @@ def held_out(dataset: str, card, pneumoniamnist_path):
     if dataset == "br35h":
         from medhe.data.br35h import load_br35h
 
-        return load_br35h("test", card.arch.image_size)
+        return load_br35h("test", **card.preprocessing.geometry())
     from medhe.data.medmnist import load_medmnist_npz
 
     images, labels = load_medmnist_npz(pneumoniamnist_path, "val")

@@ -1,0 +1,167 @@
+"""Preprocessing parity: a full-resolution, non-square scan reaches the model the way the training
+images did (the crop rule and resize filter stored with the model), on the client as in training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medhe.data.preprocess import (
+    CROP_RULES,
+    Preprocessing,
+    center_square,
+    fit_preprocessing,
+    foreground_box,
+    resize_gray01,
+)
+from medhe.errors import DataError
+
+
+def _chest_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A non-square textured image whose left and right borders are unlike its centre."""
+    rng = np.random.default_rng(seed)
+    rows = np.linspace(0, 1, height, dtype=np.float32)[:, None]
+    cols = np.linspace(0, 1, width, dtype=np.float32)[None, :]
+    image = 0.4 + 0.3 * np.sin(12 * rows) * np.cos(9 * cols) + 0.05 * rng.random((height, width), dtype=np.float32)
+    image[:, : width // 8] = 1.0  # a bright band only a stretch would squeeze into view
+    return np.clip(image, 0, 1).astype(np.float32)
+
+
+def _head(side: int) -> np.ndarray:
+    """An elliptical textured 'head' filling a side x side box, on black."""
+    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / (side - 1) * 2 - 1
+    inside = (yy / 0.98) ** 2 + (xx / 0.8) ** 2 <= 1.0
+    texture = 0.5 + 0.3 * np.sin(7 * yy + 3 * xx) + 0.15 * (np.abs(xx) < 0.1)
+    return np.where(inside, np.clip(texture, 0.3, 1), 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", [(1400, 1800), (1800, 1400), (384, 2000)])
+def test_center_square_is_the_short_edge_window_then_resized(shape) -> None:
+    height, width = shape
+    image = _chest_like(height, width)
+    recipe = Preprocessing(image_size=28, mean=0.5, std=0.25, crop="center_square", resize_filter="bicubic")
+    side = min(height, width)
+    top, left = (height - side) // 2, (width - side) // 2
+    by_hand = Image.fromarray(image[top: top + side, left: left + side]).resize((28, 28), Image.Resampling.BICUBIC)
+    np.testing.assert_allclose(recipe.resize(image), np.clip(np.asarray(by_hand), 0, 1), atol=1e-6)
+    assert center_square(image).shape == (side, side)
+    # The old rule stretched the whole image: a visibly different input.
+    stretched = resize_gray01(image, 28)
+    assert np.abs(stretched - recipe.resize(image)).max() > 0.2
+
+
+def test_center_square_of_a_square_image_is_a_plain_resize() -> None:
+    image = _chest_like(300, 300)
+    recipe = Preprocessing(image_size=28, mean=0.5, std=0.25, crop="center_square", resize_filter="bilinear")
+    np.testing.assert_array_equal(recipe.resize(image), resize_gray01(image, 28))
+
+
+@pytest.mark.parametrize("filter_name", ["bilinear", "bicubic", "lanczos", "box"])
+def test_every_filter_stays_in_range_and_differs_from_the_others(filter_name) -> None:
+    image = _chest_like(500, 700)
+    out = resize_gray01(image, 32, crop="center_square", resize_filter=filter_name)
+    assert out.shape == (32, 32) and out.dtype == np.float32 and 0 <= out.min() and out.max() <= 1
+    others = [resize_gray01(image, 32, crop="center_square", resize_filter=f)
+              for f in ("bilinear", "bicubic", "lanczos", "box") if f != filter_name]
+    assert all(np.abs(out - other).max() > 1e-4 for other in others)
+
+
+def test_foreground_square_frames_a_head_the_same_whatever_the_margins() -> None:
+    head = _head(240)
+    tight = head
+    with_margins = np.pad(head, ((60, 200), (300, 40)))  # off-centre, non-square, mostly black
+    noisy = with_margins + 0.03 * np.random.default_rng(1).random(with_margins.shape, dtype=np.float32)
+    noisy[5:12, 5:120] = 1.0  # a burnt-in text label in a corner must not widen the box
+    recipe = Preprocessing(image_size=32, mean=0.3, std=0.3, crop="foreground_square", resize_filter="bicubic")
+    reference = recipe.resize(tight)
+    for framed in (with_margins, noisy):
+        assert np.abs(recipe.resize(framed) - reference).max() < 0.08
+        assert np.abs(recipe.resize(framed) - reference).mean() < 0.02
+    # Stretching the framed image gives a different picture altogether.
+    assert np.abs(resize_gray01(with_margins, 32) - reference).mean() > 0.1
+    top, bottom, left, right = foreground_box(tight)
+    assert bottom - top > 225 and abs((right - left) - 192) <= 2  # the ellipse, 0.8 as wide as tall
+    assert foreground_box(noisy) == (top + 60, bottom + 60, left + 300, right + 300)
+
+
+def test_foreground_square_pads_a_wide_object_with_black_not_neighbouring_pixels() -> None:
+    wide = np.zeros((100, 300), np.float32)
+    wide[40:60, 20:280] = 0.8
+    square = resize_gray01(wide, 26, crop="foreground_square", resize_filter="box")
+    # The object is 260 wide and 20 tall: centred rows hold it, the top and bottom stay black.
+    assert square[:8].max() == 0 and square[-8:].max() == 0 and square[12:14].min() > 0.5
+
+
+def test_foreground_square_of_a_blank_image_keeps_the_whole_image() -> None:
+    blank = np.zeros((40, 60), np.float32)
+    assert foreground_box(blank) == (0, 40, 0, 60)
+    assert resize_gray01(blank, 16, crop="foreground_square").shape == (16, 16)
+
+
+def test_recipe_round_trips_and_older_cards_mean_stretch_bilinear() -> None:
+    recipe = Preprocessing(image_size=32, mean=0.25, std=0.2, crop="foreground_square", resize_filter="lanczos")
+    assert Preprocessing.from_dict(recipe.to_dict()) == recipe
+    older = Preprocessing.from_dict({"image_size": 32, "mean": 0.25, "std": 0.2})
+    assert (older.crop, older.resize_filter) == ("stretch", "bilinear")
+    image = _chest_like(90, 150)
+    np.testing.assert_array_equal(older.resize(image), resize_gray01(image, 32))
+
+
+@pytest.mark.parametrize("bad", [{"crop": "centre"}, {"crop": 3}, {"resize_filter": "nearest"},
+                                 {"resize_filter": None}])
+def test_unknown_crop_or_filter_is_refused_by_name(bad) -> None:
+    with pytest.raises(DataError, match="crop|resize_filter"):
+        Preprocessing.from_dict({"image_size": 32, "mean": 0.25, "std": 0.2, **bad})
+
+
+def test_fit_preprocessing_fits_mean_and_std_after_the_crop() -> None:
+    images = [np.pad(_head(120), ((0, 0), (100, 100))), np.pad(_head(80), ((40, 40), (10, 90)))]
+    stretch = fit_preprocessing(images, 16)
+    framed = fit_preprocessing(images, 16, crop="foreground_square", resize_filter="bicubic")
+    assert (framed.crop, framed.resize_filter) == ("foreground_square", "bicubic")
+    cropped = np.stack([framed.resize(image) for image in images])
+    assert framed.mean == pytest.approx(float(cropped.mean()), abs=1e-6)
+    assert framed.mean > stretch.mean + 0.05  # less black background counted
+
+
+def test_shipped_models_store_their_recipe_and_clinics_receive_it() -> None:
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model, resolve_model_dir
+
+    expected = {"pneumoniamnist": "center_square", "br35h": "foreground_square"}
+    for name, crop in expected.items():
+        _, card = load_model(resolve_model_dir(name))
+        assert card.preprocessing.crop == crop and card.preprocessing.crop in CROP_RULES
+        spec = compile_model(resolve_model_dir(name)).client_spec()
+        assert Preprocessing.from_dict(spec.preprocessing) == card.preprocessing
+
+
+def test_a_full_resolution_non_square_scan_is_diagnosed_as_its_recipe_says(tmp_path) -> None:
+    """Client (clear backend) on an 1800x1400 PNG: the same input and logits as the plaintext model
+    given the by-hand centre crop; the stretched image would give another input."""
+    import torch
+
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.protocol.client import Client
+    from medhe.protocol.server import Server
+
+    model_dir = resolve_model_dir("pneumoniamnist")
+    model, card = load_model(model_dir)
+    image = _chest_like(1400, 1800, seed=3)
+    path = tmp_path / "xray.png"
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(path)
+    plan = compile_model(model_dir)
+    client, server = Client(plan.client_spec(), backend="clear"), Server(plan, backend="clear")
+    server.register_keys(client.evaluation_keys())
+    model_input = client.preprocess(path)
+    gray = np.asarray(Image.open(path), dtype=np.float32) / 255
+    by_hand = card.preprocessing.apply(center_square(gray))
+    np.testing.assert_allclose(model_input, by_hand, atol=1e-5)
+    stretched = Preprocessing.from_dict({**card.preprocessing.to_dict(), "crop": "stretch"}).apply(gray)
+    assert np.abs(model_input - stretched).max() > 0.1
+    logits = client.decrypt_logits(server.evaluate(client.encrypt_input(model_input)))
+    with torch.no_grad():
+        reference = model(torch.tensor(by_hand[None])).double().numpy()[0]
+    np.testing.assert_allclose(logits, reference, atol=1e-5)  # float32 torch vs float64 clear backend
