@@ -41,6 +41,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"early-stopping patience in epochs, 0 = off (default: {default('patience')})")
     p.add_argument("--no-augment", dest="augment", action="store_const", const=False, default=None,
                    help="disable flips/shifts (on by default for br35h only)")
+    shift = p.add_mutually_exclusive_group()
+    shift.add_argument("--shift-augment", dest="shift_augment", action="store_const", const=True, default=None,
+                       help="acquisition-shift augmentations: brightness, contrast, gamma, noise, blur "
+                            "(default: on for pneumoniamnist, off for br35h)")
+    shift.add_argument("--no-shift-augment", dest="shift_augment", action="store_const", const=False,
+                       help="no acquisition-shift augmentations")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
@@ -71,6 +77,7 @@ def cmd_train(args) -> int:
     options = TrainOptions(
         dataset=args.dataset, out=args.out, data_file=args.data_file, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
+        shift_augment=args.shift_augment,
         seed=args.seed, image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
         activation=args.activation,
         relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
@@ -111,6 +118,14 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--encrypted-model", action="store_true",
                    help="with --encrypted: the model owner encrypts the weights under the client's public key "
                         "and the server computes on ciphertext weights (encrypted-model mode)")
+    p.add_argument("--corruptions", action="store_true",
+                   help="accuracy, AUC and balanced error under the 13 MedMNIST-C chest X-ray corruptions at "
+                        "5 severities each, next to the clean figure (plaintext)")
+    p.add_argument("--compare", nargs="+", default=(), metavar="DIR|NAME",
+                   help="with --corruptions: also score these models (same data set) on the same corrupted images")
+    p.add_argument("--corruption-size", type=int, default=224, metavar="PX",
+                   help="with --corruptions: side the images are corrupted at (default 224, as MedMNIST-C)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
     return p
 
@@ -120,15 +135,34 @@ def cmd_evaluate(args) -> int:
 
     if args.limit is not None and not args.encrypted:
         raise ConfigError("--limit goes with --encrypted")
+    if args.compare and not args.corruptions:
+        raise ConfigError("--compare goes with --corruptions")
+    if args.corruptions:
+        from medhe.train.robustness import evaluate_corruptions, format_corruption_table
+
+        if args.encrypted:
+            raise ConfigError("--corruptions is a plaintext evaluation; drop --encrypted")
+        if not 8 <= args.corruption_size <= 4096:
+            raise ConfigError(f"--corruption-size must be 8..4096 pixels, got {args.corruption_size}")
+        report = evaluate_corruptions(args.model, split=args.split, data_file=args.data_file,
+                                      compare=tuple(args.compare), size_px=args.corruption_size,
+                                      progress=args.progress)
+        print(format_corruption_table(report))
+        _write_report(report, args.report)
+        return 0
     report = evaluate_split(args.model, split=args.split, data_file=args.data_file,
                             encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode,
                             encrypted_model=args.encrypted_model)
     print(format_report_table(report))
-    if args.report is not None:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(f"wrote {args.report}")
+    _write_report(report, args.report)
     return 0
+
+
+def _write_report(report: dict, path: Path | None) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, sort_keys=True))
+        print(f"wrote {path}")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -255,6 +255,7 @@ def format_report_table(report: dict) -> str:
         ("AUC", fmt(report.get("auc"))),
         ("sensitivity", fmt(report.get("sensitivity"))),
         ("specificity", fmt(report.get("specificity"))),
+        ("ECE (15 bins)", fmt(report.get("ece"))),
         ("confusion", f"TN {cm[0][0]}  FP {cm[0][1]}  FN {cm[1][0]}  TP {cm[1][1]}"),
     ]
     if report.get("encrypted"):

@@ -86,6 +86,45 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, max_shift: int =
     return np.ascontiguousarray(out)
 
 
+# Acquisition shifts a scanner or an export produces (the families MedMNIST-C measures): ranges of
+# brightness and contrast factors, gamma, gaussian noise sigma and blur sigma (pixels at model size),
+# each drawn per image and applied with probability SHIFT_PROBABILITY.
+SHIFT_RANGES = {"brightness": (0.5, 1.5), "contrast": (0.4, 1.6), "gamma": (0.4, 1.6),
+                "noise_sigma": (0.0, 0.08), "blur_sigma": (0.0, 1.2)}
+SHIFT_PROBABILITY = 0.5
+
+
+def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean: float,
+                        pixel_std: float) -> np.ndarray:
+    """Random brightness, contrast, gamma, noise and blur on normalised (n, 1, H, W) inputs.
+
+    Applied to the [0, 1] pixels the inputs came from (undoing the normalisation with the
+    model's training mean and std), clipped to [0, 1] as a real image would be, then normalised.
+    """
+    from scipy import ndimage
+
+    pixels = np.clip(images.astype(np.float64) * pixel_std + pixel_mean, 0.0, 1.0)
+    for i in range(pixels.shape[0]):
+        image = pixels[i]
+        on = rng.random(5) < SHIFT_PROBABILITY
+        low, high = SHIFT_RANGES["brightness"]
+        if on[0]:
+            image = image * rng.uniform(low, high)
+        if on[1]:
+            low, high = SHIFT_RANGES["contrast"]
+            image = image.mean() + (image - image.mean()) * rng.uniform(low, high)
+        image = np.clip(image, 0.0, 1.0)
+        if on[2]:
+            low, high = SHIFT_RANGES["gamma"]
+            image = image ** rng.uniform(low, high)
+        if on[3]:
+            image = ndimage.gaussian_filter(image, sigma=(0, *[rng.uniform(*SHIFT_RANGES["blur_sigma"])] * 2))
+        if on[4]:
+            image = image + rng.normal(scale=rng.uniform(*SHIFT_RANGES["noise_sigma"]), size=image.shape)
+        pixels[i] = np.clip(image, 0.0, 1.0)
+    return ((pixels - pixel_mean) / pixel_std).astype(np.float32)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images, batch_size: int = 512) -> np.ndarray:
     """Logits of a preprocessed (n, C, S, S) array, in eval mode, in batches."""
@@ -154,6 +193,8 @@ def train_model(
     max_shift: int = 2,
     vertical_flip: bool = False,
     grad_clip: float = 5.0,
+    shift_augment: bool = False,
+    pixel_mean_std: tuple[float, float] | None = None,
 ) -> tuple[HECNN, dict]:
     """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
 
@@ -170,6 +211,8 @@ def train_model(
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if stop_metric not in STOP_METRICS:
         raise ConfigError(f"stop_metric must be one of {STOP_METRICS}, got {stop_metric!r}")
+    if shift_augment and pixel_mean_std is None:
+        raise ConfigError("shift_augment needs pixel_mean_std, the Preprocessing's (mean, std)")
     train_images, train_labels = _check_arrays("training", train_images, train_labels, arch)
     stop_images, stop_labels = _check_arrays("early-stopping", stop_images, stop_labels, arch)
 
@@ -189,6 +232,7 @@ def train_model(
             "seed": seed, "epochs_max": epochs, "batch_size": batch_size, "lr": lr,
             "schedule": schedule, "weight_decay": weight_decay, "augment": bool(augment),
             "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
+            "shift_augment": bool(shift_augment),
             "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
             "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
         }
@@ -212,6 +256,8 @@ def train_model(
                 x = train_images[idx]
                 if augment:
                     x = augment_batch(x, rng, max_shift=max_shift, vertical_flip=vertical_flip)
+                if shift_augment:
+                    x = shift_augment_batch(x, rng, *pixel_mean_std)
                 xb = torch.from_numpy(x)
                 yb = torch.from_numpy(train_labels[idx])
                 optimizer.zero_grad(set_to_none=True)

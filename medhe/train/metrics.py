@@ -30,6 +30,28 @@ def _safe_div(num: int, den: int) -> float | None:
     return float(num / den) if den else None
 
 
+ECE_BINS = 15
+
+
+def expected_calibration_error(labels, prob_positive, bins: int = ECE_BINS) -> float:
+    """ECE: over equal-width bins of the predicted class's confidence, the |accuracy - confidence|
+    gap weighted by the bin's share of the images (Guo et al. 2017, 15 bins)."""
+    labels = _as_binary_labels(labels)
+    prob = _as_probabilities(prob_positive, labels.shape[0])
+    if labels.size == 0:
+        raise ConfigError("cannot compute calibration on an empty set")
+    predicted = (prob >= 0.5).astype(np.int64)
+    confidence = np.where(predicted == 1, prob, 1.0 - prob)
+    correct = (predicted == labels).astype(np.float64)
+    # Confidence lies in [0.5, 1]; bin over [0, 1] as the definition does (lower bins stay empty).
+    which = np.minimum((confidence * bins).astype(np.int64), bins - 1)
+    gap = 0.0
+    for b in np.unique(which):
+        members = which == b
+        gap += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(gap)
+
+
 def binary_report(labels, prob_positive, threshold: float = 0.5) -> dict:
     """Accuracy, ROC AUC, sensitivity, specificity and the confusion matrix.
 
@@ -57,6 +79,7 @@ def binary_report(labels, prob_positive, threshold: float = 0.5) -> dict:
         "sensitivity": _safe_div(tp, tp + fn),
         "specificity": _safe_div(tn, tn + fp),
         "confusion_matrix": [[tn, fp], [fn, tp]],
+        "ece": expected_calibration_error(labels, prob),
     }
 
 

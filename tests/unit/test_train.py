@@ -96,6 +96,34 @@ def test_augment_batch_flips_and_shifts_without_new_values():
         assert np.isin(augmented, original).all()
 
 
+def test_shift_augmentation_changes_intensity_within_real_pixel_values():
+    from medhe.train.loop import shift_augment_batch
+
+    mean, std = 0.45, 0.2
+    pixels = np.random.default_rng(0).random((64, 1, 12, 12))
+    images = ((pixels - mean) / std).astype(np.float32)
+    out = shift_augment_batch(images, np.random.default_rng(1), mean, std)
+    again = shift_augment_batch(images, np.random.default_rng(1), mean, std)
+    assert out.shape == images.shape and out.dtype == np.float32
+    np.testing.assert_array_equal(out, again)
+    back = out.astype(np.float64) * std + mean
+    assert back.min() >= -1e-6 and back.max() <= 1 + 1e-6  # still [0, 1] pixels once un-normalised
+    changed = np.abs(out - images).reshape(64, -1).max(axis=1) > 1e-3
+    assert 0.8 < changed.mean() < 1.0  # each of 5 shifts with probability 1/2: 1/32 left as they were
+    # Brightness, contrast and gamma move the per-image means both ways.
+    delta = back.reshape(64, -1).mean(axis=1) - pixels.reshape(64, -1).mean(axis=1)
+    assert delta.min() < -0.05 and delta.max() > 0.05
+
+
+def test_shift_augmentation_needs_the_normalisation(trained):
+    from medhe.errors import ConfigError
+
+    x = np.zeros((4, 1, trained["arch"].image_size, trained["arch"].image_size), np.float32)
+    with pytest.raises(ConfigError, match="pixel_mean_std"):
+        train_model(trained["arch"], x, np.array([0, 1, 0, 1]), x, np.array([0, 1, 0, 1]), epochs=1, batch_size=4,
+                    lr=1e-3, patience=0, seed=0, augment=False, progress=False, shift_augment=True)
+
+
 def test_train_model_rejects_unpreprocessed_images(trained):
     from medhe.errors import ConfigError
 
@@ -181,6 +209,10 @@ def test_binary_report_on_a_hand_checked_example():
     # AUC = share of (positive, negative) pairs ranked correctly: 0.4 and 0.5 each beat 0.1 and
     # 0.2 but not 0.6, so 4 of 6 pairs.
     assert report["auc"] == pytest.approx(4 / 6)
+    # ECE, 15 bins of the predicted class's confidence [0.9, 0.6, 0.8, 0.6, 0.5], correct [1, 0, 1, 0, 1]:
+    # 0.2 * |1 - 0.9| + 0.4 * |0 - 0.6| + 0.2 * |1 - 0.8| + 0.2 * |1 - 0.5| = 0.40
+    assert report["ece"] == pytest.approx(0.40)
+    assert binary_report([0, 1], [0.0, 1.0])["ece"] == 0.0
 
 
 def test_binary_report_single_class_has_no_auc():

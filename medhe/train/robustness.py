@@ -1,0 +1,111 @@
+"""Accuracy under the MedMNIST-C corruptions (`medhe evaluate --corruptions`).
+
+Every model in one run sees the same corrupted images (seeded per corruption and severity), so
+their mean balanced errors compare directly. Balanced error = 1 - (sensitivity + specificity) / 2,
+MedMNIST-C's metric for binary tasks; "mean" = over the 5 severities of a corruption, then over
+the corruptions.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medhe.data.corruptions import CHEST_XRAY_CORRUPTIONS, CORRUPTION_SIZE_PX, SEVERITIES, corrupted_sets
+from medhe.errors import ConfigError
+from medhe.nn.io import load_model, resolve_model_dir
+from medhe.train.loop import predict_logits, softmax_positive
+from medhe.train.metrics import binary_report
+
+
+def _scores(model, card, images_gray01, labels) -> dict:
+    inputs = card.preprocessing.apply_batch(images_gray01)
+    report = binary_report(labels, softmax_positive(predict_logits(model, inputs)))
+    sensitivity, specificity = report["sensitivity"] or 0.0, report["specificity"] or 0.0
+    return {"accuracy": report["accuracy"], "auc": report["auc"],
+            "balanced_error": 1.0 - (sensitivity + specificity) / 2.0}
+
+
+def _mean(values) -> float:
+    return float(np.mean([value for value in values if value is not None]))
+
+
+def evaluate_corruptions(model: str | Path, split: str | None = None, data_file: str | Path | None = None, *,
+                         compare: tuple[str | Path, ...] = (), size_px: int = CORRUPTION_SIZE_PX, seed: int = 0,
+                         progress: bool = True) -> dict:
+    """Clean and corrupted accuracy, AUC and balanced error of `model` (and each `compare` model,
+    which must be trained on the same data set) on a held-out split."""
+    from medhe.train.evaluate import _held_out, _load_eval_data
+
+    model_dir = resolve_model_dir(model)
+    primary = load_model(model_dir)
+    if split is None:
+        split = "val" if data_file is not None else (primary[1].dataset or {}).get("report_split", "test")
+    images, labels, info = _load_eval_data(primary[1], split, data_file)
+    held_out, note = _held_out(primary[1], split, info.get("data_file_sha256"))
+    if held_out is False:
+        raise ConfigError(f"--corruptions reports on held-out data only; {note}")
+    models = {"model": (model_dir, *primary)}
+    for index, other in enumerate(compare):
+        other_dir = resolve_model_dir(other)
+        other_model, other_card = load_model(other_dir)
+        if (other_card.dataset or {}).get("name") != (primary[1].dataset or {}).get("name"):
+            raise ConfigError(f"--compare {other}: trained on {(other_card.dataset or {}).get('name')!r}, "
+                              f"not {(primary[1].dataset or {}).get('name')!r} like --model")
+        other_held_out, other_note = _held_out(other_card, split, info.get("data_file_sha256"))
+        if other_held_out is False:
+            raise ConfigError(f"--compare {other}: {other_note}")
+        models[f"compare_{index + 1}"] = (other_dir, other_model, other_card)
+    labels = np.asarray(labels).reshape(-1)
+    start = time.perf_counter()
+    results = {key: {"model_dir": str(Path(directory).resolve()), "clean": _scores(m, card, images, labels),
+                     "corruptions": {}} for key, (directory, m, card) in models.items()}
+    total = len(CHEST_XRAY_CORRUPTIONS) * SEVERITIES
+    sets = corrupted_sets(images, size_px=size_px, seed=seed)
+    if progress:
+        from tqdm import tqdm
+
+        sets = tqdm(sets, total=total, desc="corruptions", unit="set")
+    for name, severity, corrupted in sets:
+        for key, (_, m, card) in models.items():
+            results[key]["corruptions"].setdefault(name, {"severities": []})["severities"].append(
+                {"severity": severity, **_scores(m, card, corrupted, labels)})
+    for result in results.values():
+        for entry in result["corruptions"].values():
+            for metric in ("accuracy", "auc", "balanced_error"):
+                entry[metric] = _mean(level[metric] for level in entry["severities"])
+        result["mean"] = {metric: _mean(entry[metric] for entry in result["corruptions"].values())
+                          for metric in ("accuracy", "auc", "balanced_error")}
+    report = {"split": split, "dataset": info, "held_out": held_out, "n": int(labels.size),
+              "corruption_size_px": size_px, "seed": seed, "severities": SEVERITIES,
+              "corruptions": [c.name for c in CHEST_XRAY_CORRUPTIONS],
+              "definitions": "MedMNIST-C (Di Salvo et al. 2024), pneumoniamnist severities, re-implemented",
+              "models": results, "seconds": round(time.perf_counter() - start, 1)}
+    if compare:
+        base = results["model"]["mean"]["balanced_error"]
+        report["mean_balanced_error_reduction_vs_compare"] = {
+            key: (1.0 - base / result["mean"]["balanced_error"]) if result["mean"]["balanced_error"] else None
+            for key, result in results.items() if key != "model"}
+    return report
+
+
+def format_corruption_table(report: dict) -> str:
+    """Rows: clean, each corruption (mean over severities), mean; columns: ACC / AUC / BE per model."""
+    keys = list(report["models"])
+    header = f"{'corruption':18s}" + "".join(f"  {key + ' ACC / AUC / BE':>28s}" for key in keys)
+    lines = [header, "-" * len(header)]
+
+    def row(label: str, entries: list[dict]) -> str:
+        return f"{label:18s}" + "".join(
+            f"  {e['accuracy']:>8.4f} / {e['auc']:.4f} / {e['balanced_error']:.4f}" for e in entries)
+
+    lines.append(row("clean", [report["models"][k]["clean"] for k in keys]))
+    for name in report["corruptions"]:
+        lines.append(row(name, [report["models"][k]["corruptions"][name] for k in keys]))
+    lines.append(row("mean (corrupted)", [report["models"][k]["mean"] for k in keys]))
+    for key, reduction in report.get("mean_balanced_error_reduction_vs_compare", {}).items():
+        lines.append(f"model's mean balanced error is {reduction:.1%} lower than {key}'s "
+                     f"({report['models'][key]['model_dir']})")
+    return "\n".join(lines)
