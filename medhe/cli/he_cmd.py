@@ -127,7 +127,7 @@ def cmd_compile(args) -> int:
     from medhe.nn.modeldir import resolve_model_dir
 
     plan = compile_model(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree,
-                         log_scale_bits=args.log_scale_bits)
+                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys)
     out = plan.save(args.out)
     spec_path = plan.client_spec().save(out)
     print(format_report(plan.report))
@@ -231,7 +231,7 @@ def cmd_diagnose(args) -> int:
     start = time.perf_counter()
     session = LocalSession(plan, backend=args.backend, encrypted_model=args.encrypted_model)
     print(f"keys generated and registered in {time.perf_counter() - start:.1f} s "
-          f"({len(plan.rotation_steps())} rotation keys)")
+          f"({len(plan.galois_steps())} rotation keys)")
     if args.encrypted_model:
         print(f"model encrypted under the client's public key in {session.model_encrypt_s:.1f} s "
               f"({session.encrypted_model_bytes / 2**20:.0f} MiB); the server holds no weight in clear")
@@ -310,6 +310,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="plan directory to write (server plan + public client_spec.json)")
     p.add_argument("--poly-modulus-degree", type=int, default=None, help="force N (default: smallest that fits)")
     p.add_argument("--log-scale-bits", type=int, default=None, help="force the CKKS scale (default: largest that fits)")
+    p.add_argument("--max-galois-keys", type=int, default=None, metavar="N",
+                   help="at most N rotation keys (about 10 MB each at N=16384): smaller keys for the clinic to "
+                        "upload and the server to keep, at the cost of extra rotations (default: one per step)")
     p.add_argument("--architecture", metavar="DIR", help="also write the plan without its weights here (what "
                                                          "`medhe serve --encrypted-model` hosts)")
     p.set_defaults(func=cmd_compile)

@@ -17,6 +17,10 @@ from medhe.params import MAX_LOG_Q_128, MAX_PRIME_BITS, CKKSParams, choose_param
 from medhe.plan import Plan, rescale_factors
 from medhe.plan.report import format_report  # noqa: F401  (re-exported)
 
+# A key budget may at most quadruple the rotations per image (beyond that, latency and
+# key-switching noise grow more than the keys are worth).
+MAX_ROTATION_GROWTH = 4
+
 
 def model_digest(model_dir: Path) -> str:
     h = hashlib.sha256()
@@ -92,8 +96,10 @@ def compile_ops(
     poly_modulus_degree: int | None = None,
     log_scale_bits: int | None = None,
     insecure_for_tests: bool = False,
+    max_galois_keys: int | None = None,
 ) -> Plan:
-    """Passes, parameter choice and lowering for a traced op list."""
+    """Passes, parameter choice and lowering for a traced op list. With max_galois_keys, at most that
+    many Galois keys (steps missing a key are made of several rotations; see medhe.compiler.keyset)."""
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
     n = params.slot_count if params else 1 << int(np.ceil(np.log2(slots_needed(optimized, input_shape))))
@@ -119,6 +125,15 @@ def compile_ops(
                 preprocessing, digest_of_model)
     if plan.multiplicative_depth != depth:
         raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
+    rotations_one_key_per_step = plan.rotation_count()
+    if max_galois_keys is not None and max_galois_keys < len(plan.rotation_steps()):
+        from medhe.compiler.keyset import choose_key_steps
+
+        plan.key_steps = choose_key_steps(plan.rotation_usage(), params.slot_count, int(max_galois_keys))
+        if plan.rotation_count() > MAX_ROTATION_GROWTH * rotations_one_key_per_step:
+            raise PlanError(f"{max_galois_keys} Galois keys would take {plan.rotation_count()} rotations per image "
+                            f"({rotations_one_key_per_step} with one key per step; each adds time and noise); "
+                            f"allow more keys")
     plan.report = {
         "layers": layer_table(traced, optimized, plan, owners),
         "levels_before": naive_levels(traced),
@@ -126,7 +141,9 @@ def compile_ops(
         "rescales": plan.depth,
         "levels_available": params.levels,
         "rotations": plan.rotation_count(),
-        "rotation_keys": len(plan.rotation_steps()),
+        "rotation_keys": len(plan.galois_steps()),
+        "rotations_one_key_per_step": rotations_one_key_per_step,
+        "rotation_steps": len(plan.rotation_steps()),
         "weight_operands": plan.weight_operand_count(),
         "relinearizations": relinearizations(plan),
         "params": params.to_dict(),

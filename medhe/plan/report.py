@@ -21,6 +21,10 @@ def format_report(report: dict) -> str:
                  f"{report['levels_available']} rescales, "
                  + ("128-bit security" if report["security_bits"] >= 128 else "INSECURE (tests only)")
                  + f"; {report['rotation_keys']} rotation keys")
+    if report.get("rotation_steps", report["rotation_keys"]) > report["rotation_keys"]:
+        lines.append(f"Galois key budget: {report['rotation_keys']} keys for {report['rotation_steps']} rotation steps; "
+                     f"rotations per image {report['rotations_one_key_per_step']} -> {report['rotations']} "
+                     "(steps without a key are made of several key rotations)")
     if "relinearizations" in report:
         relin = report["relinearizations"]
         lines.append(f"encrypted-model mode: the same levels and primes (each of the {report['weight_operands']} "

@@ -44,6 +44,9 @@ class Plan:
     report: dict = field(default_factory=dict)
     # Set on a plan loaded without weights: the full plan's digest, as recorded when it was saved.
     _recorded_digest: str | None = field(default=None, repr=False)
+    # The Galois key set when the compiler was given a key budget (medhe.compiler.keyset); empty =
+    # one key per rotation step. Other steps are made of several key rotations.
+    key_steps: tuple[int, ...] = ()
 
     @property
     def has_weights(self) -> bool:
@@ -68,7 +71,30 @@ class Plan:
         return sorted(steps)
 
     def rotation_count(self) -> int:
-        return sum(i.rotations for i in self.instructions)
+        """Rotations per evaluation, counting each key rotation a composed step takes."""
+        chains = self.rotation_chains()
+        extra = sum(len(chains[step]) - 1 for ins in self.instructions for step in ins.steps)
+        return sum(i.rotations for i in self.instructions) + extra
+
+    def rotation_usage(self) -> dict[int, int]:
+        """Rotation step -> how many rotations by it one evaluation makes."""
+        usage: dict[int, int] = {}
+        for instruction in self.instructions:
+            for step in instruction.steps:
+                usage[step] = usage.get(step, 0) + 1
+        return usage
+
+    def galois_steps(self) -> list[int]:
+        """The rotation steps the client makes Galois keys for."""
+        return sorted(self.key_steps) if self.key_steps else self.rotation_steps()
+
+    def rotation_chains(self) -> dict[int, tuple[int, ...]]:
+        """Step -> the key rotations that make it (just the step itself without a key budget)."""
+        if not self.key_steps:
+            return {step: (step,) for step in self.rotation_steps()}
+        from medhe.compiler.keyset import rotation_chains
+
+        return rotation_chains(self.rotation_steps(), self.key_steps, self.params.slot_count)
 
     def weight_operand_count(self) -> int:
         return sum(len(i.operand_names()) for i in self.instructions)
@@ -79,14 +105,14 @@ class Plan:
         summary = {key: self.report[key] for key in ("levels_before", "levels_after", "rescales", "rotations",
                                                      "rotation_keys", "security_bits") if key in self.report}
         return ClientSpec("latency", self.params, tuple(self.input_shape), tuple(self.class_names),
-                          self.preprocessing, self.digest(), tuple(self.rotation_steps()),
+                          self.preprocessing, self.digest(), tuple(self.galois_steps()),
                           self.input_layout, self.output_layout, summary)
 
     def without_weights(self) -> "Plan":
         """The same plan with every weight operand dropped (what an encrypted-model server holds)."""
         stripped = Plan(self.params, self.input_shape, self.input_layout, self.output_layout,
                         [i.without_weights() for i in self.instructions], self.class_names, self.preprocessing,
-                        self.model_digest, dict(self.report), self.digest())
+                        self.model_digest, dict(self.report), self.digest(), self.key_steps)
         return stripped
 
     # --- serialisation ----------------------------------------------------------------------------
@@ -97,6 +123,8 @@ class Plan:
             "input_layout": self.input_layout.to_dict(), "output_layout": self.output_layout.to_dict(),
             "instructions": [ins.entry() for ins in self.instructions], "class_names": self.class_names,
             "preprocessing": self.preprocessing, "model_digest": self.model_digest,
+            # Only when set, so plans compiled without a key budget keep their digests.
+            **({"key_steps": sorted(self.key_steps)} if self.key_steps else {}),
         }
 
     def _arrays(self) -> dict[str, np.ndarray]:
@@ -173,7 +201,8 @@ class Plan:
             plan = cls(CKKSParams.from_dict(doc["params"]), tuple(doc["input_shape"]),
                        Layout.from_dict(doc["input_layout"]), Layout.from_dict(doc["output_layout"]),
                        instructions, list(doc["class_names"]), doc["preprocessing"], doc["model_digest"],
-                       doc.get("report", {}), None if weights else str(doc["digest"]))
+                       doc.get("report", {}), None if weights else str(doc["digest"]),
+                       tuple(int(s) for s in doc.get("key_steps", ())))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{directory}: malformed {PLAN_JSON}: {exc!r}") from exc
         if plan.structure_digest() != doc.get("structure_digest"):

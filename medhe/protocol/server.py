@@ -150,7 +150,7 @@ class Server:
             return ClearBackend(self.plan.params)
         from medhe.runtime.seal_backend import SEALServerBackend
 
-        needed = set(self.plan.rotation_steps())
+        needed = set(self.plan.galois_steps())
         steps = msg.extra.get("rotation_steps", [])
         if not isinstance(steps, list) or not all(type(step) is int for step in steps):
             raise InvalidMessage("evaluation keys must list their rotation steps as integers")

@@ -120,6 +120,13 @@ class Executor:
         self.backend = backend
         self.weights = weights if weights is not None else PlainWeights(plan, backend, cache)
         self._target_scale = 2.0 ** plan.params.log_scale_bits
+        self._chains = plan.rotation_chains()
+
+    def _rotate(self, x, step: int):
+        """Rotate by `step`: one key rotation, or several when the key budget left it without a key."""
+        for key_step in self._chains[step]:
+            x = self.backend.rotate(x, key_step)
+        return x
 
     def prepare(self) -> int:
         """Encode every plaintext of the plan ahead of the first request. Returns how many."""
@@ -130,7 +137,7 @@ class Executor:
         be, weights = self.backend, self.weights
         operand_scales, _, _ = ins.operand_scales(be.scale(x), be.rescale_divisor(x), self._target_scale)
         scales = dict(operand_scales)
-        rotated = {b: (x if b == 0 else be.rotate(x, b)) for b in ins.babies}
+        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in ins.babies}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
             term = weights.multiply(rotated[b], weights.get((index, f"d{p}"), x, scales[f"d{p}"]))
@@ -142,7 +149,7 @@ class Executor:
         # before its rotation; the unrotated sum (giant 0) takes the rest and is relinearised last.
         acc = per_giant.pop(0, None)
         for g, partial in per_giant.items():
-            moved = be.rotate(weights.relinearize(partial), g)
+            moved = self._rotate(weights.relinearize(partial), g)
             acc = moved if acc is None else be.add_inplace(acc, moved)
         if 0 in {g for g, _ in ins.pairs}:
             acc = weights.relinearize(acc)
@@ -153,7 +160,7 @@ class Executor:
     def _run_rotsum(self, index: int, ins, x):
         be = self.backend
         for stage in ins.stages:
-            terms = [be.rotate(x, offset) for offset in stage if offset != 0]
+            terms = [self._rotate(x, offset) for offset in stage if offset != 0]
             if not terms:
                 continue
             total = terms[0]

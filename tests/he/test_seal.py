@@ -176,3 +176,27 @@ def test_seal_objects_never_pass_through_a_named_file(monkeypatch):
     result = server.evaluate(client.encrypt_input(np.random.rand(1, 8, 8)))
     np.testing.assert_array_equal(restored.decrypt_logits(result), client.decrypt_logits(result))
     assert {p: set(os.listdir(p)) for p in places} == before
+
+
+@pytest.mark.parametrize("encrypted_model", [False, True])
+def test_a_galois_key_budget_keeps_the_result_on_seal(encrypted_model):
+    """Fewer rotation keys, steps made of several key rotations: still the plaintext model's logits."""
+    from medhe.protocol.owner import ModelOwner
+    from tests.helpers import ckks_tolerance_encrypted_model
+
+    seq = two_block_model()
+    full = small_plan(seq, (1, 16, 16))
+    plan = compile_torch(seq, (1, 16, 16), poly_modulus_degree=SMALL_N, insecure_for_tests=True,
+                         max_galois_keys=max(2, len(full.rotation_steps()) // 2))
+    assert len(plan.galois_steps()) < len(full.rotation_steps()) and plan.report["rotations"] > full.report["rotations"]
+    client = Client(plan.client_spec(), backend="seal")
+    server = Server(plan, backend="seal", encrypted_model=encrypted_model)
+    server.register_keys(client.evaluation_keys())
+    if encrypted_model:
+        server.register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key()))
+    tolerance = ckks_tolerance_encrypted_model if encrypted_model else ckks_tolerance
+    for _ in range(2):
+        x = np.random.randn(1, 16, 16)
+        expected = torch_out(seq, x)
+        got = client.decrypt_logits(server.evaluate(client.encrypt_input(x)))
+        np.testing.assert_allclose(got, expected, atol=tolerance(plan, np.abs(expected).max()))

@@ -1,0 +1,123 @@
+"""A Galois key budget: fewer rotation keys, each missing step made of several key rotations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medhe.compiler.keyset import choose_key_steps, rotation_chains, rotation_cost
+from medhe.errors import PlanError
+
+
+def test_chains_compose_to_each_step_from_key_steps_only() -> None:
+    slots = 64
+    keys = (1, 4, -16)
+    chains = rotation_chains([3, 5, -1, 20, 47], keys, slots)
+    for step, chain in chains.items():
+        assert set(chain) <= set(keys)
+        assert sum(chain) % slots == step % slots
+    assert chains[5] in ((1, 4), (4, 1)) and len(chains[-1]) > 1
+    with pytest.raises(PlanError, match="cannot be made"):
+        rotation_chains([3], (2, 4), slots)  # even keys never reach an odd step
+
+
+def test_budget_is_kept_and_every_step_stays_reachable() -> None:
+    usage = {1: 3, 2: 2, 3: 1, 32: 4, -32: 1, 96: 1, 1024: 1, -1024: 2, 3072: 1}
+    for budget in (len(usage), 6, 4, 3):
+        keys = choose_key_steps(usage, 8192, budget)
+        assert len(keys) <= budget
+        unreachable, cost = rotation_cost(usage, keys, 8192)
+        assert unreachable == 0 and cost >= sum(usage.values())
+    # No budget pressure: one key per step, one rotation each.
+    assert choose_key_steps(usage, 8192, 20) == tuple(sorted(usage))
+    # A tighter budget never costs fewer rotations.
+    costs = [rotation_cost(usage, choose_key_steps(usage, 8192, b), 8192)[1] for b in (8, 5, 3)]
+    assert costs == sorted(costs)
+
+
+def test_plan_with_a_key_budget_gives_the_same_logits_with_fewer_keys() -> None:
+    """Clear backend: the budgeted plan rotates only by its key steps and computes the same logits."""
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.protocol.client import Client
+    from medhe.protocol.server import Server
+    from medhe.runtime.clear import ClearBackend
+
+    model_dir = resolve_model_dir("pneumoniamnist")
+    full = compile_model(model_dir)
+    budget = compile_model(model_dir, max_galois_keys=12)
+    assert len(full.galois_steps()) > 12 and len(budget.galois_steps()) == 12
+    assert budget.client_spec().rotation_steps == tuple(budget.galois_steps())
+    assert budget.report["rotations"] > full.report["rotations"] == budget.report["rotations_one_key_per_step"]
+    assert budget.digest() != full.digest()
+
+    used: list[int] = []
+    original = ClearBackend.rotate
+
+    def spy(self, a, steps):
+        used.append(int(steps))
+        return original(self, a, steps)
+
+    _, card = load_model(model_dir)
+    image = np.random.default_rng(0).random((28, 28)).astype(np.float32)
+    logits = {}
+    for name, plan in (("full", full), ("budget", budget)):
+        client, server = Client(plan.client_spec(), backend="clear"), Server(plan, backend="clear")
+        server.register_keys(client.evaluation_keys())
+        used.clear()
+        ClearBackend.rotate = spy
+        try:
+            logits[name] = client.decrypt_logits(server.evaluate(client.encrypt_image(image)))
+        finally:
+            ClearBackend.rotate = original
+        assert set(used) <= set(plan.galois_steps()) and len(used) == plan.report["rotations"]
+    np.testing.assert_allclose(logits["budget"], logits["full"], atol=1e-9)
+
+
+def test_budgeted_plan_survives_save_and_load(tmp_path) -> None:
+    from medhe.compiler import Plan, compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    plan = compile_model(resolve_model_dir("br35h"), max_galois_keys=14)
+    loaded = Plan.load(plan.save(tmp_path / "plan"))
+    assert loaded.key_steps == plan.key_steps and loaded.digest() == plan.digest()
+    assert Plan.load(tmp_path / "plan", weights=False).without_weights().galois_steps() == plan.galois_steps()
+
+
+def test_a_server_refuses_keys_made_for_the_unbudgeted_plan() -> None:
+    from medhe.compiler import compile_model
+    from medhe.errors import MedHEError
+    from medhe.nn.io import resolve_model_dir
+    from medhe.protocol.client import Client
+    from medhe.protocol.server import Server
+
+    full = compile_model(resolve_model_dir("br35h"))
+    budget = compile_model(resolve_model_dir("br35h"), max_galois_keys=12)
+    with pytest.raises(MedHEError):
+        Server(budget, backend="clear").register_keys(Client(full.client_spec(), backend="clear").evaluation_keys())
+
+
+def test_compile_cli_takes_a_key_budget_and_says_what_it_costs(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    from medhe.compiler import Plan
+
+    done = subprocess.run([sys.executable, "-m", "medhe.cli.main", "compile", "--model", "br35h", "--out",
+                           str(tmp_path / "plan"), "--max-galois-keys", "12"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "Galois key budget: 12 keys for 33 rotation steps; rotations per image 57 ->" in done.stdout
+    assert len(Plan.load(tmp_path / "plan").galois_steps()) == 12
+    refused = subprocess.run([sys.executable, "-m", "medhe.cli.main", "compile", "--model", "br35h", "--out",
+                              str(tmp_path / "p0"), "--max-galois-keys", "0"], capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "at least 1 key" in refused.stderr
+
+
+def test_a_budget_that_would_multiply_the_rotations_is_refused() -> None:
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    with pytest.raises(PlanError, match="allow more keys"):
+        compile_model(resolve_model_dir("br35h"), max_galois_keys=2)
