@@ -64,6 +64,10 @@ class BatchPlan:
     def rotation_steps(self) -> list[int]:
         return []
 
+    def galois_steps(self) -> list[int]:
+        """Throughput mode never rotates: no Galois keys."""
+        return []
+
     def client_spec(self) -> ClientSpec:
         """The public half: parameters, input shape, classes, preprocessing, a commitment."""
         summary = {"levels_after": self.multiplicative_depth, "rescales": self.depth, "batch_size": self.batch_size}
