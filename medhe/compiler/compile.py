@@ -39,10 +39,12 @@ def slots_needed(ops: list[Op], input_shape: tuple[int, ...]) -> int:
 def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict) -> list[dict]:
     """One row per traced layer: naive levels, levels after optimisation, rotations."""
     after = {}
+    chains = plan.rotation_chains()  # with a key budget, a step may take several key rotations
     for op in optimized:
         names = op.name.split("+")
         cost = 1 if op.kind in WEIGHTED + ("square",) else 0
-        rotations = sum(plan.instructions[i].rotations for i in owners.get(op.name, []))
+        rotations = sum(plan.instructions[i].rotations + sum(len(chains[s]) - 1 for s in plan.instructions[i].steps)
+                        for i in owners.get(op.name, []))
         after[names[0]] = (op.describe(), cost, rotations)
         for other in names[1:]:
             after[other] = (f"merged into {names[0]}", 0, 0)

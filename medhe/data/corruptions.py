@@ -99,8 +99,9 @@ def contrast(image: np.ndarray, factor: float, rng: np.random.Generator) -> np.n
 
 
 def gamma_correction(image: np.ndarray, gamma: float, rng: np.random.Generator) -> np.ndarray:
-    """torchvision's adjust_gamma on a PIL image: a 256-entry table of 255 * (x / 255) ** gamma."""
-    table = np.array([int(min(255.0, 255.0 * (value / 255.0) ** gamma)) for value in range(256)], np.uint8)
+    """torchvision's adjust_gamma on a PIL image: a 256-entry table of (256 - 1e-3) * (x / 255) ** gamma."""
+    table = np.array([int(min(255.0, (255 + 1 - 1e-3) * (value / 255.0) ** gamma)) for value in range(256)],
+                     np.uint8)
     return table[image]
 
 

@@ -47,6 +47,12 @@ FOREGROUND_LEVEL = 0.15
 FOREGROUND_REGION_FRACTION = 0.10
 
 
+def check_recipe(crop: Any, resize_filter: Any) -> None:
+    """DataError unless crop and resize_filter name a known rule and filter."""
+    _check_choice(crop, CROP_RULES, "crop")
+    _check_choice(resize_filter, tuple(RESIZE_FILTERS), "resize_filter")
+
+
 def _check_choice(value: Any, choices, what: str) -> str:
     if not isinstance(value, str) or value not in choices:
         raise DataError(f"{what} must be one of {', '.join(choices)}; got {value!r}.")

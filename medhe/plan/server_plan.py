@@ -31,6 +31,15 @@ PLAN_JSON = "plan.json"
 PLAN_ARRAYS = "arrays.npz"
 
 
+
+def _checked_key_steps(raw, slot_count: int) -> tuple[int, ...]:
+    """A stored Galois key set: distinct plain ints with 0 < |step| < slot_count."""
+    if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in raw):
+        raise PlanError(f"key_steps must be a list of integers, got {raw!r:.80}")
+    if len(set(raw)) != len(raw) or not all(0 < abs(s) < slot_count for s in raw):
+        raise PlanError(f"key_steps must be distinct and 0 < |step| < {slot_count}, got {raw!r:.80}")
+    return tuple(raw)
+
 @dataclass
 class Plan:
     params: CKKSParams
@@ -202,9 +211,11 @@ class Plan:
                        Layout.from_dict(doc["input_layout"]), Layout.from_dict(doc["output_layout"]),
                        instructions, list(doc["class_names"]), doc["preprocessing"], doc["model_digest"],
                        doc.get("report", {}), None if weights else str(doc["digest"]),
-                       tuple(int(s) for s in doc.get("key_steps", ())))
+                       _checked_key_steps(doc.get("key_steps", []), CKKSParams.from_dict(doc["params"]).slot_count))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{directory}: malformed {PLAN_JSON}: {exc!r}") from exc
+        if plan.key_steps:
+            plan.rotation_chains()  # every rotation step must be made from the key set (PlanError if not)
         if plan.structure_digest() != doc.get("structure_digest"):
             raise PlanError(f"{directory}: plan structure digest mismatch; the files were changed or corrupted")
         if weights and plan.digest() != doc.get("digest"):

@@ -83,6 +83,10 @@ def evaluate_corruptions(model: str | Path, split: str | None = None, data_file:
               "corruptions": [c.name for c in CHEST_XRAY_CORRUPTIONS],
               "definitions": "MedMNIST-C (Di Salvo et al. 2024), pneumoniamnist severities, re-implemented",
               "models": results, "seconds": round(time.perf_counter() - start, 1)}
+    if (primary[1].dataset or {}).get("name") == "br35h":
+        report["note"] = ("MedMNIST-C defines these corruptions for chest X-rays and has none for brain MRI: "
+                          "on Br35H they are a proxy; the images are the model's own crop, upsampled, "
+                          "corrupted and cropped again by each model's recipe")
     if compare:
         base = results["model"]["mean"]["balanced_error"]
         report["mean_balanced_error_reduction_vs_compare"] = {
@@ -105,6 +109,8 @@ def format_corruption_table(report: dict) -> str:
     for name in report["corruptions"]:
         lines.append(row(name, [report["models"][k]["corruptions"][name] for k in keys]))
     lines.append(row("mean (corrupted)", [report["models"][k]["mean"] for k in keys]))
+    if "note" in report:
+        lines.append(f"note: {report['note']}")
     for key, reduction in report.get("mean_balanced_error_reduction_vs_compare", {}).items():
         lines.append(f"model's mean balanced error is {reduction:.1%} lower than {key}'s "
                      f"({report['models'][key]['model_dir']})")

@@ -51,8 +51,8 @@ def test_definitions_match_the_libraries_medmnist_c_calls() -> None:
     by_name = {c.name: c for c in CHEST_XRAY_CORRUPTIONS}
     expected = np.asarray(ImageEnhance.Contrast(Image.fromarray(image)).enhance(0.4))
     np.testing.assert_array_equal(by_name["contrast_down"].apply(image, 5, rng), expected)
-    # torchvision's adjust_gamma: 255 * (x / 255) ** gamma, truncated.
-    assert gamma_correction(np.array([[0, 64, 255]], np.uint8), 0.5, rng).tolist() == [[0, 127, 255]]
+    # torchvision's adjust_gamma on PIL: (256 - 1e-3) * (x / 255) ** gamma, truncated.
+    assert gamma_correction(np.array([[0, 64, 255]], np.uint8), 0.5, rng).tolist() == [[0, 128, 255]]
     # torchvision's gaussian_blur: sigma from the kernel size, reflect padding, rounded.
     k, sigma = 5, 0.3 * ((5 - 1) * 0.5 - 1) + 0.8
     weights = np.exp(-0.5 * ((np.arange(k) - 2) / sigma) ** 2)

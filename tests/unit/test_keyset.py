@@ -121,3 +121,26 @@ def test_a_budget_that_would_multiply_the_rotations_is_refused() -> None:
 
     with pytest.raises(PlanError, match="allow more keys"):
         compile_model(resolve_model_dir("br35h"), max_galois_keys=2)
+
+
+@pytest.mark.parametrize("tampered", [[1.5], ["1"], [True], [0, 1], [1, 1], [9000], [2, 4]])
+def test_a_stored_key_set_is_checked_before_use(tmp_path, tampered) -> None:
+    import json
+
+    from medhe.compiler import Plan, compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    directory = compile_model(resolve_model_dir("br35h"), max_galois_keys=14).save(tmp_path / "plan")
+    doc = json.loads((directory / "plan.json").read_text())
+    doc["key_steps"] = tampered
+    (directory / "plan.json").write_text(json.dumps(doc))
+    with pytest.raises(PlanError, match="key_steps must|cannot be made"):  # not just the digest check
+        Plan.load(directory)
+
+
+def test_the_compile_table_rows_add_up_to_the_budgeted_total() -> None:
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    plan = compile_model(resolve_model_dir("br35h"), max_galois_keys=12)
+    assert sum(row["rotations"] for row in plan.report["layers"]) == plan.report["rotations"] > 57
