@@ -43,7 +43,7 @@ def profile(name: str, limit: int, max_galois_keys: int | None, data_file: str |
     for ins in plan.instructions:
         row = layers.setdefault(ins.layer, {"model": name, "layer": ins.layer, "instructions": [], "rotations": 0})
         row["instructions"].append(ins.kind)
-        row["rotations"] += ins.rotations + sum(len(chains[step]) - 1 for step in ins.steps)
+        row["rotations"] += plan.key_rotations(ins, chains)
     total = float(np.median([sum(run.values()) for run in runs]))
     rows = []
     for layer, row in layers.items():

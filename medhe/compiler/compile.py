@@ -43,8 +43,7 @@ def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict)
     for op in optimized:
         names = op.name.split("+")
         cost = 1 if op.kind in WEIGHTED + ("square",) else 0
-        rotations = sum(plan.instructions[i].rotations + sum(len(chains[s]) - 1 for s in plan.instructions[i].steps)
-                        for i in owners.get(op.name, []))
+        rotations = sum(plan.key_rotations(plan.instructions[i], chains) for i in owners.get(op.name, []))
         after[names[0]] = (op.describe(), cost, rotations)
         for other in names[1:]:
             after[other] = (f"merged into {names[0]}", 0, 0)

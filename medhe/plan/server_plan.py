@@ -82,8 +82,12 @@ class Plan:
     def rotation_count(self) -> int:
         """Rotations per evaluation, counting each key rotation a composed step takes."""
         chains = self.rotation_chains()
-        extra = sum(len(chains[step]) - 1 for ins in self.instructions for step in ins.steps)
-        return sum(i.rotations for i in self.instructions) + extra
+        return sum(self.key_rotations(ins, chains) for ins in self.instructions)
+
+    @staticmethod
+    def key_rotations(instruction, chains: dict[int, tuple[int, ...]]) -> int:
+        """One instruction's rotations, each composed step counted as its key rotations."""
+        return instruction.rotations + sum(len(chains[step]) - 1 for step in instruction.steps)
 
     def rotation_usage(self) -> dict[int, int]:
         """Rotation step -> how many rotations by it one evaluation makes."""
