@@ -9,6 +9,10 @@ class ConfigError(MedHEError):
     """A setting or argument is invalid."""
 
 
+class ModelChangedError(ConfigError):
+    """A server's model is not the version pinned at first use (its client spec digest changed)."""
+
+
 class DataError(MedHEError):
     """A data set or split could not be loaded or is inconsistent."""
 

@@ -3,6 +3,7 @@
   operator: medhe token add clinic-a --data-dir srv/          (prints a token once)
             medhe serve --model br35h pneumoniamnist --data-dir srv/ [--workers N] [--ssl-certfile ...]
   clinic:   medhe diagnose --server https://host:8000 --token ... --model br35h scan.dcm ...
+            medhe clinic --server https://host:8000 --token ...   (a local web page on 127.0.0.1:8501)
 """
 
 from __future__ import annotations
@@ -121,6 +122,32 @@ def _serve_on_ray(args, models, tokens) -> int:
     return 0
 
 
+def cmd_clinic(args) -> int:
+    import uvicorn
+
+    from medhe.protocol.remote import RemoteClient
+    from medhe.service.clinic import ClinicApp, check_clinic_host, create_clinic_app
+
+    if not args.allow_remote_host:
+        check_clinic_host(args.host)
+    if args.max_file_mb <= 0:
+        raise ConfigError("--max-file-mb must be positive")
+    remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
+                          backend=args.backend, verify=args.ca_file or True)
+    clinic = ClinicApp(remote, max_file_bytes=int(args.max_file_mb * 2**20))
+    hosts = ("127.0.0.1", "localhost", "::1", args.host) if not args.allow_remote_host else ("*",)
+    app = create_clinic_app(clinic, allowed_hosts=hosts)
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    print(f"medhe clinic for {args.server}: open http://{shown_host}:{args.port}/ in a browser on this machine "
+          f"(keys in {remote.key_home}; Ctrl+C to stop)", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        clinic.close()
+        remote.close()
+    return 0
+
+
 def cmd_token(args) -> int:
     from medhe.service.auth import TokenStore
 
@@ -177,6 +204,23 @@ def register(subparsers) -> None:
     p.add_argument("--ssl-certfile", help="TLS certificate (PEM); with --ssl-keyfile the server speaks https")
     p.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     p.set_defaults(func=cmd_serve)
+
+    p = subparsers.add_parser("clinic", help="clinic: a local web page to diagnose DICOM/PNG/JPEG files with a "
+                                             "diagnosis server (keys and encryption stay on this machine)")
+    p.add_argument("--server", required=True, metavar="URL", help="the diagnosis server (`medhe serve`)")
+    p.add_argument("--token", help="the clinic's access token for --server (default: $MEDHE_TOKEN)")
+    p.add_argument("--keys", metavar="DIR", help="where this clinic's keys and model pins are kept "
+                                                 "(default: ~/.medhe/servers/HOST_PORT, shared with medhe diagnose)")
+    p.add_argument("--host", default="127.0.0.1", help="address of the local page (default 127.0.0.1: this "
+                                                       "machine only)")
+    p.add_argument("--port", type=int, default=8501, help="port of the local page (default 8501)")
+    p.add_argument("--allow-remote-host", action="store_true",
+                   help="let --host be an address other machines reach (put your own access control in front)")
+    p.add_argument("--max-file-mb", type=float, default=256, help="largest image file read, in MiB (default 256)")
+    p.add_argument("--ca-file", help="certificate (or CA bundle) to trust for an https server with its own "
+                                     "certificate")
+    add_backend_argument(p)
+    p.set_defaults(func=cmd_clinic)
 
     p = subparsers.add_parser("token", help="operator: issue, list or revoke access tokens for clinics")
     p.add_argument("action", choices=("add", "list", "revoke"))

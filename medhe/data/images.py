@@ -6,8 +6,10 @@ Training, evaluation and the diagnosis client all read images through
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -136,10 +138,9 @@ def _pil_to_gray01(image: Image.Image, source: str) -> np.ndarray:
     return (rgb_to_gray(rgb) / UINT8_MAX).astype(np.float32)
 
 
-def _load_pillow(path: Path) -> np.ndarray:
-    source = str(path)
+def _load_pillow(file: Path | BinaryIO, source: str) -> np.ndarray:
     try:
-        with Image.open(path) as image:
+        with Image.open(file) as image:
             image.seek(0)  # multi-page TIFF/GIF: the first page
             image.load()
             image = ImageOps.exif_transpose(image)  # what a viewer shows
@@ -164,7 +165,7 @@ def _load_pillow(path: Path) -> np.ndarray:
     return gray01
 
 
-def _load_dicom(path: Path, has_magic: bool) -> np.ndarray:
+def _load_dicom(file: Path | BinaryIO, has_magic: bool, source: str) -> np.ndarray:
     # Imported here: pydicom is only needed for DICOM input.
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -175,10 +176,9 @@ def _load_dicom(path: Path, has_magic: bool) -> np.ndarray:
         pixel_array,
     )
 
-    source = str(path)
     try:
         # force=True so a .dcm file without the 128-byte preamble (legal in old files) still reads.
-        dataset = pydicom.dcmread(path, force=True)
+        dataset = pydicom.dcmread(file, force=True)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
         raise ImageLoadError(f"{source}: not a readable DICOM file ({exc}).") from exc
 
@@ -277,5 +277,68 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
         raise ImageLoadError(f"{path}: file is empty (0 bytes); expected image data.")
     has_magic = _has_dicom_magic(path)
     if has_magic or path.suffix.lower() in DICOM_SUFFIXES:
-        return _load_dicom(path, has_magic)
-    return _load_pillow(path)
+        return _load_dicom(path, has_magic, str(path))
+    return _load_pillow(path, str(path))
+
+
+def _is_dicom_bytes(data: bytes, name: str) -> tuple[bool, bool]:
+    """(read as DICOM, has the 'DICM' marker) for file contents named `name`."""
+    end = DICOM_MAGIC_OFFSET_BYTES + len(DICOM_MAGIC)
+    has_magic = data[DICOM_MAGIC_OFFSET_BYTES:end] == DICOM_MAGIC
+    return has_magic or Path(name).suffix.lower() in DICOM_SUFFIXES, has_magic
+
+
+def load_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """`load_image` for a file's contents held in memory (an upload), with the same numbers and the
+    same errors; `name` (the file's name) is what errors cite and whose suffix may say DICOM."""
+    if not data:
+        raise ImageLoadError(f"{name}: file is empty (0 bytes); expected image data.")
+    dicom, has_magic = _is_dicom_bytes(data, name)
+    if dicom:
+        return _load_dicom(io.BytesIO(data), has_magic, name)
+    return _load_pillow(io.BytesIO(data), name)
+
+
+def mask_identifier(value: str, *, visible_chars: int = 2) -> str:
+    """A patient identifier for display: its last characters only, behind a fixed-width mask."""
+    value = value.strip()
+    return "" if not value else "\u2022" * 4 + value[-visible_chars:] if len(value) > visible_chars else "\u2022" * 4
+
+
+def describe_image_bytes(data: bytes, name: str) -> dict[str, str]:
+    """What a clinician checks before a diagnosis: for DICOM the modality, body part, masked patient
+    id, study date, size, bit depth and encoding (the patient's name is never read out); for other
+    images the format and size. Values are strings; absent DICOM fields are left out."""
+    dicom, _ = _is_dicom_bytes(data, name)
+    if not dicom:
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return {"format": image.format or "image", "size": f"{image.width} x {image.height} px",
+                        "mode": image.mode}
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ImageLoadError(f"{name}: not a recognised image file; expected PNG, JPEG or DICOM ({exc}).") from exc
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        dataset = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise ImageLoadError(f"{name}: not a readable DICOM file ({exc}).") from exc
+
+    def text(keyword: str) -> str:
+        try:
+            return str(dataset.get(keyword, "") or "").strip()
+        except (ValueError, TypeError, KeyError):  # a malformed element: shown as absent
+            return ""
+
+    info = {"format": "DICOM", "modality": text("Modality"), "body part": text("BodyPartExamined"),
+            "patient id": mask_identifier(text("PatientID")), "study date": text("StudyDate")}
+    rows, columns = text("Rows"), text("Columns")
+    if rows and columns:
+        info["size"] = f"{columns} x {rows} px"
+    if text("BitsStored"):
+        info["bits stored"] = text("BitsStored")
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None:
+        info["encoding"] = f"{syntax.name}{' (compressed)' if syntax.is_compressed else ''}"
+    return {key: value for key, value in info.items() if value}

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from medhe.errors import ConfigError, MissingKeyError, RemoteError
+from medhe.errors import ConfigError, MissingKeyError, ModelChangedError, RemoteError
 from medhe.plan import ClientSpec
 from medhe.protocol.client import Client
 from medhe.protocol.keydir import EVAL_KEYS_FILE, SECRET_KEY_FILE, load_key_directory, make_key_directory
@@ -46,6 +46,7 @@ class RemoteResult:
     evaluate_s: float  # evaluation alone, as the server measured it
     decrypt_s: float
     upload_bytes: int
+    preprocess_s: float = 0.0  # reading the file, crop and resize (latency mode; part of encrypt_s in batches)
 
 
 class RemoteClient:
@@ -136,21 +137,32 @@ class RemoteClient:
         spec = ClientSpec.from_dict(card)
         if card.get("spec_digest") != spec.digest():
             raise RemoteError(0, "bad_card", f"the server's card for {model} does not match its own digest")
-        pins_path = self.key_home / PINS_FILE
-        pins = json.loads(pins_path.read_text()) if pins_path.is_file() else {}
+        pins = self._pins()
         pinned = pins.get(model)
         if pinned is not None and pinned != spec.digest() and not accept_new:
-            raise ConfigError(f"model {model} at {self.server_url} changed since first use: pinned spec "
+            raise ModelChangedError(f"model {model} at {self.server_url} changed since first use: pinned spec "
                               f"{pinned[:16]}, the server now offers {spec.digest()[:16]}. If the operator announced "
                               "a new model version, accept it with --accept-new-model (new keys are made)")
         if pinned != spec.digest():
             self.key_home.mkdir(parents=True, exist_ok=True)
             self.key_home.chmod(0o700)
             pins[model] = spec.digest()
+            pins_path = self.key_home / PINS_FILE
             tmp = pins_path.with_name(PINS_FILE + ".part")
             tmp.write_text(json.dumps(pins, indent=1))
             tmp.replace(pins_path)
         return spec
+
+    def _pins(self) -> dict[str, str]:
+        pins_path = self.key_home / PINS_FILE
+        return json.loads(pins_path.read_text()) if pins_path.is_file() else {}
+
+    def pinned_digest(self, model: str) -> str | None:
+        """The spec digest pinned for `model` at first use (None before it)."""
+        return self._pins().get(model)
+
+    def has_local_keys(self, model: str, spec: ClientSpec) -> bool:
+        return (self.key_dir(model, spec) / SECRET_KEY_FILE).is_file()
 
     def key_dir(self, model: str, spec: ClientSpec) -> Path:
         return self.key_home / f"{model}-{spec.digest()[:12]}"
@@ -162,7 +174,7 @@ class RemoteClient:
             return self._clients[model]
         spec = self.spec(model, accept_new=accept_new)
         directory = self.key_dir(model, spec)
-        if (directory / SECRET_KEY_FILE).is_file():
+        if self.has_local_keys(model, spec):
             client = load_key_directory(spec, directory)
         else:
             if progress:
@@ -179,23 +191,48 @@ class RemoteClient:
         self._clients[model] = client
         return client
 
-    def _exchange(self, endpoint: str, encrypt, decrypt) -> tuple[int, np.ndarray, tuple[float, ...]]:
+    def forget_client(self, model: str) -> None:
+        """Drop the cached client of `model` (its keys stay on disk): the next use checks the card again."""
+        self._clients.pop(model, None)
+
+    def _exchange(self, endpoint: str, encrypt, decrypt, on_step=None) -> tuple[int, np.ndarray, tuple[float, ...]]:
         """Encrypt, send, decrypt -> (message bytes, logits, (encrypt_s, server_s, evaluate_s, decrypt_s))."""
+        step = on_step or (lambda _: None)
         t0 = time.perf_counter()
         message = encrypt()
+        step("server")
         t1 = time.perf_counter()
         response = self._post(endpoint, message)
+        step("decrypt")
         t2 = time.perf_counter()
         logits = decrypt(response.content)
         t3 = time.perf_counter()
         return len(message), logits, (t1 - t0, t2 - t1, float(response.headers.get("x-evaluate-s", "nan")), t3 - t2)
 
-    def diagnose(self, image, model: str, *, accept_new: bool = False) -> RemoteResult:
+    def diagnose(self, image, model: str, *, accept_new: bool = False, name: str | None = None,
+                 on_step=None) -> RemoteResult:
+        """One image (a file path or a 2-D grayscale array in [0, 1]) in latency mode. `on_step(step)`
+        is called as each step starts: preprocess, encrypt, server (upload, evaluation, download),
+        decrypt."""
         client = self.client(model, accept_new=accept_new)
-        size, logits, timings = self._exchange("/v1/diagnose", lambda: client.encrypt_image(image),
-                                               client.decrypt_logits)
+        if on_step:
+            on_step("preprocess")
+        t0 = time.perf_counter()
+        model_input = client.preprocess(image)
+        result = self.diagnose_input(model_input, model, name=name or str(image), on_step=on_step)
+        result.preprocess_s = time.perf_counter() - t0 - (result.encrypt_s + result.server_s + result.decrypt_s)
+        return result
+
+    def diagnose_input(self, model_input: np.ndarray, model: str, *, name: str = "<input>",
+                       on_step=None) -> RemoteResult:
+        """A preprocessed model input (C, H, W), as `Client.preprocess` made it, in latency mode."""
+        client = self.client(model)
+        step = on_step or (lambda _: None)
+        step("encrypt")
+        size, logits, timings = self._exchange("/v1/diagnose", lambda: client.encrypt_input(model_input),
+                                               client.decrypt_logits, on_step=step)
         label, probabilities = client.diagnosis(logits)
-        return RemoteResult(str(image), label, probabilities, logits, *timings, size)
+        return RemoteResult(name, label, probabilities, logits, *timings, size)
 
     def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False) -> list[RemoteResult]:
         """Throughput mode (a model the server hosts as a batch plan): up to N/2 images per message,
