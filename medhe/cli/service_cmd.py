@@ -135,9 +135,10 @@ def cmd_clinic(args) -> int:
     remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
                           backend=args.backend, verify=args.ca_file or True)
     clinic = ClinicApp(remote, max_file_bytes=int(args.max_file_mb * 2**20))
-    hosts = ("127.0.0.1", "localhost", "::1", args.host) if not args.allow_remote_host else ("*",)
+    # Starlette compares the Host header as sent: an IPv6 address comes in brackets.
+    hosts = ("127.0.0.1", "localhost", "[::1]", args.host) if not args.allow_remote_host else ("*",)
     app = create_clinic_app(clinic, allowed_hosts=hosts)
-    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+    shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else f"[{args.host}]" if ":" in args.host else args.host
     print(f"medhe clinic for {args.server}: open http://{shown_host}:{args.port}/ in a browser on this machine "
           f"(keys in {remote.key_home}; Ctrl+C to stop)", flush=True)
     try:

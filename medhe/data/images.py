@@ -309,12 +309,16 @@ def describe_image_bytes(data: bytes, name: str) -> dict[str, str]:
     """What a clinician checks before a diagnosis: for DICOM the modality, body part, masked patient
     id, study date, size, bit depth and encoding (the patient's name is never read out); for other
     images the format and size. Values are strings; absent DICOM fields are left out."""
+    if not data:
+        raise ImageLoadError(f"{name}: file is empty (0 bytes); expected image data.")
     dicom, _ = _is_dicom_bytes(data, name)
     if not dicom:
         try:
             with Image.open(io.BytesIO(data)) as image:
                 return {"format": image.format or "image", "size": f"{image.width} x {image.height} px",
                         "mode": image.mode}
+        except Image.DecompressionBombError as exc:
+            raise ImageLoadError(f"{name}: image is implausibly large ({exc}).") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             raise ImageLoadError(f"{name}: not a recognised image file; expected PNG, JPEG or DICOM ({exc}).") from exc
     import pydicom
@@ -340,5 +344,8 @@ def describe_image_bytes(data: bytes, name: str) -> dict[str, str]:
         info["bits stored"] = text("BitsStored")
     syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None:
-        info["encoding"] = f"{syntax.name}{' (compressed)' if syntax.is_compressed else ''}"
+        try:
+            info["encoding"] = f"{syntax.name}{' (compressed)' if syntax.is_compressed else ''}"
+        except ValueError:  # a private or malformed transfer syntax: named, and load_image judges it
+            info["encoding"] = str(syntax)
     return {key: value for key, value in info.items() if value}

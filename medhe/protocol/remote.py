@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +29,7 @@ from medhe.protocol.keydir import EVAL_KEYS_FILE, SECRET_KEY_FILE, load_key_dire
 
 OCTET = "application/octet-stream"
 PINS_FILE = "pins.json"
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 def default_key_home(server_url: str) -> Path:
@@ -64,9 +68,11 @@ class RemoteClient:
             import ssl
 
             verify = ssl.create_default_context(cafile=str(verify))
-        self._http = httpx.Client(base_url=self.server_url, timeout=timeout_s, transport=transport, headers=headers,
-                                  verify=verify)
+        # A server that silently drops packets is reported after 10 s, not after the evaluation timeout.
+        self._http = httpx.Client(base_url=self.server_url, timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                  transport=transport, headers=headers, verify=verify)
         self._clients: dict[str, Client] = {}
+        self._lock = threading.Lock()  # pins.json and the client cache, shared by a caller's threads
 
     def close(self) -> None:
         self._http.close()
@@ -137,20 +143,22 @@ class RemoteClient:
         spec = ClientSpec.from_dict(card)
         if card.get("spec_digest") != spec.digest():
             raise RemoteError(0, "bad_card", f"the server's card for {model} does not match its own digest")
-        pins = self._pins()
-        pinned = pins.get(model)
-        if pinned is not None and pinned != spec.digest() and not accept_new:
-            raise ModelChangedError(f"model {model} at {self.server_url} changed since first use: pinned spec "
-                              f"{pinned[:16]}, the server now offers {spec.digest()[:16]}. If the operator announced "
-                              "a new model version, accept it with --accept-new-model (new keys are made)")
-        if pinned != spec.digest():
-            self.key_home.mkdir(parents=True, exist_ok=True)
-            self.key_home.chmod(0o700)
-            pins[model] = spec.digest()
-            pins_path = self.key_home / PINS_FILE
-            tmp = pins_path.with_name(PINS_FILE + ".part")
-            tmp.write_text(json.dumps(pins, indent=1))
-            tmp.replace(pins_path)
+        with self._lock:
+            pins = self._pins()
+            pinned = pins.get(model)
+            if pinned is not None and pinned != spec.digest() and not accept_new:
+                raise ModelChangedError(f"model {model} at {self.server_url} changed since first use: pinned spec "
+                                        f"{pinned[:16]}, the server now offers {spec.digest()[:16]}. If the operator "
+                                        "announced a new model version, accept it with --accept-new-model (new keys "
+                                        "are made)")
+            if pinned != spec.digest():
+                self.key_home.mkdir(parents=True, exist_ok=True)
+                self.key_home.chmod(0o700)
+                pins[model] = spec.digest()
+                pins_path = self.key_home / PINS_FILE
+                tmp = pins_path.with_name(f".{PINS_FILE}.{secrets.token_hex(6)}.part")
+                tmp.write_text(json.dumps(pins, indent=1))
+                tmp.replace(pins_path)
         return spec
 
     def _pins(self) -> dict[str, str]:
@@ -165,13 +173,16 @@ class RemoteClient:
         return (self.key_dir(model, spec) / SECRET_KEY_FILE).is_file()
 
     def key_dir(self, model: str, spec: ClientSpec) -> Path:
+        if not MODEL_NAME.fullmatch(model):  # a server's model name becomes a folder name here
+            raise ConfigError(f"model name {model!r} is not a plain name (letters, digits, '.', '_', '-')")
         return self.key_home / f"{model}-{spec.digest()[:12]}"
 
     def client(self, model: str, *, accept_new: bool = False, progress=None) -> Client:
         """The clinic's client for `model`: keys made on first use (then reused), evaluation keys
         uploaded once (again only if the server lost them)."""
-        if model in self._clients:
-            return self._clients[model]
+        with self._lock:
+            if model in self._clients:
+                return self._clients[model]
         spec = self.spec(model, accept_new=accept_new)
         directory = self.key_dir(model, spec)
         if self.has_local_keys(model, spec):
@@ -188,12 +199,14 @@ class RemoteClient:
             registered = self.register_keys(keys_file)
             if registered != client.key_id:
                 raise RemoteError(0, "bad_key_id", f"the server registered key id {registered}, expected {client.key_id}")
-        self._clients[model] = client
+        with self._lock:
+            self._clients[model] = client
         return client
 
     def forget_client(self, model: str) -> None:
         """Drop the cached client of `model` (its keys stay on disk): the next use checks the card again."""
-        self._clients.pop(model, None)
+        with self._lock:
+            self._clients.pop(model, None)
 
     def _exchange(self, endpoint: str, encrypt, decrypt, on_step=None) -> tuple[int, np.ndarray, tuple[float, ...]]:
         """Encrypt, send, decrypt -> (message bytes, logits, (encrypt_s, server_s, evaluate_s, decrypt_s))."""

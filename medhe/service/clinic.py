@@ -43,6 +43,7 @@ from medhe.protocol.remote import RemoteClient
 
 STATIC_DIR = Path(__file__).with_name("clinic_static")
 CLINIC_HEADER = "x-medhe-clinic"
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 DEFAULT_MAX_FILE_BYTES = 256 * 2**20  # a large uncompressed DICOM series frame is far below this
 MAX_TASKS_KEPT = 5000
 STUDY_STEPS = ("preprocess", "encrypt", "upload", "evaluate", "decrypt")
@@ -68,14 +69,15 @@ def explain(exc: BaseException, server_url: str) -> ClinicError:
         return ClinicError(409, "model_changed", str(exc).replace(
             "accept it with --accept-new-model", "accept it with the button below"))
     if isinstance(exc, RemoteError):
-        if exc.status == 0:
+        if exc.code == "unreachable":
             return ClinicError(502, "server_unreachable", f"The diagnosis server at {server_url} cannot be reached. "
                                                           "Check the network and that the server is running.")
         if exc.status == 401:
             return ClinicError(502, "wrong_token", f"The diagnosis server at {server_url} refused this clinic's access "
                                                    "token. Restart `medhe clinic` with the token your operator "
                                                    "issued (--token or MEDHE_TOKEN).")
-        # The server's own 404 (no such model) stays a 404; any other refusal is a bad gateway here.
+        # The server's own 404 (no such model) stays a 404; any other refusal (or a card that does not
+        # match its own digest) is a bad gateway here.
         return ClinicError(404 if exc.status == 404 else 502, f"server_{exc.code}", str(exc))
     if isinstance(exc, MissingKeyError):
         return ClinicError(409, "missing_key", str(exc))
@@ -115,6 +117,11 @@ class Task:
         return {"id": self.id, "kind": self.kind, "model": self.model, "name": self.name, "state": self.state,
                 "step": self.step, "message": self.message, "timings_s": self.timings_s, "result": self.result,
                 "error": self.error, "preview": self.preview, "metadata": self.metadata}
+
+
+def check_study_name(name: str) -> None:
+    if not name or len(name) > 512 or any(ch in name for ch in "\x00\r\n"):
+        raise ClinicError(400, "bad_name", "a study needs its file name (at most 512 characters, one line)")
 
 
 def _csv_cell(value) -> str:
@@ -185,9 +192,13 @@ class ClinicApp:
                 del self._tasks[oldest]
         return task
 
-    def tasks(self) -> list[dict]:
+    def tasks(self, *, previews: bool = True) -> list[dict]:
         with self._lock:
-            return [task.to_dict() for task in self._tasks.values()]
+            listed = [task.to_dict() for task in self._tasks.values()]
+        if not previews:  # the page polls this list: a preview is fetched once per study
+            for task in listed:
+                task["preview"] = ""
+        return listed
 
     def task(self, task_id: str) -> dict:
         with self._lock:
@@ -211,13 +222,13 @@ class ClinicApp:
     def prepare_keys(self, model: str, *, accept_new: bool = False) -> dict:
         """Make this clinic's keys for `model` on first use (then reuse them) and upload the
         evaluation keys once; `accept_new` accepts a model that changed since first use."""
-        if accept_new:
-            self._specs.pop(model, None)
-            self.remote.forget_client(model)
         task = self._new_task("keys", model, model)
 
         def work(task: Task) -> None:
             start = time.perf_counter()
+            if accept_new:
+                self._specs.pop(model, None)
+                self.remote.forget_client(model)
 
             def progress(text: str) -> None:
                 task.step, task.message = ("upload", text) if text.startswith("uploading") else ("keygen", text)
@@ -240,17 +251,17 @@ class ClinicApp:
         from medhe.data.images import describe_image_bytes, load_image_bytes
         from medhe.data.preprocess import Preprocessing
 
-        if not name or len(name) > 512 or any(ch in name for ch in "\x00\r\n"):
-            raise ClinicError(400, "bad_name", "a study needs its file name (at most 512 characters)")
+        check_study_name(name)
         spec = self._spec(model)
         start = time.perf_counter()
         metadata = describe_image_bytes(data, name)
         preprocessing = Preprocessing.from_dict(spec.preprocessing)
         model_input = preprocessing.apply(load_image_bytes(data, name))
-        task = self._new_task("study", model, name)
-        task.metadata, task.preview = metadata, preview_png(model_input, preprocessing)
-        task.timings_s["preprocess"] = time.perf_counter() - start
+        preview = preview_png(model_input, preprocessing)
         weights = next((m.get("weights") for m in self.remote.models() if m["name"] == model), None)
+        task = self._new_task("study", model, name)
+        task.metadata, task.preview = metadata, preview
+        task.timings_s["preprocess"] = time.perf_counter() - start
 
         def work(task: Task) -> None:
             def on_step(step: str) -> None:
@@ -259,15 +270,7 @@ class ClinicApp:
             task.step = "keys"
             self.remote.client(model, progress=lambda text: setattr(task, "message", text))
             task.message = ""
-            try:
-                result = self.remote.diagnose_input(model_input, model, name=name, on_step=on_step)
-            except MissingKeyError as exc:
-                if weights != "encrypted":
-                    raise
-                public_key = self.remote.key_dir(model, spec) / PUBLIC_KEY_FILE
-                raise ClinicError(409, "no_encrypted_model", f"{exc}. This model's weights are encrypted per clinic: "
-                                                             f"send the model owner this clinic's public key "
-                                                             f"({public_key}); it holds no secret.") from None
+            result = self._diagnose(model_input, model, name, spec, weights, on_step)
             evaluate_s = result.evaluate_s if np.isfinite(result.evaluate_s) else 0.0
             task.timings_s.update({"encrypt": result.encrypt_s, "upload": max(result.server_s - evaluate_s, 0.0),
                                    "evaluate": evaluate_s, "decrypt": result.decrypt_s})
@@ -280,6 +283,41 @@ class ClinicApp:
         self._run(task, work)
         return task.to_dict()
 
+    def _diagnose(self, model_input, model: str, name: str, spec: ClientSpec, weights, on_step):
+        """One encrypted diagnosis, recovering from what a long-running app meets: a server that
+        lost this clinic's keys (they are uploaded again) and a model replaced on the server (told
+        as a changed model, so that the page offers to accept it)."""
+        for attempt in range(2):
+            try:
+                return self.remote.diagnose_input(model_input, model, name=name, on_step=on_step)
+            except MissingKeyError as exc:
+                client = self.remote.client(model)
+                if attempt == 0 and self.remote.key_status(client.key_id) is None:
+                    self.remote.forget_client(model)  # the next client() uploads the keys again
+                    self.remote.client(model)
+                    continue
+                if weights != "encrypted":
+                    raise
+                public_key = self.remote.key_dir(model, spec) / PUBLIC_KEY_FILE
+                raise ClinicError(409, "no_encrypted_model", f"{exc}. This model's weights are encrypted per clinic: "
+                                                             f"send the model owner this clinic's public key "
+                                                             f"({public_key}); it holds no secret.") from None
+            except RemoteError as exc:
+                if exc.code != "unknown_model":
+                    raise
+                self._specs.pop(model, None)
+                self.remote.forget_client(model)
+                self.remote.spec(model)  # raises ModelChangedError when the card changed since the keys
+                raise
+        raise ClinicError(502, "missing_key", f"the server at {self.remote.server_url} keeps losing this clinic's keys")
+
+    def record_failure(self, name: str, model: str, error: ClinicError) -> dict:
+        """A file refused before its diagnosis could start: kept as a failed study (for the table
+        and the CSV export)."""
+        task = self._new_task("study", model, name)
+        task.state, task.error = "failed", {"code": error.code, "message": error.message}
+        return task.to_dict()
+
     def studies_csv(self) -> str:
         out = io.StringIO()
         writer = csv.writer(out)
@@ -289,7 +327,7 @@ class ClinicApp:
             if task["kind"] != "study":
                 continue
             result, timings = task["result"] or {}, task["timings_s"]
-            probabilities = "; ".join(f"{k}={v:.6f}" for k, v in (result.get("probabilities") or {}).items())
+            probabilities = _csv_cell("; ".join(f"{k}={v:.6f}" for k, v in (result.get("probabilities") or {}).items()))
             writer.writerow([_csv_cell(task["name"]), task["model"], result.get("spec_digest", ""), task["state"],
                              _csv_cell(result.get("label", "")),
                              f"{result['probability']:.6f}" if result else "", probabilities,
@@ -299,7 +337,7 @@ class ClinicApp:
         return out.getvalue()
 
 
-def create_clinic_app(clinic: ClinicApp, *, allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost")):
+def create_clinic_app(clinic: ClinicApp, *, allowed_hosts: tuple[str, ...] = ("127.0.0.1", "localhost", "[::1]")):
     from fastapi import FastAPI
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -347,23 +385,28 @@ def create_clinic_app(clinic: ClinicApp, *, allowed_hosts: tuple[str, ...] = ("1
 
     @app.post("/api/studies")
     async def add_study(request: Request, model: str, name: str):
-        declared = request.headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > clinic.max_file_bytes):
-            raise ClinicError(413, "too_large", f"{name}: files up to {clinic.max_file_bytes // 2**20} MiB are read")
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > clinic.max_file_bytes:
+        check_study_name(name)
+        try:
+            declared = request.headers.get("content-length")
+            if declared is not None and (not declared.isdigit() or int(declared) > clinic.max_file_bytes):
                 raise ClinicError(413, "too_large", f"{name}: files up to {clinic.max_file_bytes // 2**20} MiB "
                                                     "are read")
-        try:
+            body = bytearray()
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > clinic.max_file_bytes:
+                    raise ClinicError(413, "too_large", f"{name}: files up to {clinic.max_file_bytes // 2**20} MiB "
+                                                        "are read")
             return await run_in_threadpool(clinic.add_study, bytes(body), name, model)
         except Exception as exc:
-            raise explain(exc, clinic.remote.server_url) from None
+            error = explain(exc, clinic.remote.server_url)
+            task = clinic.record_failure(name, model, error)
+            return JSONResponse({"error": error.code, "message": error.message, "task": task},
+                                status_code=error.status)
 
     @app.get("/api/tasks")
-    def tasks() -> dict:
-        return {"tasks": clinic.tasks()}
+    def tasks(previews: bool = True) -> dict:
+        return {"tasks": clinic.tasks(previews=previews)}
 
     @app.get("/api/tasks/{task_id}")
     def task(task_id: str) -> dict:
@@ -379,7 +422,7 @@ def create_clinic_app(clinic: ClinicApp, *, allowed_hosts: tuple[str, ...] = ("1
 
 def check_clinic_host(host: str) -> None:
     """The app holds the secret key: it listens on this machine unless told otherwise."""
-    if host not in ("127.0.0.1", "localhost", "::1"):
+    if host not in LOCAL_HOSTS:
         raise ConfigError(f"medhe clinic listens on 127.0.0.1 (the page holds no key, but it can use this "
                           f"clinic's keys): {host} would expose it to the network. Pass --allow-remote-host to "
                           "do so anyway, behind your own access control")

@@ -12,6 +12,7 @@ import json
 import re
 import time
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -92,8 +93,11 @@ def test_posts_need_the_clinic_header_and_this_machines_host_name(setup):
     response = page.post("/api/studies?model=tiny&name=a.png", content=png, headers={"content-type": "text/plain"})
     assert response.status_code == 403 and CLINIC_HEADER in response.json()["message"]
     assert page.post("/api/models/tiny/keys").status_code == 403
-    # A DNS-rebinding page names its own host.
+    # A DNS-rebinding page names its own host; this machine's names (IPv6 in brackets) are served.
     assert page.get("/api/status", headers={"host": "evil.example"}).status_code == 400
+    local = TestClient(create_clinic_app(app))
+    for host in ("127.0.0.1:8501", "localhost:8501", "[::1]:8501"):
+        assert local.get("/", headers={"host": host}).status_code == 200, host
     assert app.tasks() == []
 
 
@@ -148,6 +152,7 @@ def test_unreadable_files_are_named_and_the_app_goes_on(setup):
         assert response.status_code == 422, response.text
         body = response.json()
         assert body["error"] == "unreadable_file" and fragment in body["message"]
+        assert body["task"]["state"] == "failed" and body["task"]["name"] == name  # a row of the batch
     too_big = ClinicApp(app.remote, max_file_bytes=1000)
     big = TestClient(create_clinic_app(too_big, allowed_hosts=("testserver",)))
     response = big.post("/api/studies?model=tiny&name=big.png", content=_png_bytes(400, 400), headers=POST)
@@ -155,6 +160,14 @@ def test_unreadable_files_are_named_and_the_app_goes_on(setup):
     assert page.post("/api/studies?model=nope&name=a.png", content=_png_bytes(), headers=POST).status_code == 404
     ok = page.post("/api/studies?model=tiny&name=fine.png", content=_png_bytes(), headers=POST).json()
     assert _wait(page, ok["id"])["state"] == "done"
+    rows = list(csv.DictReader(io.StringIO(page.get("/api/studies.csv").text)))
+    assert [(r["file"], r["state"]) for r in rows] == [("corrupt.dcm", "failed"), ("notes.png", "failed"),
+                                                       ("empty.jpg", "failed"), ("a.png", "failed"),
+                                                       ("fine.png", "done")]
+    assert "empty" in rows[2]["error"]
+    # The page polls the list without previews; a study's own answer has its preview.
+    assert all(t["preview"] == "" for t in page.get("/api/tasks?previews=false").json()["tasks"])
+    assert page.get(f"/api/tasks/{ok['id']}").json()["preview"].startswith("data:image/png")
 
 
 def test_server_unreachable_and_wrong_token_are_explained(setup):
@@ -261,3 +274,37 @@ def test_an_encrypted_model_without_this_clinics_copy_says_what_to_send(tmp_path
     done = _wait(page, page.post("/api/studies?model=tiny&name=a.png", content=_png_bytes(), headers=POST).json()["id"])
     assert done["state"] == "done" and done["result"]["weights"] == "encrypted"
     clinic.close()
+
+
+class _Switch(httpx.BaseTransport):
+    """A transport whose server can be swapped: the same address, another server behind it."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self.inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+
+def test_a_running_app_recovers_lost_keys_and_reports_a_replaced_model(setup, tmp_path):
+    switch = _Switch(setup["transport"])
+    app, page = setup["clinic"](transport=switch)
+    first = _wait(page, page.post("/api/studies?model=tiny&name=a.png", content=_png_bytes(), headers=POST).json()["id"])
+    assert first["state"] == "done"
+    # The server lost this clinic's keys (a new disk, say): uploaded again, and the study goes through.
+    for stored in (setup["tmp"] / "srv" / "models" / "tiny" / "keys").glob("*.keys"):
+        stored.unlink()
+    again = _wait(page, page.post("/api/studies?model=tiny&name=b.png", content=_png_bytes(), headers=POST).json()["id"])
+    assert again["state"] == "done", again["error"]
+    # The operator replaces the model while the app runs: told as a changed model, then accepted.
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * INPUT_PX**2, 2)).double()
+    data = tmp_path / "srv2"
+    switch.inner = TestClient(create_app([host_plan(data, "tiny", compile_torch(seq, (1, INPUT_PX, INPUT_PX)),
+                                                     backend="clear")], data_dir=data, tokens=None))._transport
+    changed = _wait(page, page.post("/api/studies?model=tiny&name=c.png", content=_png_bytes(), headers=POST).json()["id"])
+    assert changed["state"] == "failed" and changed["error"]["code"] == "model_changed", changed["error"]
+    assert page.get("/api/status").json()["models"][0]["keys"] == "changed"
+    accepted = _wait(page, page.post("/api/models/tiny/keys?accept_new=true", headers={CLINIC_HEADER: "1"}).json()["id"])
+    assert accepted["state"] == "done", accepted["error"]
+    done = _wait(page, page.post("/api/studies?model=tiny&name=d.png", content=_png_bytes(), headers=POST).json()["id"])
+    assert done["state"] == "done" and done["result"]["spec_digest"] != first["result"]["spec_digest"]

@@ -165,13 +165,11 @@ def test_the_clinic_page_diagnoses_dicom_and_png_like_the_cli(tmp_path, browser)
             metadata = browser.find_element(By.ID, "metadata").text
             assert "MR" in metadata and "64 x 64 px" in metadata and "\u2022" in metadata
 
-            # Sorting by probability puts the rows in order; the CSV has a row per study.
-            header = browser.find_element(By.CSS_SELECTOR, "th button[data-key='probability']")
-            header.click()
-            assert header.find_element(By.XPATH, "..").get_attribute("aria-sort") == "ascending"
-            shown = [float(r.find_elements(By.TAG_NAME, "td")[3].text) for r in
-                     browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")]
-            assert shown == sorted(shown)
+            # A row is chosen with the keyboard too.
+            from selenium.webdriver.common.keys import Keys
+
+            rows()[dicom.name].send_keys(Keys.ENTER)
+            _wait_for(lambda: browser.find_element(By.ID, "study-name").text == dicom.name, "keyboard selection")
             assert browser.find_element(By.ID, "export").get_attribute("href").endswith("/api/studies.csv")
 
             screenshot = os.environ.get("MEDHE_CLINIC_SCREENSHOT")
@@ -195,6 +193,23 @@ def test_the_clinic_page_diagnoses_dicom_and_png_like_the_cli(tmp_path, browser)
             assert not any("notes" in name for name in rows())
             _wait_for(lambda: all(rows()[f"studies/study{i}.png"].find_elements(By.TAG_NAME, "td")[1].text == "done"
                                   for i in range(2)), "the folder's diagnoses", 300)
+
+            # Sorting by file name: ascending, then descending on a second click (the rows came in
+            # another order), with aria-sort telling which.
+            def shown_names():
+                return [r.find_elements(By.TAG_NAME, "td")[0].text
+                        for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")]
+
+            arrival = shown_names()
+            header = browser.find_element(By.CSS_SELECTOR, "th button[data-key='name']")
+            header.click()
+            ascending = sorted(arrival)
+            assert _wait_for(lambda: shown_names() == ascending, "ascending order")
+            assert header.find_element(By.XPATH, "..").get_attribute("aria-sort") == "ascending"
+            header.click()
+            assert _wait_for(lambda: shown_names() == ascending[::-1], "descending order")
+            assert header.find_element(By.XPATH, "..").get_attribute("aria-sort") == "descending"
+            assert ascending[::-1] != arrival
             browser.save_screenshot(str(tmp_path / "clinic.png"))
         clinic.close()
         remote.close()

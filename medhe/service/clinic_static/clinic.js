@@ -6,7 +6,7 @@ const HEADERS = { "x-medhe-clinic": "1" };
 const STEPS = [
   ["preprocess", "Read, crop and resize (this computer)"],
   ["encrypt", "Encrypt (this computer)"],
-  ["upload", "Send ciphertext to the server"],
+  ["upload", "Ciphertext to the server and back (network, queue)"],
   ["evaluate", "Encrypted evaluation (server)"],
   ["decrypt", "Decrypt the diagnosis (this computer)"],
 ];
@@ -48,6 +48,7 @@ async function api(path, options = {}) {
   if (!response.ok) {
     const error = new Error((body && body.message) || `${response.status} ${response.statusText}`);
     error.code = body && body.error;
+    error.task = body && body.task;  // a file refused by the local process is still a (failed) study
     throw error;
   }
   return body;
@@ -167,13 +168,17 @@ async function waitForKeys(taskId) {
 }
 
 // --- adding images -------------------------------------------------------------------------------
-async function filesFromDrop(dataTransfer) {
-  const entries = [...dataTransfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
-  if (entries.length === 0) return [...dataTransfer.files];
+// Entries must be taken from the drop event before the first await: the browser empties the list.
+function entriesOf(dataTransfer) {
+  return [...dataTransfer.items].map((item) => item.webkitGetAsEntry && item.webkitGetAsEntry()).filter(Boolean);
+}
+
+async function filesFromEntries(entries) {
   const files = [];
   async function walk(entry) {
     if (entry.isFile) {
-      files.push(await new Promise((resolve, reject) => entry.file(resolve, reject)));
+      const file = await new Promise((resolve, reject) => entry.file(resolve, reject));
+      files.push({ file, name: entry.fullPath.replace(/^\//, "") });  // the folder path tells series apart
     } else if (entry.isDirectory) {
       const reader = entry.createReader();
       for (;;) {
@@ -187,28 +192,35 @@ async function filesFromDrop(dataTransfer) {
   return files;
 }
 
-function isImageName(name) { return /\.(dcm|dicom|png|jpe?g)$/i.test(name) || !/\.[a-z0-9]{1,5}$/i.test(name); }
+// In a folder, leave out what is surely no image (DICOM files often have no suffix, or a UID for a
+// name: those go to the local process, which reads them by content and names any it cannot).
+const NOT_IMAGES = /\.(txt|pdf|xml|json|csv|html?|md|ini|log|zip|exe|db)$/i;
+function skipInFolder(name) {
+  const base = name.split("/").pop();
+  return base.startsWith(".") || base.toUpperCase() === "DICOMDIR" || NOT_IMAGES.test(base);
+}
 
 async function addFiles(fileList, fromFolder) {
   clearErrors();
   const model = currentModel();
   if (!model) { showError("Choose a model first (the diagnosis server has none available)."); return; }
-  // A folder holds other files too (reports, DICOMDIR); DICOM files often have no suffix.
-  const files = [...fileList].filter((f) => !fromFolder || (isImageName(f.name) && f.name !== "DICOMDIR"));
-  for (const file of files) {
-    const name = file.webkitRelativePath || file.name;
+  const files = [...fileList].map((f) => (f.file ? f : { file: f, name: f.webkitRelativePath || f.name }))
+    .filter((f) => !fromFolder || !skipInFolder(f.name));
+  for (const { file, name } of files) {
     try {
       const task = await api(`/api/studies?model=${encodeURIComponent(model.name)}&name=${encodeURIComponent(name)}`,
         { method: "POST", headers: { ...HEADERS, "content-type": "application/octet-stream" }, body: file });
       state.tasks.set(task.id, task);
       if (state.selected === null || files.length === 1) state.selected = task.id;
     } catch (err) {
-      const row = { id: `local${state.localRows.length + 1}`, kind: "study", name, model: model.name, state: "failed",
-        error: { code: err.code, message: err.message }, timings_s: {}, result: null, metadata: {}, preview: "" };
-      state.localRows.push(row);
+      const row = err.task || { id: `local${state.localRows.length + 1}`, kind: "study", name, model: model.name,
+        state: "failed", error: { code: err.code, message: err.message }, timings_s: {}, result: null,
+        metadata: {}, preview: "" };
+      if (!err.task) state.localRows.push(row);
       state.tasks.set(row.id, row);
       state.selected = row.id;
       showError(err.message);
+      if (err.code === "model_changed") { await loadStatus(); break; }
     }
     render();
     startPolling();
@@ -219,15 +231,39 @@ function startPolling() {
   if (state.polling) return;
   state.polling = true;
   const tick = async () => {
+    let reached = true;
     try {
-      const { tasks } = await api("/api/tasks");
-      for (const task of tasks) if (task.kind === "study") state.tasks.set(task.id, task);
-    } catch (err) { /* shown on the next action */ }
+      await refreshTasks();
+    } catch (err) { reached = false; }
     render();
     const busy = [...state.tasks.values()].some((t) => t.state === "queued" || t.state === "running");
-    if (busy) setTimeout(tick, POLL_MS); else state.polling = false;
+    if (busy && reached) setTimeout(tick, POLL_MS);
+    else {
+      state.polling = false;
+      if (!reached) showError("The local medhe clinic process stopped answering: restart `medhe clinic` and reload this page.");
+    }
   };
   setTimeout(tick, POLL_MS);
+}
+
+// The study list without previews (polled); a study's preview is fetched once, when it is shown.
+async function refreshTasks() {
+  const { tasks } = await api("/api/tasks?previews=false");
+  for (const task of tasks) {
+    if (task.kind !== "study") continue;
+    const known = state.tasks.get(task.id);
+    state.tasks.set(task.id, { ...task, preview: known ? known.preview : "" });
+  }
+}
+
+async function loadPreview(task) {
+  if (task.preview || task.previewRequested || task.id.startsWith("local")) return;
+  task.previewRequested = true;
+  try {
+    const full = await api(`/api/tasks/${task.id}`);
+    const known = state.tasks.get(task.id);
+    if (known) { known.preview = full.preview; renderStudy(); }
+  } catch (err) { /* the card shows no preview */ }
 }
 
 // --- rendering -----------------------------------------------------------------------------------
@@ -303,6 +339,12 @@ function renderStudy() {
   const task = state.tasks.get(state.selected);
   $("study").hidden = !task;
   if (!task) return;
+  // Rebuild only on a change (the result is a live region: a rebuild would be announced again).
+  const signature = JSON.stringify([task.id, task.state, task.step, task.message, task.timings_s,
+    Boolean(task.preview), Boolean(task.result)]);
+  if (signature === state.studySignature) return;
+  state.studySignature = signature;
+  if (!task.preview) loadPreview(task);
   $("study-name").textContent = task.name;
   const preview = $("preview");
   preview.hidden = !task.preview;
@@ -376,8 +418,10 @@ function setup() {
   drop.addEventListener("drop", async (event) => {
     event.preventDefault();
     drop.classList.remove("over");
-    const files = await filesFromDrop(event.dataTransfer);
-    addFiles(files, files.some((f) => f.webkitRelativePath) || event.dataTransfer.items.length !== files.length);
+    const entries = entriesOf(event.dataTransfer);
+    const plain = [...event.dataTransfer.files];
+    const fromFolder = entries.some((entry) => entry.isDirectory);
+    addFiles(entries.length ? await filesFromEntries(entries) : plain, fromFolder);
   });
   for (const button of document.querySelectorAll("#studies th button")) {
     button.addEventListener("click", () => {
@@ -389,6 +433,8 @@ function setup() {
   }
   renderTable();
   loadStatus();
+  // After a reload: the studies this process already has.
+  refreshTasks().then(() => { render(); startPolling(); }).catch(() => {});
 }
 
 document.addEventListener("DOMContentLoaded", setup);
