@@ -63,6 +63,14 @@ def benchmark_parser(doc: str):
 
 
 def peak_memory_bytes() -> int:
+    """This process's peak resident memory. VmHWM belongs to the address space, so a process
+    spawned by another starts from zero (ru_maxrss would carry the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

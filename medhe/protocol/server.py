@@ -9,6 +9,7 @@ by the model owner; it multiplies ciphertext by ciphertext and can read neither 
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -298,20 +299,36 @@ class Server:
             return len(self._key_sets)
 
     # --- evaluation ---------------------------------------------------------------------------
-    def evaluate_batch(self, message: bytes) -> bytes:
-        """Throughput mode: one ciphertext per input feature in, one per class out."""
+    def evaluate_batch(self, message: bytes | str | Path) -> bytes:
+        """Throughput mode: one ciphertext per input feature in, one per class out. `message` is the
+        message itself or a file holding it (as the HTTP service streams uploads to disk); either
+        way its ciphertexts are read, checked and evaluated one at a time, never held all at once."""
         if not isinstance(self.plan, BatchPlan):
             raise ConfigError("this server was built from a latency plan; build it from a BatchPlan for batches")
-        key_id = wire.peek_key_id(message)
+        if isinstance(message, (str, Path)):
+            with open(message, "rb") as file:
+                return self._evaluate_batch_stream(file)
+        if not isinstance(message, (bytes, bytearray, memoryview)):
+            raise InvalidMessage(f"expected a batch_ciphertext message as bytes, got {type(message).__name__}")
+        return self._evaluate_batch_stream(io.BytesIO(message))  # BytesIO shares bytes' buffer: no copy
+
+    def _evaluate_batch_stream(self, file) -> bytes:
+        key_id = wire.peek_key_id(file.read(wire.PEEK_BYTES))
+        file.seek(0)
         executor = self._executor(key_id)
-        msg = wire.decode(message, expect_kind="batch_ciphertext", key_id=key_id, **self._ids)
-        parts = msg.parts([f"f{i}" for i in range(self.plan.input_features)])
-        cts = [executor.backend.deserialize(p) for p in parts]
-        if any(executor.backend.levels_left(c) != self.plan.depth for c in cts):
-            raise InvalidMessage(f"batch ciphertexts must be fresh, with {self.plan.depth} levels")
-        outs = executor.run(cts)
-        return wire.encode_parts("batch_result", [executor.backend.serialize(c) for c in outs], key_id=key_id,
-                                 extra={"count": msg.extra.get("count", self.plan.batch_size)}, **self._ids)
+        extra, parts = wire.stream_parts(file, [f"f{i}" for i in range(self.plan.input_features)],
+                                         expect_kind="batch_ciphertext", key_id=key_id, **self._ids)
+        backend = executor.backend
+
+        def fresh(part: bytes):
+            ct = backend.deserialize(part)
+            if backend.levels_left(ct) != self.plan.depth:
+                raise InvalidMessage(f"batch ciphertexts must be fresh, with {self.plan.depth} levels")
+            return ct
+
+        outs = executor.run(fresh(part) for part in parts)
+        return wire.encode_parts("batch_result", [backend.serialize(c) for c in outs], key_id=key_id,
+                                 extra={"count": extra.get("count", self.plan.batch_size)}, **self._ids)
 
     def evaluate(self, message: bytes, *, timings: dict | None = None) -> bytes:
         if isinstance(self.plan, BatchPlan):

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from medhe.errors import InvalidMessage
 
@@ -67,38 +69,44 @@ class Message:
 
 def encode(kind: str, payload: bytes, *, spec_digest: str, params_digest: str, key_id: str,
            extra: dict | None = None) -> bytes:
-    if kind not in KINDS:
-        raise ValueError(f"unknown message kind {kind!r}")
-    header = {
-        "kind": kind, "spec_digest": spec_digest, "params_digest": params_digest, "key_id": key_id,
-        "payload_bytes": len(payload), "payload_sha256": hashlib.sha256(payload).hexdigest(),
-        "extra": extra or {},
-    }
-    header_bytes = json.dumps(header, sort_keys=True).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes + payload
+    return _encode(kind, [payload], spec_digest=spec_digest, params_digest=params_digest, key_id=key_id,
+                   extra=extra)
 
 
 def encode_parts(kind: str, parts: list[bytes], *, extra: dict | None = None, **ids) -> bytes:
     extra = dict(extra or {})
     extra["part_sizes"] = [len(p) for p in parts]
-    return encode(kind, b"".join(parts), extra=extra, **ids)
+    return _encode(kind, parts, extra=extra, **ids)
 
 
-def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: str,
-           key_id: str | None = None) -> Message:
-    """Parse and validate a message. Raises InvalidMessage saying what was expected."""
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise InvalidMessage(f"expected a {expect_kind} message as bytes, got {type(data).__name__}")
-    data = bytes(data)
-    if len(data) < _PREFIX.size or data[:5] != MAGIC:
+def _encode(kind: str, parts: list[bytes], *, spec_digest: str, params_digest: str, key_id: str,
+            extra: dict | None) -> bytes:
+    """The message whose payload is `parts` joined, built with one copy of them (a batch is GBs)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown message kind {kind!r}")
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    header = {
+        "kind": kind, "spec_digest": spec_digest, "params_digest": params_digest, "key_id": key_id,
+        "payload_bytes": sum(len(part) for part in parts), "payload_sha256": digest.hexdigest(),
+        "extra": extra or {},
+    }
+    header_bytes = json.dumps(header, sort_keys=True).encode()
+    return b"".join([_PREFIX.pack(MAGIC, FORMAT_VERSION, len(header_bytes)) + header_bytes, *parts])
+
+
+def _read_header(prefix: bytes, expect_kind: str) -> tuple[dict, int]:
+    """(header, header length) from a message's first bytes, before its payload is looked at."""
+    if len(prefix) < _PREFIX.size or prefix[:5] != MAGIC:
         raise InvalidMessage(f"not a medhe message (expected it to start with {MAGIC!r})")
-    _, version, header_len = _PREFIX.unpack_from(data)
+    _, version, header_len = _PREFIX.unpack_from(prefix)
     if version != FORMAT_VERSION:
         raise InvalidMessage(f"message format version {version}; this medhe reads version {FORMAT_VERSION}")
-    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(data):
+    if header_len > MAX_HEADER_BYTES or _PREFIX.size + header_len > len(prefix):
         raise InvalidMessage("message header is truncated or too large")
     try:
-        header = json.loads(data[_PREFIX.size: _PREFIX.size + header_len])
+        header = json.loads(prefix[_PREFIX.size: _PREFIX.size + header_len])
     except (UnicodeDecodeError, ValueError, RecursionError):
         # ValueError covers invalid JSON and integers too long to parse; RecursionError deep nesting.
         raise InvalidMessage("message header is not valid JSON") from None
@@ -107,6 +115,28 @@ def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: st
     kind = header.get("kind")
     if kind != expect_kind:
         raise InvalidMessage(f"expected a {expect_kind} message, got {kind!r}")
+    return header, header_len
+
+
+def _check_ids(header: dict, spec_digest: str, params_digest: str, key_id: str | None) -> None:
+    kind = header["kind"]
+    if header.get("spec_digest") != spec_digest:
+        raise InvalidMessage(f"{kind} message was made for model spec {str(header.get('spec_digest'))[:12]}, "
+                             f"this is spec {spec_digest[:12]}; both sides must use the same compiled model")
+    if header.get("params_digest") != params_digest:
+        raise InvalidMessage(f"{kind} message was made for other CKKS parameters")
+    if key_id is not None and header.get("key_id") != key_id:
+        raise InvalidMessage(f"{kind} message is for key id {header.get('key_id')!r}, expected {key_id!r}")
+
+
+def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: str,
+           key_id: str | None = None) -> Message:
+    """Parse and validate a message. Raises InvalidMessage saying what was expected."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise InvalidMessage(f"expected a {expect_kind} message as bytes, got {type(data).__name__}")
+    data = bytes(data)
+    header, header_len = _read_header(data, expect_kind)
+    kind = header["kind"]
     payload = data[_PREFIX.size + header_len:]
     if header.get("payload_bytes") != len(payload):
         raise InvalidMessage(f"{kind} message is truncated: header says {header.get('payload_bytes')} "
@@ -115,15 +145,48 @@ def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: st
         raise InvalidMessage(f"{kind} payload of {len(payload)} bytes exceeds the limit of {MAX_PAYLOAD_BYTES[kind]}")
     if header.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
         raise InvalidMessage(f"{kind} payload does not match its checksum (corrupted in transit)")
-    if header.get("spec_digest") != spec_digest:
-        raise InvalidMessage(f"{kind} message was made for model spec {str(header.get('spec_digest'))[:12]}, "
-                             f"this is spec {spec_digest[:12]}; both sides must use the same compiled model")
-    if header.get("params_digest") != params_digest:
-        raise InvalidMessage(f"{kind} message was made for other CKKS parameters")
-    if key_id is not None and header.get("key_id") != key_id:
-        raise InvalidMessage(f"{kind} message is for key id {header.get('key_id')!r}, expected {key_id!r}")
+    _check_ids(header, spec_digest, params_digest, key_id)
     extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
     return Message(kind, spec_digest, params_digest, str(header.get("key_id")), payload, extra)
+
+
+def stream_parts(file: BinaryIO, names: list[str], *, expect_kind: str, spec_digest: str, params_digest: str,
+                 key_id: str | None = None) -> tuple[dict, Iterator[bytes]]:
+    """A parts message (from `encode_parts`) read from a binary file one part at a time, so its
+    payload is never held whole: -> (header extra, iterator over the parts). The header, the ids
+    and the part sizes are checked before the first part is read; the checksum is checked as the
+    parts are read, and a mismatch (or a file that ends early or goes on) raises InvalidMessage from
+    the iterator once the last part has been read, so no result can come from a corrupt message."""
+    prefix = file.read(_PREFIX.size)
+    if len(prefix) == _PREFIX.size and prefix[:5] == MAGIC:
+        prefix += file.read(min(_PREFIX.unpack_from(prefix)[2], MAX_HEADER_BYTES + 1))
+    header, _ = _read_header(prefix, expect_kind)
+    kind = header["kind"]
+    total = header.get("payload_bytes")
+    if type(total) is not int or total < 0 or total > MAX_PAYLOAD_BYTES[kind]:
+        raise InvalidMessage(f"{kind} payload must be 0 to {MAX_PAYLOAD_BYTES[kind]} bytes")
+    _check_ids(header, spec_digest, params_digest, key_id)
+    extra = header.get("extra") if isinstance(header.get("extra"), dict) else {}
+    sizes = extra.get("part_sizes")
+    if not isinstance(sizes, list) or len(sizes) != len(names) \
+            or not all(type(size) is int and size >= 0 for size in sizes) or sum(sizes) != total:
+        raise InvalidMessage(f"{kind} message: expected {len(names)} parts ({', '.join(names[:4])}"
+                             f"{', ...' if len(names) > 4 else ''}) whose sizes add up to the payload")
+
+    def parts() -> Iterator[bytes]:
+        digest = hashlib.sha256()
+        for size in sizes:
+            part = file.read(size)
+            if len(part) != size:
+                raise InvalidMessage(f"{kind} message is truncated: header says {total} payload bytes")
+            digest.update(part)
+            yield part
+        if file.read(1):
+            raise InvalidMessage(f"{kind} message is longer than its header says ({total} payload bytes)")
+        if header.get("payload_sha256") != digest.hexdigest():
+            raise InvalidMessage(f"{kind} payload does not match its checksum (corrupted in transit)")
+
+    return extra, parts()
 
 
 def peek_header(data: bytes) -> dict:

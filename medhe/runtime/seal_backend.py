@@ -105,6 +105,24 @@ def make_context(params: CKKSParams):
     return context
 
 
+def _encrypt_values(encoder, encryptor, values: np.ndarray, scale: float):
+    pt = seal.Plaintext()
+    encoder.encode(values.tolist(), scale, pt)
+    ct = seal.Ciphertext()
+    encryptor.encrypt(pt, ct)
+    return ct
+
+
+def encrypt_rows_under_public_key(params: CKKSParams, public_key: bytes, rows: np.ndarray):
+    """Rows of slot values -> serialized ciphertexts under `public_key`, one at a time (an
+    encryption helper process of a client: medhe.runtime.encrypt_worker)."""
+    context = make_context(params)
+    encryptor = seal.Encryptor(context, _load(seal.PublicKey(), context, public_key, "public key"))
+    encoder = seal.CKKSEncoder(context)
+    for row in rows:
+        yield _save(_encrypt_values(encoder, encryptor, row, 2.0 ** params.input_scale_bits))
+
+
 class _LevelStub:
     def __init__(self, parms_id, scale: float) -> None:
         self._parms_id, self.scale = parms_id, scale
@@ -305,11 +323,20 @@ class SEALClientBackend(_SEALWire):
         values = np.asarray(values, dtype=np.float64)
         if values.shape != (self.slot_count,):
             raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
-        pt = seal.Plaintext()
-        self.encoder.encode(values.tolist(), 2.0 ** self.params.input_scale_bits, pt)
-        ct = seal.Ciphertext()
-        self.encryptor.encrypt(pt, ct)
-        return ct
+        return _encrypt_values(self.encoder, self.encryptor, values, 2.0 ** self.params.input_scale_bits)
+
+    def encrypt_serialized(self, rows: np.ndarray, *, workers: int = 1) -> list[bytes]:
+        """Rows of slot values -> serialized ciphertexts, in order. With workers > 1 the rows are
+        shared out to that many helper processes of this machine, which encrypt under the public
+        key as this client does (the secret key is not given to them)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 2 or rows.shape[1] != self.slot_count:
+            raise BackendError(f"expected rows of {self.slot_count} slot values, got shape {rows.shape}")
+        if workers <= 1 or len(rows) < 4 * workers:
+            return [self.serialize(self.encrypt(row)) for row in rows]
+        from medhe.runtime.encrypt_worker import encrypt_rows_in_processes
+
+        return encrypt_rows_in_processes(self.params.to_dict(), self.public_key(), rows, workers)
 
     def decrypt(self, ct) -> np.ndarray:
         pt = seal.Plaintext()

@@ -80,7 +80,7 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
             result = server.evaluate(payload)
             return {"evaluate_s": time.perf_counter() - start}, result
         if op == "diagnose_batch":  # a whole batch, streamed to a file by the server process
-            result = server.evaluate_batch(Path(request["path"]).read_bytes())
+            result = server.evaluate_batch(Path(request["path"]))  # read one ciphertext at a time
             return {"evaluate_s": time.perf_counter() - start}, result
         raise ConfigError(f"unknown operation {op!r}")
     except MedHEError as exc:

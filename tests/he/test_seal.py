@@ -107,7 +107,8 @@ def test_throughput_mode_on_seal_matches_torch():
     client, server = Client(plan.client_spec(), backend="seal"), Server(plan, backend="seal")
     server.register_keys(client.evaluation_keys())
     x = np.random.randn(40, 1, 6, 6)
-    logits = client.decrypt_batch(server.evaluate_batch(client.encrypt_batch(x)))
+    # Encrypted by two worker processes of the client (under its public key), then streamed through.
+    logits = client.decrypt_batch(server.evaluate_batch(client.encrypt_batch(x, workers=2)))
     expected = np.stack([torch_out(seq, xi) for xi in x])
     tolerance = max(1, plan.multiplicative_depth) * np.sqrt(SMALL_N) * 2.0 ** (-plan.params.log_scale_bits + 10) * max(1, np.abs(expected).max())
     np.testing.assert_allclose(logits, expected, atol=tolerance)
@@ -200,3 +201,34 @@ def test_a_galois_key_budget_keeps_the_result_on_seal(encrypted_model):
         expected = torch_out(seq, x)
         got = client.decrypt_logits(server.evaluate(client.encrypt_input(x)))
         np.testing.assert_allclose(got, expected, atol=tolerance(plan, np.abs(expected).max()))
+
+
+def test_batch_encryption_helpers_need_no_main_guard_and_report_failures(tmp_path):
+    """The client's encryption helpers are fresh processes: a script without
+    `if __name__ == "__main__"` works, and a helper that fails is reported, not hung on."""
+    import subprocess
+    import sys
+
+    from medhe.errors import BackendError
+    from medhe.runtime.encrypt_worker import encrypt_rows_in_processes
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from medhe.params import choose_params\n"
+        "from medhe.runtime.seal_backend import SEALClientBackend\n"
+        "params = choose_params([1], 1, poly_modulus_degree=4096, insecure_for_tests=True)\n"
+        "client = SEALClientBackend(params)\n"
+        "rows = np.random.rand(12, client.slot_count)\n"
+        "parts = client.encrypt_serialized(rows, workers=2)\n"
+        "values = [client.decrypt(client.deserialize(p)) for p in parts]\n"
+        "print('max error', max(float(np.abs(v - r).max()) for v, r in zip(values, rows)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=str(tmp_path))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.split()[-1]) < 1e-3
+    from medhe.params import choose_params
+
+    params = choose_params([1], 1, poly_modulus_degree=4096, insecure_for_tests=True)
+    with pytest.raises(BackendError, match="helper process failed"):
+        encrypt_rows_in_processes(params.to_dict(), b"not a public key", np.zeros((4, 2048)), 2)
