@@ -68,12 +68,21 @@ def _hosted_models(args) -> list:
     return hosted
 
 
+def _limits(args):
+    from medhe.service.app import Limits
+
+    if args.rate_limit < 0:
+        raise ConfigError("--rate-limit is a number of requests a minute (0: no limit)")
+    return Limits(queue_size=args.queue, evaluate_timeout_s=args.timeout, idle_upload_timeout_s=args.upload_timeout,
+                  requests_per_minute=args.rate_limit, burst=args.burst)
+
+
 def cmd_serve(args) -> int:
     import logging
 
     import uvicorn
 
-    from medhe.service.app import Limits, create_app
+    from medhe.service.app import create_app
     from medhe.service.auth import TokenStore
 
     tokens = TokenStore(args.data_dir)
@@ -91,8 +100,7 @@ def cmd_serve(args) -> int:
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     app = create_app(models, data_dir=args.data_dir, workers=workers, max_key_sets=args.key_cache,
                      tokens=None if args.no_auth else tokens,
-                     limits=Limits(queue_size=args.queue, evaluate_timeout_s=args.timeout,
-                                   idle_upload_timeout_s=args.upload_timeout))
+                     limits=_limits(args))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scheme = "https" if args.ssl_certfile else "http"
     for model in models:
@@ -106,14 +114,12 @@ def cmd_serve(args) -> int:
 
 
 def _serve_on_ray(args, models, tokens) -> int:
-    from medhe.service.app import Limits
     from medhe.service.cluster import ray_application, serve_on_ray
 
     workers = args.workers if args.workers is not None else 1
     application = ray_application(models, args.data_dir, replicas=args.replicas, workers_per_replica=workers,
                                   max_key_sets=args.key_cache, auth=not args.no_auth,
-                                  limits=Limits(queue_size=args.queue, evaluate_timeout_s=args.timeout,
-                                                idle_upload_timeout_s=args.upload_timeout))
+                                  limits=_limits(args))
     scheme = "https" if args.ssl_certfile else "http"
     print(f"serving {', '.join(m.name for m in models)} on Ray ({args.ray}): {args.replicas} replica(s) x {workers} "
           f"worker process(es) at {scheme}://{args.host}:{args.port}", flush=True)
@@ -196,6 +202,11 @@ def register(subparsers) -> None:
                    help="seconds an upload may stall before it is dropped (default 30)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections beyond which new ones get 503 (default 256)")
+    p.add_argument("--rate-limit", type=float, default=0, metavar="PER_MINUTE",
+                   help="requests a minute each clinic may make to the endpoints that make work (uploads, "
+                        "evaluations); beyond it 429 with Retry-After (default 0: no limit)")
+    p.add_argument("--burst", type=int, default=None, help="with --rate-limit: requests a clinic may make at once "
+                                                          "(default: 10 seconds' worth)")
     p.add_argument("--no-auth", action="store_true", help="no bearer tokens (only for a server only you can reach)")
     p.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
                    help="run as a Ray Serve application on the Ray cluster at ADDRESS (e.g. auto, or HOST:6379; "

@@ -3,6 +3,7 @@ versioned wire messages the CLI writes to files, so nothing is unpickled and eve
 validated (version, spec digest, key id, checksum, size) before use.
 
     GET  /health                    liveness; never waits for an evaluation
+    GET  /metrics                   counters for the operator (Prometheus text format; no clinic named)
     GET  /v1/models                 the hosted models
     GET  /v1/models/{name}          a model card: the public client spec (no weight) and its digest
     POST /v1/keys                   evaluation keys (streamed to disk)  -> {"model", "key_id"}
@@ -24,6 +25,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import struct
@@ -42,6 +44,7 @@ from medhe.protocol import wire
 from medhe.protocol.server import is_key_id
 from medhe.service.auth import Principal, TokenStore
 from medhe.service.hosting import HostedModel, uploads_dir
+from medhe.service.metrics import Metrics, RateLimiter
 from medhe.service.workers import InlinePool, PoolBusy, ProcessPool, WorkerFailed
 
 OCTET = "application/octet-stream"
@@ -61,6 +64,8 @@ class Limits:
     evaluate_timeout_s: float = 600.0
     queue_size: int = 8  # requests waiting beyond the ones being evaluated
     retry_after_s: int = 2
+    requests_per_minute: float = 0.0  # per clinic, for the endpoints that make work; 0: no limit
+    burst: int | None = None  # requests a clinic may make at once (default: 10 s worth)
 
 
 class ServiceError(Exception):
@@ -181,6 +186,8 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
                   description=__doc__)
     app.state.pool = pool
     app.state.models = by_name
+    metrics = Metrics()
+    limiter = RateLimiter(limits.requests_per_minute, limits.burst) if limits.requests_per_minute > 0 else None
     instance = secrets.token_hex(4)  # names this server process (or Ray replica) in answers and logs
 
     # --- errors and logs ------------------------------------------------------------------------
@@ -211,6 +218,9 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             response = _error_response(500, "internal", "internal error; the request id is in the server log")
         response.headers["x-request-id"] = request_id
         response.headers["x-medhe-instance"] = instance
+        route = request.scope.get("route")  # the template (/v1/keys/{key_id}), never a key id
+        metrics.request(request.method, getattr(route, "path", "unmatched"), response.status_code,
+                        time.perf_counter() - start)
         # Ids, sizes and timings only: never image, ciphertext or key bytes.
         log.info(json.dumps({"request_id": request_id, "instance": instance, "method": request.method,
                              "path": request.url.path,
@@ -244,6 +254,17 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
             raise ServiceError(404, "unknown_key", f"no evaluation keys registered under key id {key_id} for model "
                                                    f"{model.name}{' by this clinic' if who else ''}; POST /v1/keys")
 
+    def rate_limit(request: Request, who: Principal | None) -> None:
+        """A clinic's requests that make work (uploads, evaluations), at most the configured rate."""
+        if limiter is None:
+            return
+        wait_s = limiter.take(who.name if who else f"address:{request.client.host if request.client else '?'}")
+        if wait_s > 0:
+            metrics.rate_limited()
+            raise ServiceError(429, "rate_limited", f"at most {limits.requests_per_minute:g} requests a minute per "
+                                                    f"clinic; retry in {math.ceil(wait_s)} s",
+                               {"retry-after": str(math.ceil(wait_s))})
+
     def require_mode(model: HostedModel, mode: str) -> None:
         if model.mode != mode:
             raise ServiceError(409, "wrong_mode", f"model {model.name} runs in {model.mode} mode: send its messages "
@@ -264,6 +285,8 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         request.state.log["server_s"] = round(time.perf_counter() - start, 4)
         if "error" in reply:
             raise ServiceError(int(reply["status"]), reply["error"], reply["message"])
+        if job.get("op") in ("diagnose", "diagnose_batch"):
+            metrics.evaluation(job["model"], float(reply.get("evaluate_s", 0.0)))
         return reply, out
 
     timeouts = {"idle_timeout_s": limits.idle_upload_timeout_s, "deadline_s": limits.upload_deadline_s}
@@ -276,6 +299,14 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     async def health() -> dict:
         return {"status": "ok", "instance": instance, "models": sorted(by_name), "workers": pool.workers,
                 "in_flight": pool.pending, "max_in_flight": pool.max_pending}
+
+    @app.get("/metrics")
+    async def metrics_text() -> Response:
+        gauges = {"medhe_in_flight": ("requests being evaluated or waiting", pool.pending),
+                  "medhe_max_in_flight": ("requests beyond which the server answers 503", pool.max_pending),
+                  "medhe_workers": ("evaluation worker processes (0: a thread)", pool.workers),
+                  "medhe_models": ("hosted models", len(models))}
+        return Response(metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -311,6 +342,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     @app.post("/v1/keys")
     async def register_keys(request: Request) -> dict:
         who = principal(request)
+        rate_limit(request, who)
         model, reply, _ = await streamed(request, "evaluation_keys", limits.evaluation_keys_bytes,
                                          "register_evaluation_keys")
         if who is not None:
@@ -330,6 +362,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     @app.post("/v1/encrypted-model")
     async def register_encrypted_model(request: Request) -> dict:
         who = principal(request)
+        rate_limit(request, who)
         if who is not None and who.role != "owner":
             raise ServiceError(403, "forbidden", "only a model owner's token may upload encrypted models")
         def encrypted_mode_only(model: HostedModel, header: dict) -> None:
@@ -343,6 +376,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     @app.post("/v1/diagnose")
     async def diagnose(request: Request) -> Response:
         who = principal(request)
+        rate_limit(request, who)
         with reserve():
             header, body = await _receive(request, "ciphertext", limits.ciphertext_bytes, **timeouts)
             model = model_for(header)
@@ -361,6 +395,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         """Throughput mode: one message holding up to N/2 images (one ciphertext per input feature,
         slots across images), streamed to disk; the result holds one ciphertext per class."""
         who = principal(request)
+        rate_limit(request, who)
 
         def own_throughput_key(model: HostedModel, header: dict) -> None:
             require_mode(model, "throughput")
