@@ -247,21 +247,36 @@ class RemoteClient:
         label, probabilities = client.diagnosis(logits)
         return RemoteResult(name, label, probabilities, logits, *timings, size)
 
-    def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False) -> list[RemoteResult]:
+    def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False,
+                       max_in_flight: int = 2, slots_per_batch: int | None = None) -> list[RemoteResult]:
         """Throughput mode (a model the server hosts as a batch plan): up to N/2 images per message,
-        slots across images. Timings per image are the batch's, divided by its size."""
+        slots across images. More images than that go as several batches, up to `max_in_flight` at
+        once, so that a server's worker processes (or Ray replicas) evaluate them side by side while
+        the next is encrypted; each batch message is about 1-2 GB in memory while in flight.
+        Results are in the order of `images`; timings per image are their batch's, divided by its size."""
+        from concurrent.futures import ThreadPoolExecutor
+
         client = self.client(model, accept_new=accept_new)
         if client.spec.mode != "throughput":
             raise ConfigError(f"model {model} runs in latency mode: diagnose its images one by one")
+        if max_in_flight < 1:
+            raise ConfigError("max_in_flight must be at least 1")
+        if not images:
+            return []
+        per_batch = min(slots_per_batch or client.spec.slot_count, client.spec.slot_count)
         inputs = np.stack([client.preprocess(image) for image in images])
-        results = []
-        for start in range(0, len(inputs), client.spec.slot_count):
-            chunk = inputs[start: start + client.spec.slot_count]
-            size, logits, timings = self._exchange("/v1/diagnose-batch", lambda: client.encrypt_batch(chunk),
+        starts = list(range(0, len(inputs), per_batch))
+
+        def one_batch(start: int) -> list[RemoteResult]:
+            chunk = inputs[start: start + per_batch]
+            # Encryption helpers shared out among the batches being encrypted at once.
+            workers = max(1, (os.cpu_count() or 1) // min(max_in_flight, len(starts)))
+            size, logits, timings = self._exchange("/v1/diagnose-batch",
+                                                   lambda: client.encrypt_batch(chunk, workers=workers),
                                                    client.decrypt_batch)
             per_image = [t / len(chunk) for t in timings]
-            for offset, row in enumerate(logits):
-                label, probabilities = client.diagnosis(row)
-                results.append(RemoteResult(str(images[start + offset]), label, probabilities, row, *per_image,
-                                            size // len(chunk)))
-        return results
+            return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
+                                 size // len(chunk)) for offset, row in enumerate(logits)]
+
+        with ThreadPoolExecutor(max_workers=min(max_in_flight, len(starts)) or 1) as pool:
+            return [result for batch in pool.map(one_batch, starts) for result in batch]

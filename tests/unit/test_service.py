@@ -236,6 +236,11 @@ def test_throughput_mode_over_http_matches_plaintext(tmp_path):
     expected = np.stack([torch_out(seq, client.preprocess(image)) for image in images])
     np.testing.assert_allclose(np.stack([r.logits for r in results]), expected, atol=1e-9)
     assert [r.label for r in results] == [["a", "b"][i] for i in expected.argmax(1)]
+    # A folder larger than a batch: several batch messages, three in flight at once, results in order.
+    split = remote.diagnose_batch(images, "tiny-batch", slots_per_batch=10, max_in_flight=3)
+    assert [r.image for r in split] == [str(image) for image in images]
+    np.testing.assert_allclose(np.stack([r.logits for r in split]), expected, atol=1e-9)
+    assert remote.diagnose_batch([], "tiny-batch") == []
     # Each model only on its own endpoint.
     with TestClient(app) as tc:
         batch_message = client.encrypt_batch(np.stack([client.preprocess(i) for i in images[:3]]))
