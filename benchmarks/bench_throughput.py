@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -91,15 +92,21 @@ def main(argv=None) -> int:
     receive, send = context.Pipe(duplex=False)
     server = context.Process(target=_serve_batch, args=(str(work / "plan"), keys, str(work / "batch.msg"),
                                                         str(work / "result.msg"), send))
-    server.start()
-    measured = receive.recv()
-    server.join()
-    result = (work / "result.msg").read_bytes()
+    try:
+        server.start()
+        send.close()  # the child holds the only sending end: its death ends recv() with EOFError
+        try:
+            measured = receive.recv()
+        except EOFError:
+            server.join()
+            raise SystemExit(f"the server process failed (exit code {server.exitcode})") from None
+        server.join()
+        result = (work / "result.msg").read_bytes()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     t3 = time.perf_counter()
     logits = client.decrypt_batch(result)
     t4 = time.perf_counter()
-    for name in ("batch.msg", "result.msg"):
-        (work / name).unlink()
 
     pred = logits[:distinct].argmax(1)
     row = {

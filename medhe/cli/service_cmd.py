@@ -145,8 +145,9 @@ def cmd_clinic(args) -> int:
     hosts = ("127.0.0.1", "localhost", "[::1]", args.host) if not args.allow_remote_host else ("*",)
     app = create_clinic_app(clinic, allowed_hosts=hosts)
     shown_host = "127.0.0.1" if args.host in ("0.0.0.0", "::") else f"[{args.host}]" if ":" in args.host else args.host
-    print(f"medhe clinic for {args.server}: open http://{shown_host}:{args.port}/ in a browser on this machine "
-          f"(keys in {remote.key_home}; Ctrl+C to stop)", flush=True)
+    print(f"medhe clinic for {args.server}: open http://{shown_host}:{args.port}/?token={clinic.access_token} in a "
+          f"browser on this machine (the link holds this run's access token; keys in {remote.key_home}; Ctrl+C to "
+          "stop)", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:

@@ -190,7 +190,7 @@ class Client:
     # --- throughput mode (a BatchPlan: slots across images) ---------------------------------------
     def encrypt_batch(self, model_inputs: np.ndarray, *, workers: int | None = None) -> bytes:
         """Up to N/2 preprocessed inputs (B, C, H, W) -> one message of one ciphertext per feature,
-        encrypted by `workers` processes (default: one per core; 1: in this process)."""
+        encrypted by `workers` processes (default: one per core, at most 8; 1: in this process)."""
         x = np.asarray(model_inputs, dtype=np.float64)
         batch = self.spec.slot_count
         if self.spec.mode != "throughput":
@@ -203,7 +203,9 @@ class Client:
         features = np.zeros((x.shape[1] * x.shape[2] * x.shape[3], batch))
         features[:, : x.shape[0]] = x.reshape(x.shape[0], -1).T
         if self.backend_kind == "seal":
-            parts = self._backend.encrypt_serialized(features, workers=workers or os.cpu_count() or 1)
+            from medhe.runtime.encrypt_worker import helper_count
+
+            parts = self._backend.encrypt_serialized(features, workers=helper_count(workers))
         else:
             parts = [self._backend.serialize(self._backend.encrypt(row)) for row in features]
         return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra={"count": int(x.shape[0])},

@@ -256,6 +256,8 @@ class RemoteClient:
         Results are in the order of `images`; timings per image are their batch's, divided by its size."""
         from concurrent.futures import ThreadPoolExecutor
 
+        from medhe.runtime.encrypt_worker import helper_count
+
         client = self.client(model, accept_new=accept_new)
         if client.spec.mode != "throughput":
             raise ConfigError(f"model {model} runs in latency mode: diagnose its images one by one")
@@ -270,7 +272,7 @@ class RemoteClient:
         def one_batch(start: int) -> list[RemoteResult]:
             chunk = inputs[start: start + per_batch]
             # Encryption helpers shared out among the batches being encrypted at once.
-            workers = max(1, (os.cpu_count() or 1) // min(max_in_flight, len(starts)))
+            workers = max(1, helper_count() // min(max_in_flight, len(starts)))
             size, logits, timings = self._exchange("/v1/diagnose-batch",
                                                    lambda: client.encrypt_batch(chunk, workers=workers),
                                                    client.decrypt_batch)

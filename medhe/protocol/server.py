@@ -317,13 +317,17 @@ class Server:
         file.seek(0)
         executor = self._executor(key_id)
         extra, parts = wire.stream_parts(file, [f"f{i}" for i in range(self.plan.input_features)],
-                                         expect_kind="batch_ciphertext", key_id=key_id, **self._ids)
+                                         expect_kind="batch_ciphertext", key_id=key_id,
+                                         max_part_bytes=wire.MAX_PAYLOAD_BYTES["ciphertext"], **self._ids)
         backend = executor.backend
+        input_scale = 2.0 ** self.plan.params.input_scale_bits
 
         def fresh(part: bytes):
             ct = backend.deserialize(part)
-            if backend.levels_left(ct) != self.plan.depth:
-                raise InvalidMessage(f"batch ciphertexts must be fresh, with {self.plan.depth} levels")
+            if backend.levels_left(ct) != self.plan.depth or backend.components(ct) != 2 \
+                    or abs(backend.scale(ct) / input_scale - 1) > 1e-9:
+                raise InvalidMessage(f"batch ciphertexts must be fresh: {self.plan.depth} levels, 2 components, "
+                                     f"scale 2^{self.plan.params.input_scale_bits}")
             return ct
 
         outs = executor.run(fresh(part) for part in parts)

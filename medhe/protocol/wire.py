@@ -151,12 +151,14 @@ def decode(data: bytes, *, expect_kind: str, spec_digest: str, params_digest: st
 
 
 def stream_parts(file: BinaryIO, names: list[str], *, expect_kind: str, spec_digest: str, params_digest: str,
-                 key_id: str | None = None) -> tuple[dict, Iterator[bytes]]:
+                 key_id: str | None = None, max_part_bytes: int | None = None) -> tuple[dict, Iterator[bytes]]:
     """A parts message (from `encode_parts`) read from a binary file one part at a time, so its
     payload is never held whole: -> (header extra, iterator over the parts). The header, the ids
     and the part sizes are checked before the first part is read; the checksum is checked as the
     parts are read, and a mismatch (or a file that ends early or goes on) raises InvalidMessage from
-    the iterator once the last part has been read, so no result can come from a corrupt message."""
+    the iterator once the last part has been read, so no result can come from a corrupt message. A
+    seekable file of the wrong length is refused before any part is read; no part may be larger
+    than `max_part_bytes`."""
     prefix = file.read(_PREFIX.size)
     if len(prefix) == _PREFIX.size and prefix[:5] == MAGIC:
         prefix += file.read(min(_PREFIX.unpack_from(prefix)[2], MAX_HEADER_BYTES + 1))
@@ -172,6 +174,16 @@ def stream_parts(file: BinaryIO, names: list[str], *, expect_kind: str, spec_dig
             or not all(type(size) is int and size >= 0 for size in sizes) or sum(sizes) != total:
         raise InvalidMessage(f"{kind} message: expected {len(names)} parts ({', '.join(names[:4])}"
                              f"{', ...' if len(names) > 4 else ''}) whose sizes add up to the payload")
+
+    if max_part_bytes is not None and max(sizes, default=0) > max_part_bytes:
+        raise InvalidMessage(f"{kind} message: a part is larger than {max_part_bytes} bytes")
+    if file.seekable():
+        start = file.tell()
+        remaining = file.seek(0, 2) - start
+        file.seek(start)
+        if remaining != total:
+            problem = "truncated" if remaining < total else "longer than its header says"
+            raise InvalidMessage(f"{kind} message is {problem}: header says {total} payload bytes, {remaining} follow")
 
     def parts() -> Iterator[bytes]:
         digest = hashlib.sha256()

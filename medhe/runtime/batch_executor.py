@@ -5,8 +5,11 @@ ciphertext, as it arrives, is multiplied into the accumulators of the outputs th
 dropped; an output whose last input has arrived is finished (bias, rescale, square) and pushed on
 into the next layer the same way. With inputs in pixel order, only the outputs whose receptive
 field the sweep is crossing are open at any time (a few rows of each feature map), so memory grows
-with the width of the receptive fields, not with the number of features. The arithmetic is the
-same as computing layer by layer: every output sums its terms in column order, then adds its bias.
+with the width of the receptive fields, not with the number of features. (That holds for
+one-channel inputs, as the shipped grayscale models have: features arrive channel by channel, so
+with C input channels every first-layer output stays open until the last channel.) The result is
+that of computing layer by layer: each output adds its terms (in the order its inputs are
+finished; CKKS addition is exact modular addition, so the order does not matter), then its bias.
 Each weight is encoded as a scalar plaintext where it is used: an encoding costs about 1/30 of the
 multiplication it serves (measured at N=16384), while a cache of every distinct weight's plaintext
 held 2 GB for the PneumoniaMNIST model."""

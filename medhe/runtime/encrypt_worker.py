@@ -10,9 +10,11 @@ with one serialized ciphertext per row. Frames are length-prefixed bytes: nothin
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 
 import numpy as np
@@ -38,41 +40,70 @@ def _read_frame(stream) -> bytes:
     return data
 
 
+def helper_count(requested: int | None = None) -> int:
+    """Helpers for a batch: as asked, else one per core this process may run on, at most 8 (each
+    holds a SEAL context of about 100 MB)."""
+    if requested:
+        return max(1, requested)
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, 8))
+
+
 def encrypt_rows_in_processes(params_doc: dict, public_key: bytes, rows: np.ndarray, workers: int) -> list[bytes]:
     """Rows (n, slots) -> n serialized ciphertexts, in order, made by `workers` helper processes."""
     chunks = [chunk for chunk in np.array_split(np.ascontiguousarray(rows, dtype="<f8"), workers) if len(chunk)]
-    processes = [subprocess.Popen([sys.executable, "-m", "medhe.runtime.encrypt_worker"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in chunks]
     results: list[list[bytes] | None] = [None] * len(chunks)
-    errors: list[bytes] = [b""] * len(chunks)
+    processes: list[subprocess.Popen] = []
+    readers: list[threading.Thread] = []
 
     def collect(index: int, process: subprocess.Popen, count: int) -> None:
         try:
             results[index] = [_read_frame(process.stdout) for _ in range(count)]
-        except EOFError:
-            errors[index] = process.stderr.read()[-2000:]
+        except (EOFError, OSError, ValueError):
+            pass  # reported below with the helper's exit code and its stderr
 
-    readers = []
-    for index, (process, chunk) in enumerate(zip(processes, chunks)):
-        # Read every helper's answers while feeding the others: a full pipe must never stall one.
-        reader = threading.Thread(target=collect, args=(index, process, len(chunk)), daemon=True)
-        reader.start()
-        readers.append(reader)
+    # stderr goes to a file: a helper that writes much of it can never block on a full pipe.
+    with tempfile.TemporaryFile() as errors:
         try:
-            _write_frame(process.stdin, json.dumps({"params": params_doc, "rows": chunk.shape[0],
-                                                    "slots": chunk.shape[1]}).encode())
-            _write_frame(process.stdin, public_key)
-            _write_frame(process.stdin, chunk.tobytes())
-            process.stdin.close()
-        except BrokenPipeError:
-            pass  # the helper died; its reader reports why
-    for reader, process in zip(readers, processes):
-        reader.join()
-        process.wait()
-    for index, process in enumerate(processes):
-        if results[index] is None or process.returncode != 0:
-            raise BackendError(f"an encryption helper process failed (exit {process.returncode}): "
-                               f"{errors[index].decode(errors='replace').strip() or 'no message'}")
+            for index, chunk in enumerate(chunks):
+                process = subprocess.Popen([sys.executable, "-m", "medhe.runtime.encrypt_worker"],
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors)
+                processes.append(process)
+                # Read every helper's answers while feeding the others: a full pipe never stalls one.
+                reader = threading.Thread(target=collect, args=(index, process, len(chunk)), daemon=True)
+                reader.start()
+                readers.append(reader)
+                try:
+                    _write_frame(process.stdin, json.dumps({"params": params_doc, "rows": chunk.shape[0],
+                                                            "slots": chunk.shape[1]}).encode())
+                    _write_frame(process.stdin, public_key)
+                    _write_frame(process.stdin, chunk.tobytes())
+                except BrokenPipeError:
+                    pass  # the helper died; reported below
+                finally:
+                    try:
+                        process.stdin.close()
+                    except BrokenPipeError:
+                        pass
+            for reader in readers:
+                reader.join()
+            for process in processes:
+                process.wait()
+        finally:
+            for process in processes:  # on any error (Ctrl-C included): no helper outlives the call
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                process.stdout.close()
+        failed = [i for i, process in enumerate(processes) if results[i] is None or process.returncode != 0]
+        if failed:
+            errors.seek(0)
+            detail = errors.read()[-2000:].decode(errors="replace").strip()
+            raise BackendError(f"an encryption helper process failed (exit {processes[failed[0]].returncode}): "
+                               f"{detail or 'no message'}")
     return [part for chunk in results for part in chunk]
 
 

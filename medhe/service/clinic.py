@@ -3,11 +3,13 @@
 The page is served by a process on the clinic's own machine (127.0.0.1 by default). That process
 holds the secret key (a `RemoteClient` key directory), reads and preprocesses each image, encrypts
 it and talks to the remote diagnosis server with ciphertexts only. The browser talks to this process
-alone, and three guards keep it so:
+alone, and four guards keep it so:
 - a Content-Security-Policy of 'self': the page loads nothing from elsewhere (no CDN) and cannot
   send an image anywhere but here;
-- a POST needs the `X-MedHE-Clinic` header, which another web site cannot make a browser send here
-  without a CORS preflight this app never grants;
+- every /api request carries this session's access token in the `X-MedHE-Clinic` header: the link
+  `medhe clinic` prints holds it, so another user of the machine (or a process that can reach
+  127.0.0.1) cannot read the studies or use the clinic's keys, and another web site cannot make a
+  browser send that header without a CORS preflight this app never grants;
 - the Host header must name this machine (a DNS-rebinding site would name itself).
 The remote server's token stays in this process; the page never sees it.
 
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import base64
 import csv
+import hmac
 import io
 import itertools
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -134,8 +138,10 @@ class ClinicApp:
     """The local process behind the page: tasks run one at a time on a worker thread (encryption
     is quick; the server's evaluation is the wait) so the page stays responsive."""
 
-    def __init__(self, remote: RemoteClient, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES) -> None:
+    def __init__(self, remote: RemoteClient, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+                 access_token: str | None = None) -> None:
         self.remote = remote
+        self.access_token = access_token or secrets.token_urlsafe(24)  # for this run of the app only
         self.max_file_bytes = max_file_bytes
         self._tasks: OrderedDict[str, Task] = OrderedDict()
         self._lock = threading.Lock()
@@ -347,13 +353,19 @@ def create_clinic_app(clinic: ClinicApp, *, allowed_hosts: tuple[str, ...] = ("1
     app = FastAPI(title="medhe clinic", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
     app.state.clinic = clinic
+    token = clinic.access_token.encode()
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if request.method not in ("GET", "HEAD") and request.headers.get(CLINIC_HEADER) != "1":
-            return JSONResponse({"error": "forbidden", "message": f"requests that change state need the "
-                                 f"{CLINIC_HEADER} header (sent by the clinic page itself)"}, status_code=403)
-        response = await call_next(request)
+        given = request.headers.get(CLINIC_HEADER, "")
+        if request.url.path.startswith("/api/") and not hmac.compare_digest(given.encode(), token):
+            response = JSONResponse({"error": "forbidden", "message": "this page needs the access token of this run of "
+                                     "`medhe clinic`: open the link it printed"}, status_code=403)
+        elif request.url.path.startswith("/api/") or request.method in ("GET", "HEAD"):
+            response = await call_next(request)
+        else:
+            response = JSONResponse({"error": "method_not_allowed", "message": "only the page's API changes state"},
+                                    status_code=405)
         response.headers["content-security-policy"] = CONTENT_SECURITY_POLICY
         response.headers["x-content-type-options"] = "nosniff"
         response.headers["referrer-policy"] = "no-referrer"

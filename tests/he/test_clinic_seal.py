@@ -31,7 +31,7 @@ from tests.helpers import SMALL_N, compile_torch
 
 pytestmark = pytest.mark.he
 
-POST = {CLINIC_HEADER: "1", "content-type": "application/octet-stream"}
+POST = {CLINIC_HEADER: "seal-test-token", "content-type": "application/octet-stream"}
 PATIENT_ID = "PID-7305-ZK"
 
 
@@ -71,8 +71,8 @@ def _run_clinic(tmp_path, backend: str):
     recording = Recording(TestClient(server)._transport)
     remote = RemoteClient("http://testserver", backend=backend, key_home=tmp_path / f"clinic-{backend}",
                           transport=recording)
-    clinic = ClinicApp(remote)
-    page = TestClient(create_clinic_app(clinic, allowed_hosts=("testserver",)))
+    clinic = ClinicApp(remote, access_token="seal-test-token")
+    page = TestClient(create_clinic_app(clinic, allowed_hosts=("testserver",)), headers={CLINIC_HEADER: "seal-test-token"})
 
     dataset = pydicom.dcmread(get_testdata_file("MR_small.dcm"))
     dataset.PatientID = PATIENT_ID

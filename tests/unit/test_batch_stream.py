@@ -102,3 +102,9 @@ def test_a_batch_message_streams_from_bytes_or_a_file_with_every_check(model_and
                                        "params_digest": plan.params.digest()})
     with pytest.raises(InvalidMessage, match=f"expected {plan.input_features} parts"):
         server.evaluate_batch(wrong_parts)
+    # Part sizes that add up but put the whole payload in one part are refused before it is read.
+    one_huge = wire.encode_parts("batch_ciphertext", [b"\0" * (wire.MAX_PAYLOAD_BYTES["ciphertext"] + 1)]
+                                 + [b""] * (plan.input_features - 1), key_id=client.key_id,
+                                 spec_digest=plan.client_spec().digest(), params_digest=plan.params.digest())
+    with pytest.raises(InvalidMessage, match="a part is larger than"):
+        server.evaluate_batch(one_huge)

@@ -29,7 +29,9 @@ from medhe.service.clinic import CLINIC_HEADER, STATIC_DIR, ClinicApp, create_cl
 from medhe.service.hosting import host_plan
 from tests.helpers import compile_torch
 
-POST = {CLINIC_HEADER: "1", "content-type": "application/octet-stream"}
+ACCESS_TOKEN = "test-access-token-of-this-run"
+AUTH = {CLINIC_HEADER: ACCESS_TOKEN}
+POST = {**AUTH, "content-type": "application/octet-stream"}
 INPUT_PX = 8
 
 
@@ -46,8 +48,8 @@ def setup(tmp_path):
     def clinic(token=token, key_home=tmp_path / "clinic-keys", transport=transport):
         remote = RemoteClient("http://testserver", token=token, backend="clear", key_home=key_home,
                               transport=transport)
-        app = ClinicApp(remote)
-        return app, TestClient(create_clinic_app(app, allowed_hosts=("testserver",)))
+        app = ClinicApp(remote, access_token=ACCESS_TOKEN)
+        return app, TestClient(create_clinic_app(app, allowed_hosts=("testserver",)), headers=AUTH)
 
     return {"clinic": clinic, "token": token, "transport": transport, "tmp": tmp_path}
 
@@ -86,16 +88,25 @@ def test_page_is_served_locally_with_a_strict_content_policy(setup):
         assert f'for="{control}"' in html, control
 
 
-def test_posts_need_the_clinic_header_and_this_machines_host_name(setup):
+def test_the_api_needs_this_runs_token_and_this_machines_host_name(setup):
     app, page = setup["clinic"]()
     png = _png_bytes()
-    # Another web site can make a browser POST a form here, but not with this header.
-    response = page.post("/api/studies?model=tiny&name=a.png", content=png, headers={"content-type": "text/plain"})
-    assert response.status_code == 403 and CLINIC_HEADER in response.json()["message"]
-    assert page.post("/api/models/tiny/keys").status_code == 403
+    anonymous = TestClient(create_clinic_app(app, allowed_hosts=("testserver",)))
+    assert anonymous.get("/").status_code == 200  # the page itself holds nothing
+    # Another web site can make a browser POST a form here, another local user can send requests:
+    # neither has this run's token, so neither reads a study or uses the keys.
+    for headers in ({}, {CLINIC_HEADER: "1"}, {CLINIC_HEADER: ACCESS_TOKEN + "x"}):
+        response = anonymous.post("/api/studies?model=tiny&name=a.png", content=png,
+                                  headers={**headers, "content-type": "text/plain"})
+        assert response.status_code == 403 and "access token" in response.json()["message"]
+        for path in ("/api/status", "/api/tasks", "/api/studies.csv"):
+            assert anonymous.get(path, headers=headers).status_code == 403, path
+    assert anonymous.post("/api/models/tiny/keys").status_code == 403
+    assert anonymous.post("/", headers=AUTH).status_code == 405
+    assert ClinicApp(app.remote).access_token != ClinicApp(app.remote).access_token  # new for every run
     # A DNS-rebinding page names its own host; this machine's names (IPv6 in brackets) are served.
     assert page.get("/api/status", headers={"host": "evil.example"}).status_code == 400
-    local = TestClient(create_clinic_app(app))
+    local = TestClient(create_clinic_app(app), headers=AUTH)
     for host in ("127.0.0.1:8501", "localhost:8501", "[::1]:8501"):
         assert local.get("/", headers={"host": host}).status_code == 200, host
     assert app.tasks() == []
@@ -106,7 +117,7 @@ def test_png_and_dicom_studies_equal_the_cli_diagnosis(setup, tmp_path):
     status = page.get("/api/status").json()
     assert status["server"]["reachable"] and [m["name"] for m in status["models"]] == ["tiny"]
     assert status["models"][0]["keys"] == "none"
-    keys = _wait(page, page.post("/api/models/tiny/keys", headers={CLINIC_HEADER: "1"}).json()["id"])
+    keys = _wait(page, page.post("/api/models/tiny/keys", headers=AUTH).json()["id"])
     assert keys["state"] == "done" and keys["result"]["evaluation_keys_bytes"] > 0
     assert page.get("/api/status").json()["models"][0]["keys"] == "ready"
 
@@ -153,8 +164,8 @@ def test_unreadable_files_are_named_and_the_app_goes_on(setup):
         body = response.json()
         assert body["error"] == "unreadable_file" and fragment in body["message"]
         assert body["task"]["state"] == "failed" and body["task"]["name"] == name  # a row of the batch
-    too_big = ClinicApp(app.remote, max_file_bytes=1000)
-    big = TestClient(create_clinic_app(too_big, allowed_hosts=("testserver",)))
+    too_big = ClinicApp(app.remote, max_file_bytes=1000, access_token=ACCESS_TOKEN)
+    big = TestClient(create_clinic_app(too_big, allowed_hosts=("testserver",)), headers=AUTH)
     response = big.post("/api/studies?model=tiny&name=big.png", content=_png_bytes(400, 400), headers=POST)
     assert response.status_code == 413 and "big.png" in response.json()["message"]
     assert page.post("/api/studies?model=nope&name=a.png", content=_png_bytes(), headers=POST).status_code == 404
@@ -185,13 +196,13 @@ def test_server_unreachable_and_wrong_token_are_explained(setup):
     _, page = setup["clinic"](token="not-the-token")
     status = page.get("/api/status").json()
     assert status["server"]["error"]["code"] == "wrong_token" and "--token" in status["server"]["error"]["message"]
-    keys = _wait(page, page.post("/api/models/tiny/keys", headers={CLINIC_HEADER: "1"}).json()["id"])
+    keys = _wait(page, page.post("/api/models/tiny/keys", headers=AUTH).json()["id"])
     assert keys["state"] == "failed" and keys["error"]["code"] == "wrong_token"
 
 
 def test_a_changed_model_is_refused_until_accepted(setup):
     app, page = setup["clinic"]()
-    assert _wait(page, page.post("/api/models/tiny/keys", headers={CLINIC_HEADER: "1"}).json()["id"])["state"] == "done"
+    assert _wait(page, page.post("/api/models/tiny/keys", headers=AUTH).json()["id"])["state"] == "done"
     pins = app.remote.key_home / "pins.json"
     pins.write_text(json.dumps({"tiny": "0" * 64}))  # as if the server's model had changed since the keys
     app, page = setup["clinic"]()
@@ -199,7 +210,7 @@ def test_a_changed_model_is_refused_until_accepted(setup):
     response = page.post("/api/studies?model=tiny&name=a.png", content=_png_bytes(), headers=POST)
     assert response.status_code == 409 and response.json()["error"] == "model_changed"
     assert "button" in response.json()["message"]
-    accepted = _wait(page, page.post("/api/models/tiny/keys?accept_new=true", headers={CLINIC_HEADER: "1"}).json()["id"])
+    accepted = _wait(page, page.post("/api/models/tiny/keys?accept_new=true", headers=AUTH).json()["id"])
     assert accepted["state"] == "done"
     study = page.post("/api/studies?model=tiny&name=a.png", content=_png_bytes(), headers=POST).json()
     assert _wait(page, study["id"])["state"] == "done"
@@ -236,6 +247,9 @@ def test_medhe_clinic_starts_on_this_machine_only(tmp_path, capsys):
                                 "--keys", str(tmp_path / "keys"), "--backend", "clear"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        banner = process.stdout.readline()
+        link = re.search(r"http://127\.0\.0\.1:\d+/\?token=(\S+)", banner)
+        assert link, banner
         deadline = time.time() + 60
         while True:
             assert process.poll() is None and time.time() < deadline, "medhe clinic did not start"
@@ -245,12 +259,14 @@ def test_medhe_clinic_starts_on_this_machine_only(tmp_path, capsys):
             except httpx.HTTPError:
                 time.sleep(0.2)
         assert page.status_code == 200 and "medhe clinic" in page.text
-        status = httpx.get(f"http://localhost:{port}/api/status", timeout=10).json()
+        assert httpx.get(f"http://localhost:{port}/api/status", timeout=10).status_code == 403
+        status = httpx.get(f"http://localhost:{port}/api/status", timeout=10,
+                           headers={CLINIC_HEADER: link.group(1)}).json()
         assert status["server"]["error"]["code"] == "server_unreachable"  # it starts and says so
     finally:
         process.terminate()
-        output = process.communicate(timeout=30)[0]
-    assert f"http://127.0.0.1:{port}/" in output
+        process.communicate(timeout=30)
+    assert f"http://127.0.0.1:{port}/?token=" in banner
 
 
 def test_an_encrypted_model_without_this_clinics_copy_says_what_to_send(tmp_path):
@@ -262,8 +278,8 @@ def test_an_encrypted_model_without_this_clinics_copy_says_what_to_send(tmp_path
                         data_dir=tmp_path / "srv")
     remote = RemoteClient("http://testserver", backend="clear", key_home=tmp_path / "keys",
                           transport=TestClient(server)._transport)
-    clinic = ClinicApp(remote)
-    page = TestClient(create_clinic_app(clinic, allowed_hosts=("testserver",)))
+    clinic = ClinicApp(remote, access_token=ACCESS_TOKEN)
+    page = TestClient(create_clinic_app(clinic, allowed_hosts=("testserver",)), headers=AUTH)
     assert page.get("/api/status").json()["models"][0]["weights"] == "encrypted"
     failed = _wait(page, page.post("/api/studies?model=tiny&name=a.png", content=_png_bytes(), headers=POST).json()["id"])
     assert failed["state"] == "failed" and failed["error"]["code"] == "no_encrypted_model"
@@ -304,7 +320,7 @@ def test_a_running_app_recovers_lost_keys_and_reports_a_replaced_model(setup, tm
     changed = _wait(page, page.post("/api/studies?model=tiny&name=c.png", content=_png_bytes(), headers=POST).json()["id"])
     assert changed["state"] == "failed" and changed["error"]["code"] == "model_changed", changed["error"]
     assert page.get("/api/status").json()["models"][0]["keys"] == "changed"
-    accepted = _wait(page, page.post("/api/models/tiny/keys?accept_new=true", headers={CLINIC_HEADER: "1"}).json()["id"])
+    accepted = _wait(page, page.post("/api/models/tiny/keys?accept_new=true", headers=AUTH).json()["id"])
     assert accepted["state"] == "done", accepted["error"]
     done = _wait(page, page.post("/api/studies?model=tiny&name=d.png", content=_png_bytes(), headers=POST).json()["id"])
     assert done["state"] == "done" and done["result"]["spec_digest"] != first["result"]["spec_digest"]

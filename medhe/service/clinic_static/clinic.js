@@ -2,7 +2,17 @@
 // other address); that process holds the keys, encrypts, and sends ciphertexts to the server.
 "use strict";
 
-const HEADERS = { "x-medhe-clinic": "1" };
+// This run's access token: from the link `medhe clinic` printed (then taken out of the address
+// bar and history), kept for this tab only; every /api request carries it.
+const TOKEN = (() => {
+  const given = new URLSearchParams(location.search).get("token");
+  if (given) {
+    sessionStorage.setItem("medhe-clinic-token", given);
+    history.replaceState(null, "", location.pathname);
+  }
+  return sessionStorage.getItem("medhe-clinic-token") || "";
+})();
+const HEADERS = { "x-medhe-clinic": TOKEN };
 const STEPS = [
   ["preprocess", "Read, crop and resize (this computer)"],
   ["encrypt", "Encrypt (this computer)"],
@@ -39,7 +49,7 @@ function clearErrors() { $("errors").replaceChildren(); }
 async function api(path, options = {}) {
   let response;
   try {
-    response = await fetch(path, options);
+    response = await fetch(path, { ...options, headers: { ...HEADERS, ...(options.headers || {}) } });
   } catch (err) {
     throw new Error("The local medhe clinic process does not answer: is `medhe clinic` still running?");
   }
@@ -401,8 +411,23 @@ function renderResult(task, model) {
 }
 
 // --- wiring --------------------------------------------------------------------------------------
+async function exportCsv() {
+  try {
+    const response = await fetch("/api/studies.csv", { headers: HEADERS });
+    if (!response.ok) throw new Error(`the local process answered ${response.status}`);
+    const link = el("a", { href: URL.createObjectURL(await response.blob()), download: "medhe-studies.csv" });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+  } catch (err) {
+    showError(`Export failed: ${err.message}`);
+  }
+}
+
 function setup() {
   $("retry").addEventListener("click", () => { clearErrors(); loadStatus(); });
+  $("export").addEventListener("click", exportCsv);
   $("model").addEventListener("change", (event) => { state.model = event.target.value; clearErrors(); renderModel(); });
   $("prepare-keys").addEventListener("click", () => prepareKeys(false));
   $("accept-model").addEventListener("click", () => prepareKeys(true));
