@@ -288,11 +288,15 @@ def _is_dicom_bytes(data: bytes, name: str) -> tuple[bool, bool]:
     return has_magic or Path(name).suffix.lower() in DICOM_SUFFIXES, has_magic
 
 
+def _require_data(data: bytes, name: str) -> None:
+    if not data:
+        raise ImageLoadError(f"{name}: file is empty (0 bytes); expected image data.")
+
+
 def load_image_bytes(data: bytes, name: str) -> np.ndarray:
     """`load_image` for a file's contents held in memory (an upload), with the same numbers and the
     same errors; `name` (the file's name) is what errors cite and whose suffix may say DICOM."""
-    if not data:
-        raise ImageLoadError(f"{name}: file is empty (0 bytes); expected image data.")
+    _require_data(data, name)
     dicom, has_magic = _is_dicom_bytes(data, name)
     if dicom:
         return _load_dicom(io.BytesIO(data), has_magic, name)
@@ -309,8 +313,7 @@ def describe_image_bytes(data: bytes, name: str) -> dict[str, str]:
     """What a clinician checks before a diagnosis: for DICOM the modality, body part, masked patient
     id, study date, size, bit depth and encoding (the patient's name is never read out); for other
     images the format and size. Values are strings; absent DICOM fields are left out."""
-    if not data:
-        raise ImageLoadError(f"{name}: file is empty (0 bytes); expected image data.")
+    _require_data(data, name)
     dicom, _ = _is_dicom_bytes(data, name)
     if not dicom:
         try:

@@ -202,12 +202,9 @@ class Client:
             raise ConfigError("batch contains NaN or infinite values")
         features = np.zeros((x.shape[1] * x.shape[2] * x.shape[3], batch))
         features[:, : x.shape[0]] = x.reshape(x.shape[0], -1).T
-        if self.backend_kind == "seal":
-            from medhe.runtime.encrypt_worker import helper_count
+        from medhe.runtime.encrypt_worker import helper_count
 
-            parts = self._backend.encrypt_serialized(features, workers=helper_count(workers))
-        else:
-            parts = [self._backend.serialize(self._backend.encrypt(row)) for row in features]
+        parts = self._backend.encrypt_serialized(features, workers=helper_count(workers))
         return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra={"count": int(x.shape[0])},
                                  **self._ids)
 

@@ -232,8 +232,9 @@ class RemoteClient:
             on_step("preprocess")
         t0 = time.perf_counter()
         model_input = client.preprocess(image)
+        preprocess_s = time.perf_counter() - t0
         result = self.diagnose_input(model_input, model, name=name or str(image), on_step=on_step)
-        result.preprocess_s = time.perf_counter() - t0 - (result.encrypt_s + result.server_s + result.decrypt_s)
+        result.preprocess_s = preprocess_s
         return result
 
     def diagnose_input(self, model_input: np.ndarray, model: str, *, name: str = "<input>",
@@ -268,11 +269,11 @@ class RemoteClient:
         per_batch = min(slots_per_batch or client.spec.slot_count, client.spec.slot_count)
         inputs = np.stack([client.preprocess(image) for image in images])
         starts = list(range(0, len(inputs), per_batch))
+        in_flight = min(max_in_flight, len(starts))
+        workers = max(1, helper_count() // in_flight)  # encryption helpers shared out among the batches
 
         def one_batch(start: int) -> list[RemoteResult]:
             chunk = inputs[start: start + per_batch]
-            # Encryption helpers shared out among the batches being encrypted at once.
-            workers = max(1, helper_count() // min(max_in_flight, len(starts)))
             size, logits, timings = self._exchange("/v1/diagnose-batch",
                                                    lambda: client.encrypt_batch(chunk, workers=workers),
                                                    client.decrypt_batch)
@@ -280,5 +281,5 @@ class RemoteClient:
             return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
                                  size // len(chunk)) for offset, row in enumerate(logits)]
 
-        with ThreadPoolExecutor(max_workers=min(max_in_flight, len(starts)) or 1) as pool:
+        with ThreadPoolExecutor(max_workers=in_flight) as pool:
             return [result for batch in pool.map(one_batch, starts) for result in batch]

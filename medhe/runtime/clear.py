@@ -130,6 +130,11 @@ class ClearBackend:
         self.rotations += 1
         return ClearCiphertext(np.roll(a.values, -int(steps)), a.level, a.scale)
 
+    def encrypt_serialized(self, rows: np.ndarray, *, workers: int = 1) -> list[bytes]:
+        """Rows of slot values -> serialized "ciphertexts" (no encryption to share out: `workers` is
+        accepted for the interface and ignored)."""
+        return [self.serialize(self.encrypt(row)) for row in np.asarray(rows, dtype=np.float64)]
+
     def serialize(self, ct: ClearCiphertext) -> bytes:
         if ct.size != 2:
             raise BackendError("serialize: relinearise the ciphertext first")

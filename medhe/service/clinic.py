@@ -147,7 +147,7 @@ class ClinicApp:
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clinic")
-        self._specs: dict[str, ClientSpec] = {}
+        self._cards: dict[str, tuple[ClientSpec, str | None]] = {}
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -177,14 +177,15 @@ class ClinicApp:
                               "input_shape": list(spec.input_shape)})
         return {"server": server, "models": described}
 
-    def _spec(self, model: str) -> ClientSpec:
-        if model not in self._specs:
+    def _card(self, model: str) -> tuple[ClientSpec, str | None]:
+        """(client spec, where the weights are: "plain" or "encrypted"), fetched once per model."""
+        if model not in self._cards:
             spec = self.remote.spec(model)
             if spec.mode != "latency":
                 raise ClinicError(400, "throughput_model", f"model {model} runs in throughput mode (batches of "
                                                            "images in one message); use `medhe diagnose --batch`")
-            self._specs[model] = spec
-        return self._specs[model]
+            self._cards[model] = (spec, self.remote.model_card(model).get("weights"))
+        return self._cards[model]
 
     # --- tasks ----------------------------------------------------------------------------------
     def _new_task(self, kind: str, model: str, name: str) -> Task:
@@ -233,7 +234,7 @@ class ClinicApp:
         def work(task: Task) -> None:
             start = time.perf_counter()
             if accept_new:
-                self._specs.pop(model, None)
+                self._cards.pop(model, None)
                 self.remote.forget_client(model)
 
             def progress(text: str) -> None:
@@ -241,7 +242,7 @@ class ClinicApp:
 
             task.step, task.message = "check", "checking the model card"
             client = self.remote.client(model, accept_new=accept_new, progress=progress)
-            spec = self.remote.spec(model)
+            spec = client.spec
             keys_file = self.remote.key_dir(model, spec) / EVAL_KEYS_FILE
             task.timings_s["keys"] = time.perf_counter() - start
             task.result = {"key_id": client.key_id, "spec_digest": spec.digest(),
@@ -258,13 +259,12 @@ class ClinicApp:
         from medhe.data.preprocess import Preprocessing
 
         check_study_name(name)
-        spec = self._spec(model)
+        spec, weights = self._card(model)
         start = time.perf_counter()
         metadata = describe_image_bytes(data, name)
         preprocessing = Preprocessing.from_dict(spec.preprocessing)
         model_input = preprocessing.apply(load_image_bytes(data, name))
         preview = preview_png(model_input, preprocessing)
-        weights = next((m.get("weights") for m in self.remote.models() if m["name"] == model), None)
         task = self._new_task("study", model, name)
         task.metadata, task.preview = metadata, preview
         task.timings_s["preprocess"] = time.perf_counter() - start
@@ -311,7 +311,7 @@ class ClinicApp:
             except RemoteError as exc:
                 if exc.code != "unknown_model":
                     raise
-                self._specs.pop(model, None)
+                self._cards.pop(model, None)
                 self.remote.forget_client(model)
                 self.remote.spec(model)  # raises ModelChangedError when the card changed since the keys
                 raise
