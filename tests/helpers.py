@@ -122,3 +122,15 @@ def reachable(root) -> list:
         elif hasattr(obj, "__dict__") and not isinstance(obj, np.ndarray):
             stack.extend(vars(obj).values())
     return found
+
+
+def small_pneumoniamnist_npz(source, path, n_train: int, n_val: int):
+    """The first n_train / n_val images of a PneumoniaMNIST npz, saved in the same layout at `path`
+    (for short `medhe train` runs in tests)."""
+    from medhe.data.medmnist import load_medmnist_npz
+
+    x, y = load_medmnist_npz(source, "train")
+    xv, yv = load_medmnist_npz(source, "val")
+    np.savez(path, train_images=x[:n_train], train_labels=y[:n_train, None], val_images=xv[:n_val],
+             val_labels=yv[:n_val])
+    return path

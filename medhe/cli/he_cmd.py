@@ -127,7 +127,8 @@ def cmd_compile(args) -> int:
     from medhe.nn.modeldir import resolve_model_dir
 
     plan = compile_model(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree,
-                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys)
+                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys,
+                         max_key_mb=args.max_key_mb)
     out = plan.save(args.out)
     spec_path = plan.client_spec().save(out)
     print(format_report(plan.report))
@@ -311,8 +312,11 @@ def register(subparsers) -> None:
     p.add_argument("--poly-modulus-degree", type=int, default=None, help="force N (default: smallest that fits)")
     p.add_argument("--log-scale-bits", type=int, default=None, help="force the CKKS scale (default: largest that fits)")
     p.add_argument("--max-galois-keys", type=int, default=None, metavar="N",
-                   help="at most N rotation keys (about 10 MB each at N=16384): smaller keys for the clinic to "
+                   help="at most N rotation keys (about 5 MB each at N=16384): smaller keys for the clinic to "
                         "upload and the server to keep, at the cost of extra rotations (default: one per step)")
+    p.add_argument("--max-key-mb", type=float, default=None, metavar="MB",
+                   help="as many rotation keys as fit this size of evaluation keys, relinearization key "
+                        "included (MB = 2**20 bytes; default: one key per step)")
     p.add_argument("--architecture", metavar="DIR", help="also write the plan without its weights here (what "
                                                          "`medhe serve --encrypted-model` hosts)")
     p.set_defaults(func=cmd_compile)

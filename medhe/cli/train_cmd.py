@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medhe.data.preprocess import CROP_RULES, RESIZE_FILTERS
 from medhe.errors import ConfigError
+from medhe.train.thresholds import THRESHOLD_RULES
 
 DATASETS = ("br35h", "pneumoniamnist")
 DEMO_MODEL = "br35h"
@@ -47,6 +48,24 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                             "(default: on for pneumoniamnist, off for br35h)")
     shift.add_argument("--no-shift-augment", dest="shift_augment", action="store_const", const=False,
                        help="no acquisition-shift augmentations")
+    geometry = p.add_mutually_exclusive_group()
+    geometry.add_argument("--geometric-augment", dest="geometric_augment", action="store_const", const=True,
+                          default=None, help="random resized crops (80-100%% of the area) and rotations of up to "
+                                             f"10 degrees (default: {default('geometric_augment')})")
+    geometry.add_argument("--no-geometric-augment", dest="geometric_augment", action="store_const", const=False)
+    balance = p.add_mutually_exclusive_group()
+    balance.add_argument("--class-balanced", dest="class_balanced", action="store_const", const=True, default=None,
+                         help="weight the loss so each class counts equally "
+                              f"(default: {default('class_balanced')})")
+    balance.add_argument("--no-class-balanced", dest="class_balanced", action="store_const", const=False)
+    p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
+                   help="youden: the decision threshold maximising sensitivity + specificity on the "
+                        "early-stopping split, folded into the output layer's bias so every decision "
+                        "(plaintext, encrypted, clinic) uses it; argmax: 0.5 "
+                        f"(default: {default('threshold_rule')})")
+    p.add_argument("--conv-channels", type=_channel_list, default=None, metavar="C1,C2,...",
+                   help="channels of each conv block, one number per block (default 8,8,8)")
+    p.add_argument("--hidden-units", type=int, default=None, help="hidden dense units (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
@@ -65,6 +84,16 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _channel_list(text: str) -> tuple[int, ...]:
+    try:
+        channels = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts like 8,8,8, got {text!r}") from None
+    if not channels or min(channels) < 1:
+        raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+    return channels
+
+
 def cmd_train(args) -> int:
     from medhe.train.run import TrainOptions, run_training
 
@@ -77,8 +106,9 @@ def cmd_train(args) -> int:
     options = TrainOptions(
         dataset=args.dataset, out=args.out, data_file=args.data_file, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
-        shift_augment=args.shift_augment,
-        seed=args.seed, image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
+        shift_augment=args.shift_augment, geometric_augment=args.geometric_augment,
+        class_balanced=args.class_balanced, threshold_rule=args.threshold_rule,
+        conv_channels=args.conv_channels, hidden_units=args.hidden_units, seed=args.seed, image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
         activation=args.activation,
         relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
     )

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from medhe.compiler.ir import NAIVE_LEVELS, Op
+from medhe.compiler.keyset import key_switching_key_bytes
 from medhe.compiler.layout import NeedMoreSlots, image_layout
 from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
@@ -98,9 +99,11 @@ def compile_ops(
     log_scale_bits: int | None = None,
     insecure_for_tests: bool = False,
     max_galois_keys: int | None = None,
+    max_key_mb: float | None = None,
 ) -> Plan:
     """Passes, parameter choice and lowering for a traced op list. With max_galois_keys, at most that
-    many Galois keys (steps missing a key are made of several rotations; see medhe.compiler.keyset)."""
+    many Galois keys (steps missing a key are made of several rotations; see medhe.compiler.keyset);
+    with max_key_mb, as many as fit that size of evaluation keys (MB = 2**20 bytes)."""
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
     n = params.slot_count if params else 1 << int(np.ceil(np.log2(slots_needed(optimized, input_shape))))
@@ -127,6 +130,11 @@ def compile_ops(
     if plan.multiplicative_depth != depth:
         raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
     rotations_one_key_per_step = plan.rotation_count()
+    if max_key_mb is not None and plan.rotation_steps():
+        from medhe.compiler.keyset import galois_keys_within
+
+        fit = galois_keys_within(params, int(max_key_mb * 2**20))
+        max_galois_keys = fit if max_galois_keys is None else min(max_galois_keys, fit)
     if max_galois_keys is not None and max_galois_keys < len(plan.rotation_steps()):
         from medhe.compiler.keyset import choose_key_steps
 
@@ -143,6 +151,7 @@ def compile_ops(
         "levels_available": params.levels,
         "rotations": plan.rotation_count(),
         "rotation_keys": len(plan.galois_steps()),
+        "eval_key_bytes_bound": (len(plan.galois_steps()) + 1) * key_switching_key_bytes(params),
         "rotations_one_key_per_step": rotations_one_key_per_step,
         "rotation_steps": len(plan.rotation_steps()),
         "weight_operands": plan.weight_operand_count(),

@@ -1,6 +1,6 @@
 """Fewer Galois keys: pick a small set of rotation steps that generates every rotation a plan makes.
 
-Each rotation step a plan uses needs its own Galois key (about 10 MB at N=16384), and the keys are
+Each rotation step a plan uses needs its own Galois key (about 5 MB at N=16384, seeded), and the keys are
 what a clinic uploads and a server stores per clinic. With a key budget, a rotation by a step that
 has no key is made of several rotations by steps that have one (rotations compose: rotating by a
 then by b rotates by a + b, cyclically over the slots). The chooser adds, one at a time, the step
@@ -16,6 +16,27 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from medhe.errors import PlanError
+
+KEY_HEADER_BYTES = 4096  # SEAL headers and per-component overhead, rounded up
+
+
+def key_switching_key_bytes(params) -> int:
+    """An upper bound on one serialized key-switching key (one Galois key, or the relinearization
+    key) in SEAL's seeded form: one polynomial over all k primes for each of the k - 1 data primes
+    (the other, uniformly random polynomial travels as its seed), 8 bytes a coefficient.
+    N=16384 with 7 primes: a 5.25 MB bound, 5.14 MB measured (MB = 2**20 bytes)."""
+    primes = len(params.coeff_modulus_bits)
+    return (primes - 1) * params.poly_modulus_degree * primes * 8 + KEY_HEADER_BYTES
+
+
+def galois_keys_within(params, max_key_bytes: int) -> int:
+    """How many Galois keys fit a budget for all evaluation keys (the relinearization key included)."""
+    per_key = key_switching_key_bytes(params)
+    keys = (int(max_key_bytes) - per_key) // per_key
+    if keys < 1:
+        raise PlanError(f"an evaluation-key budget of {max_key_bytes / 2**20:.1f} MB holds no Galois key at "
+                        f"these parameters (each key is about {per_key / 2**20:.1f} MB)")
+    return keys
 
 
 def _distances(key_steps: Iterable[int], slots: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -116,6 +116,12 @@ def _apply_without_bias(op: Op, x: np.ndarray) -> np.ndarray:
     return matrix @ x.reshape(-1)
 
 
+# |b / 2a| beyond this costs more than ~3 bits of precision in the completed square (see PolyAct).
+# Both equal PolyAct's constants (a test checks): the compiler does not import torch.
+MAX_SQUARE_SHIFT = 16.0
+MIN_CURVATURE = 0.05
+
+
 def absorb_activation(ops: list[Op]) -> list[Op]:
     ops = copy.deepcopy(ops)
     for i, op in enumerate(ops):
@@ -125,6 +131,13 @@ def absorb_activation(ops: list[Op]) -> list[Op]:
         if abs(a) < 1e-9:
             raise PlanError(f"activation {op.name} has a~0 (a={a}); it is linear and should be removed")
         shift = b / (2 * a)
+        if abs(shift) > MAX_SQUARE_SHIFT:
+            lost_bits = np.log2(abs(shift) / 2)
+            raise PlanError(
+                f"activation {op.name}: a={a:.3g}, b={b:.3g}; completing the square shifts its input by "
+                f"b/2a={shift:.3g} (at most {MAX_SQUARE_SHIFT} here), so the square's constant part would swamp "
+                f"its signal (about {lost_bits:.0f} bits of CKKS precision lost); retrain with a curvature floor "
+                f"(`medhe train` keeps a >= {MIN_CURVATURE})")
         offset = c - b * b / (4 * a)
         j, growth = _previous_weighted(ops, i, "activation")
         _add_bias(ops[j], np.float64(shift / growth))

@@ -33,6 +33,15 @@ class PolyAct(nn.Module):
     after the compiler absorbs a, b and c into the neighbouring linear layers.
     """
 
+    # The curvature a is kept at or above this during training (medhe.train.loop projects it after
+    # every step). Encrypted, the compiler completes the square, a*(x + b/2a)^2 + c - b^2/4a: as a
+    # goes to 0 the shift b/2a grows without bound and the square's constant part swamps its
+    # signal (a=-1e-4 in one trained model: the encrypted logits came out unrelated). So training
+    # keeps a >= max(MIN_CURVATURE, |b| / (2 * MAX_SQUARE_SHIFT)): positive (convex, like the ReLU
+    # it replaces) and never past the compiler's bound on the shift.
+    MIN_CURVATURE = 0.05
+    MAX_SQUARE_SHIFT = 16.0  # = medhe.compiler.passes.MAX_SQUARE_SHIFT
+
     def __init__(self, trainable: bool = True) -> None:
         super().__init__()
         a, b, c = relu_quadratic_fit()
@@ -45,3 +54,13 @@ class PolyAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b, c = self.coef[0], self.coef[1], self.coef[2]
         return a * x * x + b * x + c
+
+
+def project_curvature(model: nn.Module) -> None:
+    """Raise every PolyAct's a to its floor (a projected gradient step): at least MIN_CURVATURE and
+    at least |b| / (2 * MAX_SQUARE_SHIFT), so the compiler's completed square stays within bounds."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, PolyAct) and isinstance(module.coef, nn.Parameter):
+                floor = max(PolyAct.MIN_CURVATURE, abs(float(module.coef[1])) / (2 * PolyAct.MAX_SQUARE_SHIFT))
+                module.coef[0].clamp_(min=floor)

@@ -40,6 +40,8 @@ class ArchConfig:
             raise ConfigError(f"kernel_size must be odd (same padding), got {self.kernel_size}")
         if len(self.conv_channels) < 1 or any(c < 1 for c in self.conv_channels):
             raise ConfigError(f"conv_channels must be positive, got {self.conv_channels}")
+        if self.hidden_units < 1:
+            raise ConfigError(f"hidden_units must be positive, got {self.hidden_units}")
         if self.feature_size() < 1:
             raise ConfigError(
                 f"image_size {self.image_size} is too small for {len(self.conv_channels)} "

@@ -149,6 +149,7 @@ class Server:
                                  f"this server runs {self.backend_kind!r}")
         if self.backend_kind == "clear":
             return ClearBackend(self.plan.params)
+        from medhe.compiler.keyset import key_switching_key_bytes
         from medhe.runtime.seal_backend import SEALServerBackend
 
         needed = set(self.plan.galois_steps())
@@ -162,6 +163,13 @@ class Server:
             raise InvalidMessage("evaluation keys lack relinearization keys")
         if needed and not galois:
             raise InvalidMessage("evaluation keys list rotation steps but carry no Galois keys")
+        # SEAL expands seeded keys on load (twice the bytes): refuse more than the plan's keys,
+        # seeded or not, before any of it is loaded, so an upload cannot claim more memory.
+        per_key = key_switching_key_bytes(self.plan.params)
+        for name, data, keys in (("relinearization", relin, 1), ("Galois", galois, len(needed))):
+            if len(data) > 2 * per_key * keys:
+                raise InvalidMessage(f"{name} keys of {len(data)} bytes exceed the {keys} key(s) this plan needs "
+                                     f"(at most {2 * per_key * keys} bytes)")
         return SEALServerBackend(self.plan.params, relin, galois or None, context=self._shared_context())
 
     def _entry(self, key_id: str) -> _KeySet:

@@ -57,7 +57,7 @@ class Limits:
     """Request size limits (bytes, whole message) and timeouts."""
     ciphertext_bytes: int = 64 * 2**20
     batch_bytes: int = 4 * 2**30  # one ciphertext per input feature (about 1-2 GB at N=16384); streamed to disk
-    evaluation_keys_bytes: int = 2 * 2**30  # keys at N=16384 are 340-400 MB; never held in memory
+    evaluation_keys_bytes: int = 2 * 2**30  # keys at N=16384 are 150-200 MB (N=32768: ~1 GB); never held in memory
     encrypted_model_bytes: int = 2 * 2**30
     idle_upload_timeout_s: float = 30.0  # a stalled upload is dropped after this long without a byte
     upload_deadline_s: float = 1800.0  # and any upload after this long (a trickle of bytes included)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from medhe.errors import ConfigError
+from medhe.nn.layers import project_curvature
 from medhe.nn.model import HECNN, ArchConfig
 from medhe.train.metrics import binary_report
 
@@ -125,6 +126,58 @@ def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean
     return ((pixels - pixel_mean) / pixel_std).astype(np.float32)
 
 
+# Framing shifts between scanners and exports: a random resized crop (area fraction and aspect ratio
+# of the crop) and a small rotation, one affine warp per image, applied with GEOMETRY_PROBABILITY.
+GEOMETRY_RANGES = {"crop_area": (0.8, 1.0), "crop_aspect": (0.9, 1.0 / 0.9), "rotation_deg": (-10.0, 10.0)}
+GEOMETRY_PROBABILITY = 0.5
+
+
+def geometric_augment_batch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random resized crops and small rotations of (n, C, H, W) inputs (bilinear resampling).
+
+    The crop covers 80-100% of the image's area at an aspect ratio within 10% of square, placed so
+    that before rotation it lies inside the image, and is resized back to H x W; its corners may
+    rotate past the image edge, and pixels from outside take the image's minimum (its background),
+    as in augment_batch. Rotation is in normalised coordinates: a true rotation for square inputs,
+    which every medhe model has.
+    """
+    n = images.shape[0]
+    on = rng.random(n) < GEOMETRY_PROBABILITY
+    if not on.any():
+        return images.copy()
+    chosen = np.nonzero(on)[0]
+    m = chosen.size
+    area = rng.uniform(*GEOMETRY_RANGES["crop_area"], size=m)
+    aspect = np.exp(rng.uniform(*np.log(GEOMETRY_RANGES["crop_aspect"]), size=m))
+    width = np.minimum(np.sqrt(area * aspect), 1.0)  # fractions of the image side
+    height = np.minimum(np.sqrt(area / aspect), 1.0)
+    centre_x = rng.uniform(-(1.0 - width), 1.0 - width)  # normalised [-1, 1] coordinates
+    centre_y = rng.uniform(-(1.0 - height), 1.0 - height)
+    angle = np.deg2rad(rng.uniform(*GEOMETRY_RANGES["rotation_deg"], size=m))
+    cos, sin = np.cos(angle), np.sin(angle)
+    # Output pixel (x, y) in [-1, 1]^2 samples the input at R(angle) @ diag(width, height) @ (x, y) + centre.
+    theta = np.stack([np.stack([cos * width, -sin * height, centre_x], axis=1),
+                      np.stack([sin * width, cos * height, centre_y], axis=1)], axis=1)
+    batch = torch.from_numpy(np.ascontiguousarray(images[chosen], dtype=np.float32))
+    background = batch.amin(dim=(1, 2, 3), keepdim=True)
+    grid = nn.functional.affine_grid(torch.from_numpy(theta.astype(np.float32)), list(batch.shape),
+                                     align_corners=False)
+    warped = nn.functional.grid_sample(batch - background, grid, mode="bilinear", padding_mode="zeros",
+                                       align_corners=False) + background
+    out = images.copy()
+    out[chosen] = warped.numpy()
+    return out
+
+
+def class_weights(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Loss weights n / (k * count_c): every class contributes equally to the loss, so the model's
+    probabilities are those of a balanced population and no class wins by prevalence alone."""
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise ConfigError(f"class-balanced loss needs every class in the training set; counts {counts.tolist()}")
+    return labels.size / (num_classes * counts)
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images, batch_size: int = 512) -> np.ndarray:
     """Logits of a preprocessed (n, C, S, S) array, in eval mode, in batches."""
@@ -145,9 +198,11 @@ def softmax_positive(logits: np.ndarray) -> np.ndarray:
     return exp[:, 1] / exp.sum(axis=1)
 
 
-def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray) -> dict:
+def _evaluate(model: nn.Module, images: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None) -> dict:
+    """Stop-set loss (class-weighted like the training loss), accuracy and AUC."""
     logits = predict_logits(model, images)
-    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
+    weight = None if weights is None else torch.tensor(weights, dtype=torch.float32)
+    loss = float(nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels), weight=weight))
     report = binary_report(labels, softmax_positive(logits))
     return {"loss": loss, "accuracy": report["accuracy"], "auc": report["auc"]}
 
@@ -195,6 +250,8 @@ def train_model(
     grad_clip: float = 5.0,
     shift_augment: bool = False,
     pixel_mean_std: tuple[float, float] | None = None,
+    geometric_augment: bool = False,
+    class_balanced: bool = False,
 ) -> tuple[HECNN, dict]:
     """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
 
@@ -226,13 +283,16 @@ def train_model(
         n = train_images.shape[0]
         steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
         scheduler = _make_scheduler(optimizer, schedule, epochs * steps_per_epoch)
-        loss_fn = nn.CrossEntropyLoss()
+        weights = class_weights(train_labels, arch.num_classes) if class_balanced else None
+        loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
 
         history: dict = {
             "seed": seed, "epochs_max": epochs, "batch_size": batch_size, "lr": lr,
             "schedule": schedule, "weight_decay": weight_decay, "augment": bool(augment),
             "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
-            "shift_augment": bool(shift_augment),
+            "shift_augment": bool(shift_augment), "geometric_augment": bool(geometric_augment),
+            "class_balanced": bool(class_balanced),
+            "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
             "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
         }
@@ -256,6 +316,8 @@ def train_model(
                 x = train_images[idx]
                 if augment:
                     x = augment_batch(x, rng, max_shift=max_shift, vertical_flip=vertical_flip)
+                if geometric_augment:
+                    x = geometric_augment_batch(x, rng)
                 if shift_augment:
                     x = shift_augment_batch(x, rng, *pixel_mean_std)
                 xb = torch.from_numpy(x)
@@ -272,11 +334,12 @@ def train_model(
                 if grad_clip:
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
+                project_curvature(model)
                 scheduler.step()
                 total_loss += loss.item() * idx.size
                 total_correct += int((logits.argmax(1) == yb).sum())
                 seen += idx.size
-            stop = _evaluate(model, stop_images, stop_labels)
+            stop = _evaluate(model, stop_images, stop_labels, weights)
             record = {
                 "epoch": epoch,
                 "lr_end": float(optimizer.param_groups[0]["lr"]),

@@ -232,3 +232,48 @@ def test_batch_encryption_helpers_need_no_main_guard_and_report_failures(tmp_pat
     params = choose_params([1], 1, poly_modulus_degree=4096, insecure_for_tests=True)
     with pytest.raises(BackendError, match="helper process failed"):
         encrypt_rows_in_processes(params.to_dict(), b"not a public key", np.zeros((4, 2048)), 2)
+
+
+def test_evaluation_keys_travel_seeded_at_half_the_size_and_still_rotate():
+    from medhe.runtime.seal_backend import _load, _save
+
+    seq = two_block_model()
+    plan = small_plan(seq, (1, 16, 16))
+    client = SEALClientBackend(plan.params)
+    steps = plan.rotation_steps()
+    relin, galois = client.evaluation_keys(steps)
+    # Loaded, the keys are whole; saved again from memory they take their expanded size.
+    expanded_galois = _save(_load(seal.GaloisKeys(), client.context, galois, "Galois keys"))
+    expanded_relin = _save(_load(seal.RelinKeys(), client.context, relin, "relinearization keys"))
+    assert 0.45 < len(galois) / len(expanded_galois) < 0.55
+    assert 0.45 < len(relin) / len(expanded_relin) < 0.55
+    # The compiler's size bound (what `--max-key-mb` budgets with) holds and is not loose.
+    from medhe.compiler.keyset import key_switching_key_bytes
+
+    bound = key_switching_key_bytes(plan.params)
+    assert 0.8 * bound < len(relin) <= bound
+    assert 0.8 * bound * len(steps) < len(galois) <= bound * len(steps)
+    # And they evaluate the plan as exactly as the expanded keys do.
+    x = np.random.randn(1, 16, 16)
+    expected = torch_out(seq, x)
+    got = run_plan(plan, SEALServerBackend(plan.params, relin, galois), client, x)
+    np.testing.assert_allclose(got, expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
+
+
+def test_keys_for_more_steps_than_the_plan_needs_are_refused_before_loading():
+    from medhe.protocol import wire
+
+    plan = small_plan(two_block_model(), (1, 16, 16))
+    client = Client(plan.client_spec(), backend="seal")
+    needed = list(plan.client_spec().rotation_steps)
+    extra_steps = needed + [s for s in range(1, 200) if s not in needed][: 3 * len(needed)]
+    relin, galois = client._backend.evaluation_keys(extra_steps)  # a well-formed but oversized key set
+    spec = plan.client_spec()
+    ids = {"spec_digest": spec.digest(), "params_digest": spec.params.digest()}
+    message = wire.encode_parts("evaluation_keys", [relin, galois],
+                                key_id=wire.derive_key_id(ids["params_digest"], relin, galois),
+                                extra={"rotation_steps": extra_steps, "backend": "seal"}, **ids)
+    server = Server(plan, backend="seal")
+    with pytest.raises(InvalidMessage, match=r"Galois keys of \d+ bytes exceed the \d+ key\(s\) this plan needs"):
+        server.register_keys(message)
+    server.register_keys(client.evaluation_keys())  # the plan's own keys are accepted

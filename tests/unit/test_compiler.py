@@ -82,6 +82,39 @@ def test_activation_costs_one_level_and_matches():
     np.testing.assert_allclose(clear_run(plan, x), torch_out(seq, x), atol=EXACT)
 
 
+@pytest.mark.parametrize("a", [-1e-4, 0.02])
+def test_a_near_linear_polynomial_is_refused_not_miscompiled(a):
+    # a=-1e-4 came out of one training run: completing the square shifted by ~3500 and the
+    # encrypted logits were unrelated to the plaintext ones, though the clear backend agreed.
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), PolyAct(), nn.Flatten(), nn.Linear(2 * 36, 2)).double()
+    with torch.no_grad():
+        seq[1].coef.copy_(torch.tensor([a, 0.7, 0.1]))
+    with pytest.raises(PlanError, match=r"shifts its input by b/2a=.*retrain with a curvature floor"):
+        compile_torch(seq, (1, 6, 6))
+    with torch.no_grad():
+        seq[1].coef[0] = PolyAct.MIN_CURVATURE  # the floor training keeps: 0.7 / 0.1 = 7, accepted
+    x = np.random.randn(1, 6, 6)
+    np.testing.assert_allclose(clear_run(compile_torch(seq, (1, 6, 6)), x), torch_out(seq, x), atol=EXACT)
+
+
+def test_training_keeps_the_curvature_at_its_floor():
+    from medhe.nn.layers import project_curvature
+
+    model = HECNN(ArchConfig())
+    polys = [m for m in model.modules() if isinstance(m, PolyAct)]
+    with torch.no_grad():
+        for module, (a, b) in zip(polys, [(-0.3, 0.6), (0.0, 0.6), (0.01, 3.2), (0.4, 0.6)]):
+            module.coef[0], module.coef[1] = a, b
+    project_curvature(model)
+    # a >= 0.05, and for b = 3.2 a >= 3.2 / 32 = 0.1 so that b / 2a stays within the compiler's 16.
+    assert [float(m.coef[0]) for m in polys] == pytest.approx([PolyAct.MIN_CURVATURE] * 2 + [0.1, 0.4])
+    assert all(abs(float(m.coef[1]) / (2 * float(m.coef[0]))) <= PolyAct.MAX_SQUARE_SHIFT for m in polys)
+    from medhe.compiler import passes
+
+    # The compiler's bound and the floor its message names are training's.
+    assert (passes.MIN_CURVATURE, passes.MAX_SQUARE_SHIFT) == (PolyAct.MIN_CURVATURE, PolyAct.MAX_SQUARE_SHIFT)
+
+
 def _default_model(image_size: int) -> nn.Module:
     model = HECNN(ArchConfig(image_size=image_size)).double()
     randomize_bn(model)

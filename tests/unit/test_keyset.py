@@ -144,3 +144,25 @@ def test_the_compile_table_rows_add_up_to_the_budgeted_total() -> None:
 
     plan = compile_model(resolve_model_dir("br35h"), max_galois_keys=12)
     assert sum(row["rotations"] for row in plan.report["layers"]) == plan.report["rotations"] > 57
+
+
+def test_a_key_size_budget_picks_as_many_keys_as_fit():
+    from medhe.compiler import compile_model
+    from medhe.compiler.keyset import galois_keys_within, key_switching_key_bytes
+    from medhe.errors import PlanError
+    from medhe.nn.io import resolve_model_dir
+
+    model_dir = resolve_model_dir("pneumoniamnist")
+    full = compile_model(model_dir)
+    per_key = key_switching_key_bytes(full.params)
+    assert full.report["eval_key_bytes_bound"] == (len(full.galois_steps()) + 1) * per_key
+    budget_mb = 150
+    plan = compile_model(model_dir, max_key_mb=budget_mb)
+    keys = len(plan.galois_steps())
+    assert keys == galois_keys_within(full.params, budget_mb * 2**20) < len(full.galois_steps())
+    assert plan.report["eval_key_bytes_bound"] <= budget_mb * 2**20 < (keys + 2) * per_key  # one more would not fit
+    # A budget above the full set changes nothing; with both limits the tighter one wins.
+    assert compile_model(model_dir, max_key_mb=10_000).digest() == full.digest()
+    assert len(compile_model(model_dir, max_key_mb=budget_mb, max_galois_keys=12).galois_steps()) == 12
+    with pytest.raises(PlanError, match="holds no Galois key"):
+        compile_model(model_dir, max_key_mb=per_key / 2**20)

