@@ -61,20 +61,13 @@ def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse:
     return out
 
 
-def _scores(labels: np.ndarray, prob: np.ndarray) -> dict:
-    from medhe.train.metrics import binary_report
-
-    report = binary_report(labels, prob)
-    return {"accuracy": report["accuracy"], "auc": report["auc"], "ece": report["ece"],
-            "balanced_error": 1.0 - ((report["sensitivity"] or 0.0) + (report["specificity"] or 0.0)) / 2.0}
-
-
 def accuracy_rows(dataset: str, member_dirs: dict[str, list[Path]], data_file) -> tuple[dict, dict]:
     """Clean and corrupted scores of every candidate on the same held-out images."""
     from medhe.data.corruptions import corrupted_sets
     from medhe.nn.io import load_model, resolve_model_dir
     from medhe.train.evaluate import _load_eval_data
     from medhe.train.loop import predict_logits, softmax_positive
+    from medhe.train.robustness import scores_from_probability as _scores
 
     _, card = load_model(resolve_model_dir(dataset))
     split = card.dataset.get("report_split", "test")

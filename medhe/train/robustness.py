@@ -20,12 +20,18 @@ from medhe.train.loop import predict_logits, softmax_positive
 from medhe.train.metrics import binary_report
 
 
+def scores_from_probability(labels, prob_positive) -> dict:
+    """Accuracy, AUC, ECE and balanced error (MedMNIST-C's binary metric) of P(class 1)."""
+    report = binary_report(labels, prob_positive)
+    sensitivity, specificity = report["sensitivity"] or 0.0, report["specificity"] or 0.0
+    return {"accuracy": report["accuracy"], "auc": report["auc"], "ece": report["ece"],
+            "balanced_error": 1.0 - (sensitivity + specificity) / 2.0}
+
+
 def _scores(model, card, images_gray01, labels) -> dict:
     inputs = card.preprocessing.apply_batch(images_gray01)
-    report = binary_report(labels, softmax_positive(predict_logits(model, inputs)))
-    sensitivity, specificity = report["sensitivity"] or 0.0, report["specificity"] or 0.0
-    return {"accuracy": report["accuracy"], "auc": report["auc"],
-            "balanced_error": 1.0 - (sensitivity + specificity) / 2.0}
+    scores = scores_from_probability(labels, softmax_positive(predict_logits(model, inputs)))
+    return {key: scores[key] for key in ("accuracy", "auc", "balanced_error")}
 
 
 def _mean(values) -> float:

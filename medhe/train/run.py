@@ -38,7 +38,8 @@ CONFUSION_PNG = "confusion.png"
 # chest X-ray corruptions and are on for PneumoniaMNIST; MedMNIST-C defines none for brain MRI, so
 # Br35H keeps the settings it was tuned with (`--shift-augment` turns them on there).
 # Class-balanced loss (PneumoniaMNIST: 26% normal in train, more in other sources) and geometric
-# augmentation were judged on PneumoniaMNIST's stop split only (one seed, balanced error at 0.5,
+# augmentation were judged on PneumoniaMNIST's stop split only (benchmarks/recipe_stop_split.py;
+# one seed, balanced error at 0.5,
 # clean / mean of the 65 corrupted sets): current recipe 0.027 / 0.026, + class-balanced 0.021 /
 # 0.025, + geometric 0.030 / 0.033, + both 0.026 / 0.032; so class balance is on and geometric
 # augmentation is off by default (`--geometric-augment`). Br35H is balanced (50/50): no weights.
