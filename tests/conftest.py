@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +61,26 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("medhe measurements")
         for line in _SUMMARIES:
             terminalreporter.write_line(line)
+
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A local Ray cluster of 2 CPUs started for the test (its address); skipped without Ray."""
+    pytest.importorskip("ray", reason="Ray is the optional extra medhe[cluster]")
+    from tests.service_process import free_port
+
+    if not Path(RAY).is_file():
+        pytest.skip("the ray command is not installed beside this Python")
+    port = free_port()
+    # A short temp dir: Ray's socket paths must stay under the 107-character limit.
+    temp_dir = Path("/tmp") / f"medhe-ray-{port}"
+    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
+                    "--disable-usage-stats", "--temp-dir", str(temp_dir)], check=True, capture_output=True, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
+        shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,6 +1,7 @@
 """Encrypted-inference commands for the three roles.
 
   model owner: medhe compile --model br35h --out plan/           (plan/ + plan/client_spec.json)
+               (--throughput: a batch plan for `medhe batch` and `medhe serve --batch-model`)
                medhe encrypt-model --plan plan/ --public-key keys/public.key --out enc/
   clinic:      medhe keygen --spec plan/client_spec.json --out keys/   (secret key stays in keys/)
                medhe encrypt IMAGE --spec ... --keys keys/ --out x.ct
@@ -126,9 +127,11 @@ def cmd_compile(args) -> int:
     from medhe.compiler import compile_model, format_report
     from medhe.nn.modeldir import resolve_model_dir
 
+    if args.throughput:
+        return _compile_throughput(args)
+    budget = {} if args.max_key_mb is None else {"max_key_mb": None if args.max_key_mb == "none" else args.max_key_mb}
     plan = compile_model(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree,
-                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys,
-                         max_key_mb=args.max_key_mb)
+                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys, **budget)
     out = plan.save(args.out)
     spec_path = plan.client_spec().save(out)
     print(format_report(plan.report))
@@ -138,6 +141,26 @@ def cmd_compile(args) -> int:
         architecture = plan.without_weights().save(args.architecture)
         plan.client_spec().save(architecture)
         print(f"architecture (the plan without weights) written to {architecture} (for an encrypted-model server)")
+    return 0
+
+
+def _compile_throughput(args) -> int:
+    from medhe.compiler.batch import compile_batch
+    from medhe.nn.modeldir import resolve_model_dir
+
+    if args.architecture or args.max_galois_keys is not None or args.max_key_mb is not None:
+        raise ConfigError("--throughput plans have no rotation keys and no encrypted-model form: drop "
+                          "--architecture, --max-galois-keys and --max-key-mb")
+    plan = compile_batch(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree)
+    out = plan.save(args.out)
+    spec_path = plan.client_spec().save(out)
+    r, p = plan.report, plan.params
+    print(f"throughput mode: {r['batch_size']} images per batch (slots across images), "
+          f"{r['multiplications']} ciphertext-plaintext products and {r['squares']} squares per batch, "
+          f"{r['rescales']} rescales, no rotation keys; CKKS N={p.poly_modulus_degree}, primes "
+          f"{list(p.coeff_modulus_bits)}, {'128-bit security' if p.security_bits >= 128 else 'INSECURE'}")
+    print(f"batch plan {plan.digest()[:16]} written to {out} (weights: keep it on the server)")
+    print(f"client spec {plan.client_spec().digest()[:16]} written to {spec_path} (public: give it to clinics)")
     return 0
 
 
@@ -305,6 +328,18 @@ def _diagnose_remote(args) -> int:
     return 0
 
 
+def _key_budget(text: str) -> float | str:
+    if text.lower() == "none":
+        return "none"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size in MB or 'none', got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"a key budget must be a positive size in MB, got {text!r}")
+    return value
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("compile", help="model owner: compile a trained model for encrypted inference")
     p.add_argument("--model", required=True, help="model directory or shipped model name")
@@ -314,11 +349,15 @@ def register(subparsers) -> None:
     p.add_argument("--max-galois-keys", type=int, default=None, metavar="N",
                    help="at most N rotation keys (about 5 MB each at N=16384): smaller keys for the clinic to "
                         "upload and the server to keep, at the cost of extra rotations (default: one per step)")
-    p.add_argument("--max-key-mb", type=float, default=None, metavar="MB",
+    p.add_argument("--max-key-mb", type=_key_budget, default=None, metavar="MB",
                    help="as many rotation keys as fit this size of evaluation keys, relinearization key "
-                        "included (MB = 2**20 bytes; default: one key per step)")
+                        "included (MB = 2**20 bytes); 'none': one key per rotation step. Default: 150 where "
+                        "that costs at most 25%% more key switching per image, else one key per step")
     p.add_argument("--architecture", metavar="DIR", help="also write the plan without its weights here (what "
                                                          "`medhe serve --encrypted-model` hosts)")
+    p.add_argument("--throughput", action="store_true",
+                   help="compile for throughput mode instead (slots across images, N/2 images a batch, no "
+                        "rotations): what `medhe batch` and `medhe serve --batch-model` run")
     p.set_defaults(func=cmd_compile)
 
     p = subparsers.add_parser("encrypt-model", help="model owner: encrypt a plan's weights under a public key")

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from medhe import __version__
 from medhe.errors import MedHEError
 
-COMMAND_MODULES = ["medhe.cli.train_cmd", "medhe.cli.he_cmd", "medhe.cli.service_cmd"]
+COMMAND_MODULES = ["medhe.cli.train_cmd", "medhe.cli.he_cmd", "medhe.cli.batch_cmd", "medhe.cli.service_cmd"]
 
 EXIT_OK = 0
 EXIT_ERROR = 2  # usage errors (argparse) and MedHEError alike

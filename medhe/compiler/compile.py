@@ -21,6 +21,12 @@ from medhe.plan.report import format_report  # noqa: F401  (re-exported)
 # A key budget may at most quadruple the rotations per image (beyond that, latency and
 # key-switching noise grow more than the keys are worth).
 MAX_ROTATION_GROWTH = 4
+# Without an explicit budget, evaluation keys are kept within 150 MB (what a clinic uploads and a
+# server holds per clinic) where that costs at most 25% more key switching per image; a plan that
+# would pay more (a wide model at N=32768) keeps one key per step, and the compile report says so.
+DEFAULT_MAX_KEY_MB = 150.0
+DEFAULT_MAX_KEY_SWITCHING_GROWTH = 0.25
+DEFAULT_KEY_BUDGET = "default"
 
 
 def model_digest(model_dir: Path) -> str:
@@ -99,11 +105,15 @@ def compile_ops(
     log_scale_bits: int | None = None,
     insecure_for_tests: bool = False,
     max_galois_keys: int | None = None,
-    max_key_mb: float | None = None,
+    max_key_mb: float | str | None = DEFAULT_KEY_BUDGET,
 ) -> Plan:
     """Passes, parameter choice and lowering for a traced op list. With max_galois_keys, at most that
     many Galois keys (steps missing a key are made of several rotations; see medhe.compiler.keyset);
-    with max_key_mb, as many as fit that size of evaluation keys (MB = 2**20 bytes)."""
+    with max_key_mb, as many as fit that size of evaluation keys (MB = 2**20 bytes); None: one key
+    per rotation step. The default is DEFAULT_MAX_KEY_MB where it costs little (see above)."""
+    soft_budget = max_key_mb == DEFAULT_KEY_BUDGET and max_galois_keys is None
+    if max_key_mb == DEFAULT_KEY_BUDGET:
+        max_key_mb = DEFAULT_MAX_KEY_MB if soft_budget else None
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
     n = params.slot_count if params else 1 << int(np.ceil(np.log2(slots_needed(optimized, input_shape))))
@@ -130,19 +140,33 @@ def compile_ops(
     if plan.multiplicative_depth != depth:
         raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
     rotations_one_key_per_step = plan.rotation_count()
-    if max_key_mb is not None and plan.rotation_steps():
-        from medhe.compiler.keyset import galois_keys_within
+    cost_one_key_per_step = plan.key_switching_cost()
+    key_budget_note = None
+    try:
+        if max_key_mb is not None and plan.rotation_steps():
+            from medhe.compiler.keyset import galois_keys_within
 
-        fit = galois_keys_within(params, int(max_key_mb * 2**20))
-        max_galois_keys = fit if max_galois_keys is None else min(max_galois_keys, fit)
-    if max_galois_keys is not None and max_galois_keys < len(plan.rotation_steps()):
-        from medhe.compiler.keyset import choose_key_steps
+            fit = galois_keys_within(params, int(float(max_key_mb) * 2**20))
+            max_galois_keys = fit if max_galois_keys is None else min(max_galois_keys, fit)
+        if max_galois_keys is not None and max_galois_keys < len(plan.rotation_steps()):
+            from medhe.compiler.keyset import choose_key_steps
 
-        plan.key_steps = choose_key_steps(plan.rotation_usage(), params.slot_count, int(max_galois_keys))
-        if plan.rotation_count() > MAX_ROTATION_GROWTH * rotations_one_key_per_step:
-            raise PlanError(f"{max_galois_keys} Galois keys would take {plan.rotation_count()} rotations per image "
-                            f"({rotations_one_key_per_step} with one key per step; each adds time and noise); "
-                            f"allow more keys")
+            # Weighted by level: a rotation the key budget adds costs 13x more at the top level (of
+            # the shipped plans) than at the bottom, so the keys go to the steps used early in the network.
+            plan.key_steps = choose_key_steps(plan.rotation_usage(cost_weighted=True), params.slot_count,
+                                              int(max_galois_keys))
+            if plan.rotation_count() > MAX_ROTATION_GROWTH * rotations_one_key_per_step:
+                raise PlanError(f"{max_galois_keys} Galois keys would take {plan.rotation_count()} rotations per "
+                                f"image ({rotations_one_key_per_step} with one key per step; each adds time and "
+                                f"noise); allow more keys")
+            growth = plan.key_switching_cost() / cost_one_key_per_step - 1
+            if soft_budget and growth > DEFAULT_MAX_KEY_SWITCHING_GROWTH:
+                raise PlanError(f"keys within {DEFAULT_MAX_KEY_MB:.0f} MB would cost {growth:.0%} more key switching")
+    except PlanError as exc:
+        if not soft_budget:
+            raise
+        plan.key_steps = ()
+        key_budget_note = f"one key per rotation step: {exc}"
     plan.report = {
         "layers": layer_table(traced, optimized, plan, owners),
         "levels_before": naive_levels(traced),
@@ -153,6 +177,8 @@ def compile_ops(
         "rotation_keys": len(plan.galois_steps()),
         "eval_key_bytes_bound": (len(plan.galois_steps()) + 1) * key_switching_key_bytes(params),
         "rotations_one_key_per_step": rotations_one_key_per_step,
+        "key_switching_growth": plan.key_switching_cost() / cost_one_key_per_step - 1 if cost_one_key_per_step else 0.0,
+        "key_budget_note": key_budget_note,
         "rotation_steps": len(plan.rotation_steps()),
         "weight_operands": plan.weight_operand_count(),
         "relinearizations": relinearizations(plan),

@@ -24,7 +24,10 @@ def format_report(report: dict) -> str:
     if report.get("rotation_steps", report["rotation_keys"]) > report["rotation_keys"]:
         lines.append(f"Galois key budget: {report['rotation_keys']} keys for {report['rotation_steps']} rotation steps; "
                      f"rotations per image {report['rotations_one_key_per_step']} -> {report['rotations']} "
-                     "(steps without a key are made of several key rotations)")
+                     f"(steps without a key are made of several key rotations; key switching "
+                     f"+{report.get('key_switching_growth', 0.0):.0%} by level-weighted cost)")
+    if report.get("key_budget_note"):
+        lines.append(f"Galois keys: {report['key_budget_note']}")
     if "relinearizations" in report:
         relin = report["relinearizations"]
         lines.append(f"encrypted-model mode: the same levels and primes (each of the {report['weight_operands']} "

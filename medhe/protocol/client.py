@@ -188,9 +188,10 @@ class Client:
         return values[self.spec.output_layout.slots(self.spec.slot_count)]
 
     # --- throughput mode (a BatchPlan: slots across images) ---------------------------------------
-    def encrypt_batch(self, model_inputs: np.ndarray, *, workers: int | None = None) -> bytes:
+    def encrypt_batch(self, model_inputs: np.ndarray, *, workers: int | None = None, label: str | None = None) -> bytes:
         """Up to N/2 preprocessed inputs (B, C, H, W) -> one message of one ciphertext per feature,
-        encrypted by `workers` processes (default: one per core, at most 8; 1: in this process)."""
+        encrypted by `workers` processes (default: one per core, at most 8; 1: in this process).
+        A `label` is echoed in the server's result (see decrypt_batch's expect_label)."""
         x = np.asarray(model_inputs, dtype=np.float64)
         batch = self.spec.slot_count
         if self.spec.mode != "throughput":
@@ -204,13 +205,19 @@ class Client:
         features[:, : x.shape[0]] = x.reshape(x.shape[0], -1).T
         from medhe.runtime.encrypt_worker import helper_count
 
+        extra = {"count": int(x.shape[0])}
+        if label is not None:
+            extra["label"] = label
+            wire.batch_label(extra)  # refuse a malformed label here, not at the server
         parts = self._backend.encrypt_serialized(features, workers=helper_count(workers))
-        return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra={"count": int(x.shape[0])},
-                                 **self._ids)
+        return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra=extra, **self._ids)
 
-    def decrypt_batch(self, result: bytes) -> np.ndarray:
-        """(B, classes) logits from a batch result."""
+    def decrypt_batch(self, result: bytes, *, expect_label: str | None = None) -> np.ndarray:
+        """(B, classes) logits from a batch result; with expect_label, only the result of the batch
+        encrypted with that label is accepted."""
         msg = wire.decode(result, expect_kind="batch_result", key_id=self.key_id, **self._ids)
+        if expect_label is not None and wire.batch_label(msg.extra) != expect_label:
+            raise InvalidMessage(f"this result is for batch {msg.extra.get('label')!r}, expected {expect_label!r}")
         classes = len(self.spec.class_names)
         parts = msg.parts([f"class{i}" for i in range(classes)])
         count = int(msg.extra.get("count", 0))

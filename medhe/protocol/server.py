@@ -149,7 +149,7 @@ class Server:
                                  f"this server runs {self.backend_kind!r}")
         if self.backend_kind == "clear":
             return ClearBackend(self.plan.params)
-        from medhe.compiler.keyset import key_switching_key_bytes
+        from medhe.plan.keychains import key_switching_key_bytes
         from medhe.runtime.seal_backend import SEALServerBackend
 
         needed = set(self.plan.galois_steps())
@@ -338,9 +338,13 @@ class Server:
                                      f"scale 2^{self.plan.params.input_scale_bits}")
             return ct
 
+        label = wire.batch_label(extra)
         outs = executor.run(fresh(part) for part in parts)
+        result_extra = {"count": extra.get("count", self.plan.batch_size)}
+        if label is not None:
+            result_extra["label"] = label  # echoed: the client checks its result belongs to this batch
         return wire.encode_parts("batch_result", [backend.serialize(c) for c in outs], key_id=key_id,
-                                 extra={"count": extra.get("count", self.plan.batch_size)}, **self._ids)
+                                 extra=result_extra, **self._ids)
 
     def evaluate(self, message: bytes, *, timings: dict | None = None) -> bytes:
         if isinstance(self.plan, BatchPlan):

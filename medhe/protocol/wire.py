@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,17 @@ MAX_PAYLOAD_BYTES = {"ciphertext": 64 * 2**20, "result": 64 * 2**20, "evaluation
 _PREFIX = struct.Struct(">5sHI")
 PEEK_BYTES = _PREFIX.size + MAX_HEADER_BYTES  # enough to read any valid message's header
 KEY_ID_HEX_DIGITS = 32
+# A batch may carry a label (a batch job's id and batch name) that the server echoes in its result,
+# so a result can be matched to the batch it came from.
+_BATCH_LABEL = re.compile(r"[A-Za-z0-9._:/-]{1,128}")
+
+
+def batch_label(extra: dict) -> str | None:
+    """The label of a batch message's header (None when it has none); InvalidMessage if malformed."""
+    label = extra.get("label")
+    if label is not None and (not isinstance(label, str) or not _BATCH_LABEL.fullmatch(label)):
+        raise InvalidMessage("a batch label must be 1-128 characters of letters, digits and . _ : / -")
+    return label
 
 
 def derive_key_id(params_digest: str, *key_parts: bytes) -> str:

@@ -44,7 +44,7 @@ def test_plan_with_a_key_budget_gives_the_same_logits_with_fewer_keys() -> None:
     from medhe.runtime.clear import ClearBackend
 
     model_dir = resolve_model_dir("pneumoniamnist")
-    full = compile_model(model_dir)
+    full = compile_model(model_dir, max_key_mb=None)
     budget = compile_model(model_dir, max_galois_keys=12)
     assert len(full.galois_steps()) > 12 and len(budget.galois_steps()) == 12
     assert budget.client_spec().rotation_steps == tuple(budget.galois_steps())
@@ -91,7 +91,7 @@ def test_a_server_refuses_keys_made_for_the_unbudgeted_plan() -> None:
     from medhe.protocol.client import Client
     from medhe.protocol.server import Server
 
-    full = compile_model(resolve_model_dir("br35h"))
+    full = compile_model(resolve_model_dir("br35h"), max_key_mb=None)
     budget = compile_model(resolve_model_dir("br35h"), max_galois_keys=12)
     with pytest.raises(MedHEError):
         Server(budget, backend="clear").register_keys(Client(full.client_spec(), backend="clear").evaluation_keys())
@@ -153,7 +153,7 @@ def test_a_key_size_budget_picks_as_many_keys_as_fit():
     from medhe.nn.io import resolve_model_dir
 
     model_dir = resolve_model_dir("pneumoniamnist")
-    full = compile_model(model_dir)
+    full = compile_model(model_dir, max_key_mb=None)
     per_key = key_switching_key_bytes(full.params)
     assert full.report["eval_key_bytes_bound"] == (len(full.galois_steps()) + 1) * per_key
     budget_mb = 150
@@ -166,3 +166,93 @@ def test_a_key_size_budget_picks_as_many_keys_as_fit():
     assert len(compile_model(model_dir, max_key_mb=budget_mb, max_galois_keys=12).galois_steps()) == 12
     with pytest.raises(PlanError, match="holds no Galois key"):
         compile_model(model_dir, max_key_mb=per_key / 2**20)
+
+
+def test_instruction_levels_are_the_levels_the_executor_rotates_at() -> None:
+    """Plan.instruction_levels (used to weight rotations by cost) follows the executor's deferred
+    rescales: every rotation the clear backend sees happens at the level the plan predicts."""
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+    from medhe.runtime.clear import ClearBackend
+    from medhe.runtime.executor import Executor
+
+    plan = compile_model(resolve_model_dir("pneumoniamnist"), max_key_mb=None)
+    seen: list[int] = []
+    original = ClearBackend.rotate
+
+    def spy(self, a, steps):
+        seen.append(a.level)
+        return original(self, a, steps)
+
+    backend = ClearBackend(plan.params)
+    ClearBackend.rotate = spy
+    try:
+        Executor(plan, backend).run(backend.encrypt(np.zeros(plan.params.slot_count)))
+    finally:
+        ClearBackend.rotate = original
+    levels = plan.instruction_levels()
+    expected = [level for ins, level in zip(plan.instructions, levels) for _ in range(ins.rotations)]
+    assert seen == expected
+    assert levels[0] == plan.depth and min(levels) >= 0 and len(set(levels)) > 3
+
+
+def test_a_cost_weighted_key_budget_spends_its_extra_rotations_at_cheap_levels() -> None:
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    model_dir = resolve_model_dir("pneumoniamnist")
+    plan = compile_model(model_dir, max_galois_keys=27)
+    full = compile_model(model_dir, max_key_mb=None)
+    chains = plan.rotation_chains()
+
+    def extra_cost(p, weighted_chains):
+        return sum((level + 1) * (level + 2) * (p.key_rotations(ins, weighted_chains) - ins.rotations)
+                   for ins, level in zip(p.instructions, p.instruction_levels()))
+
+    weighted = full.rotation_usage(cost_weighted=True)
+    plain = full.rotation_usage()
+    assert set(weighted) == set(plain)
+    # Step 1 is used by the first convolution and pooling (level 5), step 84 only by the last dense
+    # layer (level 1): their weights are the key-switching cost of those levels.
+    assert plain[1] == 2 and weighted[1] == 2 * full.key_switching_weight(5) == 86
+    assert plain[84] == 1 and weighted[84] == full.key_switching_weight(1) == 7
+    # Against the unweighted choice of the same size, the extra rotations cost less key switching.
+    from medhe.compiler.keyset import choose_key_steps, rotation_chains
+
+    unweighted_keys = choose_key_steps(plain, plan.params.slot_count, 27)
+    unweighted_chains = rotation_chains(full.rotation_steps(), unweighted_keys, plan.params.slot_count)
+    assert extra_cost(plan, chains) < extra_cost(full, unweighted_chains)
+
+
+def test_by_default_the_keys_fit_150_mb_where_that_costs_little(monkeypatch, tmp_path) -> None:
+    """Default: evaluation keys within 150 MB for both shipped models, at most 25% more
+    level-weighted key switching; where a budget would cost more, one key per step and a note."""
+    import subprocess
+    import sys
+
+    from medhe.compiler import compile as compile_module
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+
+    for name in ("pneumoniamnist", "br35h"):
+        plan = compile_model(resolve_model_dir(name))
+        full = compile_model(resolve_model_dir(name), max_key_mb=None)
+        assert plan.report["eval_key_bytes_bound"] <= 150 * 2**20 < full.report["eval_key_bytes_bound"]
+        growth = plan.key_switching_cost() / full.key_switching_cost() - 1
+        assert 0 < growth <= 0.25 and plan.report["key_switching_growth"] == pytest.approx(growth)
+        assert plan.report["key_budget_note"] is None
+    # A default that would cost too much is not applied (the compile report says why) ...
+    monkeypatch.setattr(compile_module, "DEFAULT_MAX_KEY_MB", 40.0)
+    fallback = compile_model(resolve_model_dir("br35h"))
+    assert fallback.galois_steps() == fallback.rotation_steps() and fallback.key_steps == ()
+    assert "more key switching" in fallback.report["key_budget_note"]
+    # ... while the same budget asked for explicitly is kept.
+    assert len(compile_model(resolve_model_dir("br35h"), max_key_mb=40.0).galois_steps()) < 8
+    done = subprocess.run([sys.executable, "-m", "medhe.cli.main", "compile", "--model", "br35h", "--out",
+                           str(tmp_path / "plan"), "--max-key-mb", "none"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "33 rotation keys" in done.stdout and "Galois key budget" not in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "medhe.cli.main", "compile", "--model", "br35h", "--out",
+                          str(tmp_path / "p2"), "--max-key-mb", "-3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "positive size in MB" in bad.stderr

@@ -3,11 +3,7 @@ backend): two replicas share one key store, so keys registered through one are u
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -17,26 +13,9 @@ from torch import nn
 from medhe.protocol.remote import OCTET, RemoteClient
 from medhe.service.auth import TokenStore
 from tests.helpers import compile_torch, torch_out
-from tests.service_process import ServerProcess, free_port
+from tests.service_process import ServerProcess
 
 pytest.importorskip("ray.serve", reason="Ray is the optional extra medhe[cluster]")
-RAY = str(Path(sys.executable).with_name("ray"))
-
-
-@pytest.fixture
-def ray_cluster(tmp_path):
-    if not Path(RAY).is_file():
-        pytest.skip("the ray command is not installed beside this Python")
-    port = free_port()
-    # A short temp dir: Ray's socket paths must stay under the 107-character limit.
-    temp_dir = Path("/tmp") / f"medhe-ray-{port}"
-    subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--include-dashboard=false",
-                    "--disable-usage-stats", "--temp-dir", str(temp_dir)], check=True, capture_output=True, timeout=180)
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=180)
-        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_two_ray_replicas_share_the_key_store(ray_cluster, tmp_path):
