@@ -51,12 +51,16 @@ def cmd_batch_encrypt(args) -> int:
     spec = _batch_spec(args)
     client = _client(args, spec)
     images = _image_files(args.images)
-    per_batch = min(args.images_per_batch or spec.slot_count, spec.slot_count)
-    bar = _progress(-(-len(images) // per_batch), "encrypting")
+    bar = _progress(None, "encrypting")
+
+    def advance(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(1)
+
     start = time.perf_counter()
     try:
-        manifest = encrypt_job(client, images, args.out, images_per_batch=per_batch, workers=args.workers,
-                               index_path=args.index, on_batch=lambda done, total: bar.update(1))
+        manifest = encrypt_job(client, images, args.out, images_per_batch=args.images_per_batch,
+                               workers=args.workers, index_path=args.index, on_batch=advance)
     finally:
         bar.close()
     size = sum(p.stat().st_size for p in Path(args.out).glob("batch-*.ct"))
@@ -67,11 +71,11 @@ def cmd_batch_encrypt(args) -> int:
 
 
 def cmd_batch_run(args) -> int:
-    from medhe.protocol.batch_job import read_job, run_job
+    from medhe.protocol.batch_job import run_job
 
     if not args.plan:
         raise ConfigError("give --plan: a throughput plan directory from `medhe compile --throughput`")
-    read_job(_existing(args.job, "job directory"))
+    _existing(args.job, "job directory")
     bar = _progress(None, "evaluating")
 
     def advance(row: dict, done: int, of: int) -> None:

@@ -141,7 +141,7 @@ def compile_ops(
         raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
     rotations_one_key_per_step = plan.rotation_count()
     cost_one_key_per_step = plan.key_switching_cost()
-    key_budget_note = None
+    growth, key_budget_note = 0.0, None
     try:
         if max_key_mb is not None and plan.rotation_steps():
             from medhe.compiler.keyset import galois_keys_within
@@ -165,7 +165,7 @@ def compile_ops(
     except PlanError as exc:
         if not soft_budget:
             raise
-        plan.key_steps = ()
+        plan.key_steps, growth = (), 0.0
         key_budget_note = f"one key per rotation step: {exc}"
     plan.report = {
         "layers": layer_table(traced, optimized, plan, owners),
@@ -177,7 +177,7 @@ def compile_ops(
         "rotation_keys": len(plan.galois_steps()),
         "eval_key_bytes_bound": (len(plan.galois_steps()) + 1) * key_switching_key_bytes(params),
         "rotations_one_key_per_step": rotations_one_key_per_step,
-        "key_switching_growth": plan.key_switching_cost() / cost_one_key_per_step - 1 if cost_one_key_per_step else 0.0,
+        "key_switching_growth": growth,
         "key_budget_note": key_budget_note,
         "rotation_steps": len(plan.rotation_steps()),
         "weight_operands": plan.weight_operand_count(),

@@ -258,12 +258,10 @@ def test_cli_evaluate_shipped_pneumoniamnist_writes_report(tmp_path, capsys):
     assert 0.0 <= report["accuracy"] <= 1.0 and "accuracy" in capsys.readouterr().out
 
 
-def test_cli_train_writes_a_model_directory(tmp_path, capsys):
-    if not PNEUMONIAMNIST_NPZ.is_file():
-        pytest.skip(f"{SHARED} is absent")
+def test_cli_train_writes_a_model_directory(tmp_path, capsys, pneumoniamnist_npz):
     from tests.helpers import small_pneumoniamnist_npz
 
-    small = small_pneumoniamnist_npz(PNEUMONIAMNIST_NPZ, tmp_path / "small.npz", 400, 100)
+    small = small_pneumoniamnist_npz(pneumoniamnist_npz, tmp_path / "small.npz", 400, 100)
     out = tmp_path / "model"
     code = main(["train", "--dataset", "pneumoniamnist", "--data-file", str(small), "--out", str(out),
                  "--epochs", "2", "--relu-twin", "--no-progress"])

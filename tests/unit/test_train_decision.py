@@ -114,14 +114,12 @@ def test_class_weights_make_each_class_count_equally():
         class_weights(np.ones(10, int), 2)
 
 
-def test_train_cli_records_and_applies_the_threshold_rule(tmp_path, capsys):
-    if not PNEUMONIAMNIST_NPZ.is_file():
-        pytest.skip(f"{SHARED} is absent")
+def test_train_cli_records_and_applies_the_threshold_rule(tmp_path, capsys, pneumoniamnist_npz):
     from medhe.cli.main import main
     from medhe.nn.io import load_model
     from tests.helpers import small_pneumoniamnist_npz
 
-    small = small_pneumoniamnist_npz(PNEUMONIAMNIST_NPZ, tmp_path / "small.npz", 600, 150)
+    small = small_pneumoniamnist_npz(pneumoniamnist_npz, tmp_path / "small.npz", 600, 150)
     out = tmp_path / "model"
     code = main(["train", "--dataset", "pneumoniamnist", "--data-file", str(small), "--out", str(out),
                  "--epochs", "2", "--class-balanced", "--geometric-augment", "--threshold-rule", "youden",
