@@ -134,3 +134,13 @@ def small_pneumoniamnist_npz(source, path, n_train: int, n_val: int):
     np.savez(path, train_images=x[:n_train], train_labels=y[:n_train, None], val_images=xv[:n_val],
              val_labels=yv[:n_val])
     return path
+
+
+def shipped_model_logits(name: str, model_inputs: np.ndarray) -> np.ndarray:
+    """The plaintext oracle: a shipped model's logits (float64) for preprocessed inputs (B, C, H, W)."""
+    from medhe.nn.io import load_model
+    from medhe.nn.modeldir import resolve_model_dir
+
+    model, _ = load_model(resolve_model_dir(name))
+    with torch.no_grad():
+        return model.double().eval()(torch.tensor(np.asarray(model_inputs), dtype=torch.float64)).numpy()

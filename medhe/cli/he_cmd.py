@@ -312,17 +312,22 @@ def _diagnose_remote(args) -> int:
         card = remote.model_card(model)
         print(f"model {model} (spec {client.spec.digest()[:16]}, weights {card.get('weights')} on the server), "
               f"key id {client.key_id}, ready in {time.perf_counter() - start:.1f} s; keys in {remote.key_home}")
-        print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}"
-              f"{'  (per image, amortized over the batch)' if args.batch else ''}")
+        # server s: the whole request (upload, queue, evaluation, download); eval s: the evaluation alone.
+        print(f"{'image':<40}{'label':<12}{'prob':>7}{'prep s':>8}{'encrypt s':>11}{'server s':>10}{'eval s':>9}"
+              f"{'decrypt s':>11}{'  (per image, amortized over the batch)' if args.batch else ''}")
         if args.batch:
-            results = remote.diagnose_batch(images, model, accept_new=args.accept_new_model)
+            batches = (len(images) + client.spec.slot_count - 1) // client.spec.slot_count
+            with tqdm(total=batches, desc="batches", unit="batch", disable=True if batches < 2 else None,
+                      leave=False) as bar:
+                results = remote.diagnose_batch(images, model, accept_new=args.accept_new_model,
+                                                on_batch=lambda done, total: bar.update(1))
         else:
             results = (remote.diagnose(image, model, accept_new=args.accept_new_model)
                        for image in tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None,
                                          leave=False))
         for r in results:
-            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
-                       f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
+            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.preprocess_s:>8.3f}"
+                       f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
     finally:
         remote.close()
     return 0

@@ -48,6 +48,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedHEError as exc:
         print(f"medhe {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except OSError as exc:  # a path the user gave is missing, a directory, a file, not writable...
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"medhe {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -84,7 +84,10 @@ def cmd_serve(args) -> int:
 
     from medhe.service.app import create_app
     from medhe.service.auth import TokenStore
+    from medhe.service.connections import http_protocol_with_header_timeout
 
+    if not args.header_timeout > 0:
+        raise ConfigError(f"--header-timeout must be a positive number of seconds, got {args.header_timeout}")
     tokens = TokenStore(args.data_dir)
     if not tokens.enabled() and not args.no_auth:
         raise ConfigError(f"no tokens in {tokens.path}: issue one per clinic with `medhe token add NAME --data-dir "
@@ -109,7 +112,8 @@ def cmd_serve(args) -> int:
     print(f"serving on {scheme}://{args.host}:{args.port} with {workers} worker process(es)"
           f"{'' if not args.no_auth else ' WITHOUT access control (--no-auth)'}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.ssl_certfile,
-                ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5, limit_concurrency=args.max_connections)
+                ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5, limit_concurrency=args.max_connections,
+                http=http_protocol_with_header_timeout(args.header_timeout))
     return 0
 
 
@@ -201,6 +205,8 @@ def register(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one evaluation may take (default 600)")
     p.add_argument("--upload-timeout", type=float, default=30.0,
                    help="seconds an upload may stall before it is dropped (default 30)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers before it is closed (default 10)")
     p.add_argument("--max-connections", type=int, default=256,
                    help="open connections beyond which new ones get 503 (default 256)")
     p.add_argument("--rate-limit", type=float, default=0, metavar="PER_MINUTE",

@@ -20,13 +20,15 @@ a job directory are refused: the server reads and writes only the job's own file
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,10 @@ INDEX_FORMAT = "medhe-batch-index"
 JOB_FILE = "job.json"
 RESULTS_DIR = "results"
 MAX_BATCHES = 100_000
+LOCK_FILE = ".run.lock"
+# What a Ray task reserves: one full batch at N=16384 peaks at 0.72 GB (benchmarks/bench_throughput.py),
+# so Ray places no more batches on a node than its memory holds.
+RAY_TASK_MEMORY_BYTES = 2**30
 _BATCH_NAME = re.compile(r"batch-\d{4,6}")
 _MAX_JOB_FILE_BYTES = 16 * 2**20
 
@@ -217,6 +223,39 @@ def run_job(plan_dir: str | Path, keys_file: str | Path, job_dir: str | Path, *,
     if _is_link(results) or (results.exists() and not results.is_dir()):
         raise InvalidMessage(f"{results} must be a directory of the job's own, not a link or a file")
     results.mkdir(exist_ok=True)
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    with _run_lock(results):
+        return _run_unlocked(job, plan_dir, keys_file, job_dir, results, backend=backend, workers=workers,
+                             ray_address=ray_address, on_batch=on_batch)
+
+
+@contextmanager
+def _run_lock(results: Path) -> Iterator[None]:
+    """One `batch run` of a job at a time (a second would only duplicate work, but it would also
+    take the first one's half-written files for a killed run's). Held by the driver for the whole
+    run; the kernel releases it when the driver dies, however it dies."""
+    path = results / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise InvalidMessage(f"cannot open the job's lock file {path}: {exc}") from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another `medhe batch run` is evaluating this job ({path} is locked); wait for it "
+                              "to finish, or stop it and run again to resume") from None
+        # Holding the lock, every temporary file in results/ is a killed run's unfinished write.
+        for leftover in results.glob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _run_unlocked(job: dict, plan_dir: Path, keys_file: Path, job_dir: Path, results: Path, *, backend: str,
+                  workers: int, ray_address: str | None, on_batch) -> dict:
     tasks, skipped, replaced = [], [], []
     for entry in job["batches"]:
         batch_file, result_file = job_dir / f"{entry['name']}.ct", results / f"{entry['name']}.result"
@@ -230,8 +269,6 @@ def run_job(plan_dir: str | Path, keys_file: str | Path, job_dir: str | Path, *,
         if not batch_file.is_file():
             raise ConfigError(f"the job lists {entry['name']} but {batch_file} is missing")
         tasks.append((str(plan_dir), str(keys_file), backend, str(batch_file), str(result_file)))
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
     start = time.perf_counter()
     if ray_address:
         done = _run_on_ray(tasks, ray_address, on_batch)
@@ -281,7 +318,8 @@ def _run_on_ray(tasks: list[tuple], address: str, on_batch) -> list[dict]:
         raise ConfigError("running on Ray needs the optional extra: pip install 'medhe[cluster]'") from None
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
              log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=2)(evaluate_batch_file)  # a lost node's batch runs again
+    # A lost node's batch runs again; each task reserves the memory a batch needs.
+    remote = ray.remote(num_cpus=1, memory=RAY_TASK_MEMORY_BYTES, max_retries=2)(evaluate_batch_file)
     pending = [remote.remote(*task) for task in tasks]
     done = []
     while pending:

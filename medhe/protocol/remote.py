@@ -249,12 +249,14 @@ class RemoteClient:
         return RemoteResult(name, label, probabilities, logits, *timings, size)
 
     def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False,
-                       max_in_flight: int = 2, slots_per_batch: int | None = None) -> list[RemoteResult]:
+                       max_in_flight: int = 2, slots_per_batch: int | None = None,
+                       on_batch=None) -> list[RemoteResult]:
         """Throughput mode (a model the server hosts as a batch plan): up to N/2 images per message,
         slots across images. More images than that go as several batches, up to `max_in_flight` at
         once, so that a server's worker processes (or Ray replicas) evaluate them side by side while
         the next is encrypted; each batch message is about 1-2 GB in memory while in flight.
-        Results are in the order of `images`; timings per image are their batch's, divided by its size."""
+        Results are in the order of `images`; timings per image are their batch's, divided by its size.
+        `on_batch(done, total)` is called as each batch's result is decrypted (for a progress bar)."""
         from concurrent.futures import ThreadPoolExecutor
 
         from medhe.runtime.encrypt_worker import helper_count
@@ -271,6 +273,7 @@ class RemoteClient:
         starts = list(range(0, len(inputs), per_batch))
         in_flight = min(max_in_flight, len(starts))
         workers = max(1, helper_count() // in_flight)  # encryption helpers shared out among the batches
+        done, lock = [0], threading.Lock()
 
         def one_batch(start: int) -> list[RemoteResult]:
             chunk = inputs[start: start + per_batch]
@@ -278,6 +281,10 @@ class RemoteClient:
                                                    lambda: client.encrypt_batch(chunk, workers=workers),
                                                    client.decrypt_batch)
             per_image = [t / len(chunk) for t in timings]
+            if on_batch:
+                with lock:
+                    done[0] += 1
+                    on_batch(done[0], len(starts))
             return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
                                  size // len(chunk)) for offset, row in enumerate(logits)]
 

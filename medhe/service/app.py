@@ -43,7 +43,7 @@ from medhe.errors import ConfigError, InvalidMessage
 from medhe.protocol import wire
 from medhe.protocol.server import is_key_id
 from medhe.service.auth import Principal, TokenStore
-from medhe.service.hosting import HostedModel, uploads_dir
+from medhe.service.hosting import HostedModel, sweep_stale_files, uploads_dir
 from medhe.service.metrics import Metrics, RateLimiter
 from medhe.service.workers import InlinePool, PoolBusy, ProcessPool, WorkerFailed
 
@@ -79,10 +79,11 @@ def _error_response(status: int, code: str, message: str, headers: dict | None =
 
 
 async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | None = None,
-                   idle_timeout_s: float, deadline_s: float) -> tuple[dict, bytes]:
+                   idle_timeout_s: float, deadline_s: float, on_header=None) -> tuple[dict, bytes]:
     """Read a `kind` message body of at most `limit` bytes. Its header is checked as soon as it has
-    arrived (a too-large or wrong-kind message is refused before its payload is read); with
-    `to_file` the body is streamed there and never held in memory. Returns (header, body or b"")."""
+    arrived (a too-large or wrong-kind message is refused before its payload is read), and so is
+    `on_header(header)`, the caller's own checks; with `to_file` the body is streamed there and
+    never held in memory. Returns (header, body or b"")."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type != OCTET:
         raise ServiceError(415, "unsupported_media_type",
@@ -120,6 +121,8 @@ async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | N
                     if expected > limit:
                         raise ServiceError(413, "too_large", f"a {kind} message is at most {limit} bytes; this one "
                                                              f"says {expected}")
+                    if on_header is not None:
+                        on_header(header)
                     if to_file is not None:
                         sink = open(to_file, "xb")
                         sink.write(buffer)
@@ -128,6 +131,8 @@ async def _receive(request: Request, kind: str, limit: int, *, to_file: Path | N
         if header is None:
             header = _checked_header(bytes(buffer), kind)
             expected = 11 + struct.unpack_from(">I", buffer, 7)[0] + header["payload_bytes"]
+            if on_header is not None:
+                on_header(header)
         if total != expected:
             raise ServiceError(400, "invalid_message", f"{kind} message is truncated: {total} of {expected} bytes")
         if sink is not None and digest.hexdigest() != header.get("payload_sha256"):
@@ -158,8 +163,9 @@ def _checked_header(prefix: bytes, kind: str) -> dict:
 def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int = 0, max_key_sets: int | None = 4,
                tokens: TokenStore | None = None, limits: Limits = Limits()) -> FastAPI:
     """The service for `models` (from `hosting.host_plan`). workers=0 evaluates on a thread of this
-    process; workers=N in N worker processes. Without `tokens` (or with an empty token store)
-    there is no access control: for a server only its operator can reach."""
+    process; workers=N in N worker processes. With `tokens`, every /v1 request needs a token of
+    the store, read again per request (an empty store, e.g. after the last token is revoked,
+    admits nobody); without, there is no access control: for a server only its operator can reach."""
     if not models:
         raise ConfigError("a server hosts at least one model")
     by_name = {m.name: m for m in models}
@@ -167,8 +173,10 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     if len(by_name) != len(models) or len(by_digest) != len(models):
         raise ConfigError("hosted models need distinct names and distinct client specs")
     uploads = uploads_dir(data_dir)
-    for stale in uploads.glob("*.part"):  # bodies a crash left half-received
-        stale.unlink(missing_ok=True)
+    # No upload is written for longer than its deadline, nor evaluated for longer than its timeout.
+    removed = sweep_stale_files(data_dir, models, older_than_s=limits.upload_deadline_s + limits.evaluate_timeout_s)
+    if removed:
+        log.info("removed %d half-written files left by a stopped server", removed)
     if workers == 0:
         pool = InlinePool(models, max_key_sets=max_key_sets, queue_size=limits.queue_size)
     else:
@@ -231,9 +239,14 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     # --- helpers ------------------------------------------------------------------------------
     def principal(request: Request) -> Principal | None:
         """The caller (None without access control); a missing or wrong token is a 401."""
-        if tokens is None or not tokens.enabled():
+        if tokens is None:
             return None
-        who = tokens.identify(request.headers.get("authorization"))
+        try:
+            who = tokens.identify(request.headers.get("authorization"))
+        except ConfigError as exc:  # fail closed: an unreadable token store admits nobody
+            log.error("token store unreadable: %s", exc)
+            raise ServiceError(503, "token_store_unavailable", "the server cannot check tokens right now; "
+                                                               "its operator has been told") from None
         if who is None:
             raise ServiceError(401, "unauthorized", "a valid bearer token is required (Authorization: Bearer ...)",
                                {"www-authenticate": "Bearer"})
@@ -305,6 +318,8 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         gauges = {"medhe_in_flight": ("requests being evaluated or waiting", pool.pending),
                   "medhe_max_in_flight": ("requests beyond which the server answers 503", pool.max_pending),
                   "medhe_workers": ("evaluation worker processes (0: a thread)", pool.workers),
+                  "medhe_worker_key_sets": ("the most clinics' key sets one worker holds in memory for one model "
+                                            "(at most --key-cache)", pool.key_sets_in_memory()),
                   "medhe_models": ("hosted models", len(models))}
         return Response(metrics.render(gauges), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -322,17 +337,23 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         return by_name[name].card()
 
     async def streamed(request: Request, kind: str, limit: int, op: str, check=None):
-        """Stream a large body (keys, encrypted model, batch) to a file, `check(model, header)`, then
-        have a worker process it from there (valid keys and models are moved into the key store).
+        """Stream a large body (keys, encrypted model, batch) to a file, then have a worker process
+        it from there (valid keys and models are moved into the key store). The model and
+        `check(model, header)` are checked on the header, before the payload reaches the disk.
         -> (model, worker reply, reply bytes)."""
         path = upload_path()
+        found = {}
+
+        def on_header(header: dict) -> None:
+            found["model"] = model = model_for(header)
+            request.state.log.update(model=model.name, key_id=header["key_id"])
+            if check is not None:
+                check(model, header)
+
         try:
             with reserve():
-                header, _ = await _receive(request, kind, limit, to_file=path, **timeouts)
-                model = model_for(header)
-                request.state.log.update(model=model.name, key_id=header["key_id"])
-                if check is not None:
-                    check(model, header)
+                header, _ = await _receive(request, kind, limit, to_file=path, on_header=on_header, **timeouts)
+                model = found["model"]
                 reply, out = await run(request, {"op": op, "model": model.name, "path": str(path),
                                                  "key_id": header["key_id"]})
         finally:
@@ -343,8 +364,14 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     async def register_keys(request: Request) -> dict:
         who = principal(request)
         rate_limit(request, who)
+        def within_the_plans_keys(model: HostedModel, header: dict) -> None:
+            bound = model.evaluation_keys_bound_bytes()
+            if header["payload_bytes"] > bound:  # the worker checks each part against the plan again
+                raise ServiceError(413, "too_large", f"evaluation keys for model {model.name} are at most {bound} "
+                                                     f"bytes; this message says {header['payload_bytes']}")
+
         model, reply, _ = await streamed(request, "evaluation_keys", limits.evaluation_keys_bytes,
-                                         "register_evaluation_keys")
+                                         "register_evaluation_keys", within_the_plans_keys)
         if who is not None:
             model.add_owner(reply["key_id"], who.name)
         return {"model": model.name, "key_id": reply["key_id"]}

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,6 +53,14 @@ class HostedModel:
         return {**self.spec.card(), "name": self.name, "wire_format_version": wire.FORMAT_VERSION,
                 "weights": "encrypted" if self.encrypted_model else "plain",
                 "endpoint": "/v1/diagnose" if self.mode == "latency" else "/v1/diagnose-batch"}
+
+    def evaluation_keys_bound_bytes(self) -> int:
+        """The most a keys message for this model can hold: the relinearization key and one Galois
+        key per rotation step, each at most twice its seeded size (a client may send them
+        unseeded), and room for the message's framing."""
+        from medhe.plan.keychains import key_switching_key_bytes
+
+        return 2 * key_switching_key_bytes(self.spec.params) * (1 + len(self.spec.rotation_steps)) + 2**16
 
     def has_keys(self, key_id: str) -> bool:
         return is_key_id(key_id) and (self.key_dir / f"{key_id}{KEYS_SUFFIX}").is_file()
@@ -114,6 +123,26 @@ def uploads_dir(data_dir: str | Path) -> Path:
     path = _data_dir(data_dir) / "uploads"
     path.mkdir(mode=0o700, exist_ok=True)
     return path
+
+
+def sweep_stale_files(data_dir: str | Path, models: list["HostedModel"], *, older_than_s: float) -> int:
+    """Remove what a killed server left half-written: upload bodies (uploads/*.part) and the
+    temporary files of the key store, the key owners' lists and the token file. Only files last
+    written more than `older_than_s` ago: replicas that share the data directory (Ray) may be
+    writing theirs right now, and no live upload or write is that old. Returns how many."""
+    root = _data_dir(data_dir)
+    places = [(uploads_dir(root), "*.part"), (root, ".*.tmp")]
+    places += [(folder, ".*.tmp") for model in models for folder in (model.key_dir, model.owners_dir)]
+    cutoff, removed = time.time() - older_than_s, 0
+    for folder, pattern in places:
+        for path in folder.glob(pattern):
+            try:
+                if path.lstat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # another replica swept it first
+                pass
+    return removed
 
 
 def _data_dir(data_dir: str | Path) -> Path:

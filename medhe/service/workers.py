@@ -96,7 +96,7 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
             Path(path).unlink(missing_ok=True)
 
 
-WORKER_NICENESS = 5
+WORKER_NICENESS = 10
 
 
 def _worker_main(conn, refs: list[dict], max_key_sets: int | None) -> None:
@@ -120,8 +120,14 @@ def _worker_main(conn, refs: list[dict], max_key_sets: int | None) -> None:
             reply, out = run_operation(servers, request, payload)
         except Exception as exc:  # a bug, not the peer's fault: report it, keep serving
             reply, out = {"status": 500, "error": "internal", "message": f"{type(exc).__name__}"}, b""
+        reply["key_sets_in_memory"] = most_key_sets(servers)
         conn.send_bytes(json.dumps(reply).encode())
         conn.send_bytes(out)
+
+
+def most_key_sets(servers: dict) -> int:
+    """The most key sets one hosted model holds in this process's memory."""
+    return max((server.key_sets_in_memory for server in servers.values()), default=0)
 
 
 class _Pool:
@@ -132,6 +138,11 @@ class _Pool:
         self.workers = workers
         self.max_pending = workers + queue_size
         self.pending = 0
+        self._key_sets: dict[int, int] = {}  # worker index -> key sets it held after its last request
+
+    def key_sets_in_memory(self) -> int:
+        """The most key sets any worker held for one model, as of its last request."""
+        return max(self._key_sets.values(), default=0)
 
     def reserve(self) -> "_Reservation":
         if self.pending >= self.max_pending:
@@ -171,7 +182,9 @@ class InlinePool(_Pool):
     async def call(self, request: dict, payload: bytes = b"", *, timeout_s: float | None = None) -> tuple[dict, bytes]:
         def locked():
             with self._lock:
-                return run_operation(self._servers, request, payload)
+                reply, out = run_operation(self._servers, request, payload)
+                self._key_sets[0] = most_key_sets(self._servers)
+                return reply, out
 
         return await asyncio.to_thread(locked)
 
@@ -270,11 +283,14 @@ class ProcessPool(_Pool):
         key_id = request.get("key_id")
         worker = await self._acquire((request["model"], key_id) if key_id else None)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(worker.exchange, request, payload), timeout_s)
+            reply, out = await asyncio.wait_for(asyncio.to_thread(worker.exchange, request, payload), timeout_s)
+            self._key_sets[worker.index] = int(reply.pop("key_sets_in_memory", 0))
+            return reply, out
         except (asyncio.TimeoutError, EOFError, OSError) as exc:
             what = "overran its time" if isinstance(exc, asyncio.TimeoutError) else "stopped"
             log.error(json.dumps({"event": "worker_failed", "worker": worker.index, "reason": what}))
             await asyncio.to_thread(worker.kill)
+            self._key_sets.pop(worker.index, None)  # its replacement starts with none
             worker = await asyncio.to_thread(self._spawn, worker.index)
             self._all = [w for w in self._all if w.index != worker.index] + [worker]
             raise WorkerFailed(f"the evaluation {what}; the request can be sent again") from None

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from medhe.errors import ConfigError, InvalidMessage
 from medhe.plan import ClientSpec
 from medhe.protocol.batch_job import decrypt_job, encrypt_job, read_job, run_job
 from medhe.protocol.keydir import load_key_directory
+from tests.helpers import shipped_model_logits
 
 IMAGES = 10
 PER_BATCH = 4
@@ -50,14 +50,7 @@ def setup(tmp_path_factory):
 
 
 def _plaintext_logits(spec: ClientSpec, client, images: list[Path]) -> np.ndarray:
-    from medhe.nn.io import load_model
-    from medhe.nn.modeldir import resolve_model_dir
-
-    model, _ = load_model(resolve_model_dir("pneumoniamnist"))
-    model = model.double().eval()
-    with torch.no_grad():
-        x = torch.tensor(np.stack([client.preprocess(p) for p in images]), dtype=torch.float64)
-        return model(x).numpy()
+    return shipped_model_logits("pneumoniamnist", np.stack([client.preprocess(p) for p in images]))
 
 
 def test_cli_job_round_trip_equals_the_plaintext_model_and_resumes(setup, tmp_path):
@@ -186,6 +179,32 @@ def test_bad_jobs_are_refused_with_a_clear_error(setup, tmp_path):
     done = medhe("batch", "encrypt", str(root / "studies"), "--model", "br35h", "--keys", str(root / "keys"),
                  "--out", str(tmp_path / "j3"), "--backend", "clear")
     assert done.returncode == 2 and "Traceback" not in done.stderr
+
+
+def test_one_run_of_a_job_at_a_time_and_a_killed_runs_files_are_swept(setup, tmp_path):
+    """A second `batch run` of a job that is being run is refused (the first holds a lock on the
+    job's results until it exits); the next run removes what a killed run left half-written."""
+    import fcntl
+
+    root = setup
+    client = load_key_directory(ClientSpec.load(root / "bplan"), root / "keys")
+    job = tmp_path / "job"
+    encrypt_job(client, sorted((root / "studies").iterdir())[:3], job, images_per_batch=2, workers=1)
+    keys = root / "keys" / "evaluation.keys"
+    (job / "results").mkdir()
+    leftover = job / "results" / ".batch-0000.result.0123456789ab.tmp"  # as a killed worker leaves it
+    leftover.write_bytes(b"half a result")
+    with open(job / "results" / ".run.lock", "a") as running:  # another run holds the job
+        fcntl.flock(running, fcntl.LOCK_EX)
+        with pytest.raises(ConfigError, match="another `medhe batch run` is evaluating this job"):
+            run_job(root / "bplan", keys, job, backend="clear")
+        done = medhe("batch", "run", "--plan", str(root / "bplan"), "--keys", str(keys), "--job", str(job),
+                     "--backend", "clear")
+        assert done.returncode == 2 and "another `medhe batch run`" in done.stderr and "Traceback" not in done.stderr
+        assert leftover.exists() and not (job / "results" / "batch-0000.result").exists()  # untouched while held
+    summary = run_job(root / "bplan", keys, job, backend="clear")
+    assert summary["evaluated"] == 2 and not leftover.exists()
+    assert not list((job / "results").glob("*.tmp")) and len(decrypt_job(client, job)) == 3
 
 
 def test_a_latency_spec_or_plan_is_refused(setup, tmp_path):

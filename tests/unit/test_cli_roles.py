@@ -122,6 +122,12 @@ def test_cli_path_mistakes_and_private_models_get_clear_errors(tmp_path):
           "--out", "x.result"], "expected a file"),
         (["decrypt", "--spec", "plan", "--backend", "clear", "--keys", "nowhere", "--in", "scan.result"],
          "no key directory"),
+        # Outputs onto a file, under a file and onto a directory; a server's store that is a file.
+        (["compile", "--model", "pneumoniamnist", "--out", "scan.ct"], "File exists: scan.ct"),
+        (["keygen", "--spec", "plan", "--backend", "clear", "--out", "scan.ct/keys"], "Not a directory: scan.ct/keys"),
+        (["evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "scan.ct",
+          "--out", "plan"], "plan is a directory"),
+        (["token", "add", "clinic-a", "--data-dir", "scan.ct"], "File exists: scan.ct"),
     ]
     for args, pattern in cases:
         done = medhe(*args, cwd=tmp_path)

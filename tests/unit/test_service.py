@@ -5,7 +5,6 @@ bad input of every kind answered with a 4xx while the server keeps serving."""
 from __future__ import annotations
 
 import json
-import struct
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from medhe.protocol.remote import RemoteClient
 from medhe.service.app import Limits, create_app
 from medhe.service.auth import TokenStore
 from medhe.service.hosting import host_plan
+from tests.bad_input import bad_input_cases, changed, header_of
 from tests.helpers import compile_torch, torch_out
 
 OCTET = {"content-type": "application/octet-stream"}
@@ -98,21 +98,21 @@ def test_clinics_see_and_use_only_their_own_key_ids(service):
     TokenStore(service["data"]).revoke("clinic-b")
     with pytest.raises(RemoteError, match="401"):
         b.models()
-
-
-def _header(message: bytes) -> tuple[dict, int]:
-    header_len = struct.unpack_from(">I", message, 7)[0]
-    return json.loads(message[11: 11 + header_len]), header_len
-
-
-def _with_header(message: bytes, header: bytes) -> bytes:
-    _, header_len = _header(message)
-    return message[:11 - 4] + struct.pack(">I", len(header)) + header + message[11 + header_len:]
-
-
-def _changed(message: bytes, **changes) -> bytes:
-    header, _ = _header(message)
-    return _with_header(message, json.dumps({**header, **changes}).encode())
+    # Revoking every token closes the server to everyone; it never opens it.
+    store = TokenStore(service["data"])
+    for name, _ in store.names():
+        store.revoke(name)
+    a_auth = {"authorization": f"Bearer {service['tokens']['clinic-a']}"}
+    with TestClient(service["app"]) as tc:
+        for headers in (a_auth, {}):
+            answer = tc.get("/v1/models", headers=headers)
+            assert answer.status_code == 401 and answer.json()["error"] == "unauthorized"
+        # An unreadable token store admits nobody either: a JSON 503, not a 500, and no opening.
+        store.path.write_text("{not json")
+        answer = tc.get("/v1/models", headers=a_auth)
+        assert answer.status_code == 503 and answer.json()["error"] == "token_store_unavailable"
+        assert tc.get("/v1/models").status_code == 401
+        assert tc.get("/health").status_code == 200
 
 
 def test_bad_input_of_every_kind_is_a_4xx_and_the_server_keeps_serving(service):
@@ -126,30 +126,11 @@ def test_bad_input_of_every_kind_is_a_4xx_and_the_server_keeps_serving(service):
     foreign = Client(foreign_plan.client_spec(), backend="clear")
     keys = stranger.evaluation_keys()
     auth = {"authorization": f"Bearer {service['tokens']['clinic-a']}"}
-    diagnose, register = "/v1/diagnose", "/v1/keys"
-    cases = {
-        "garbage": (diagnose, b"\x00garbage" * 10, {}, 400),
-        "empty": (diagnose, b"", {}, 400),
-        "truncated": (diagnose, good[:-100], {}, 400),
-        "wrong kind": (diagnose, keys, {}, 400),
-        "wrong plan": (diagnose, foreign.encrypt_image(image), {}, 400),
-        "unknown key id": (diagnose, stranger.encrypt_image(image), {}, 404),
-        "another clinic's key id": (diagnose, b_client.encrypt_image(image), {}, 404),
-        "forged payload digest": (diagnose, _changed(good, payload_sha256="0" * 64), {}, 400),
-        "forged spec digest": (diagnose, _changed(good, spec_digest="f" * 64), {}, 400),
-        "oversized (declared)": (diagnose, b"x", {"content-length": str(10**12)}, 413),
-        "oversized (claimed in header)": (diagnose, _changed(good, payload_bytes=10**9), {}, 413),
-        "oversized (streamed)": (register, iter([keys[:2**16]] + [b"\0" * 2**16] * 40), {}, 413),
-        "header field of the wrong type": (diagnose, _changed(good, key_id={"a": 1}), {}, 400),
-        "huge number": (diagnose, _with_header(good, b'{"payload_bytes": ' + b"9" * 20000 + b"}"), {}, 400),
-        "deep nesting": (diagnose, _with_header(good, b"[" * 5000 + b"]" * 5000), {}, 400),
-        "secret key offered": (register, client.export_secret_key(), {}, 400),
-        "path-like key id": (register, _changed(keys, key_id="../../etc/passwd"), {}, 400),
-        "key id not the hash of the keys": (register, _changed(keys, key_id=client.key_id), {}, 400),
-        "40 ciphertexts in one message": (diagnose, good * 40, {}, 413),
-        "wrong content type": (diagnose, good, {"content-type": "application/json"}, 415),
-        "wrong token": (diagnose, good, {"authorization": "Bearer nope"}, 401),
-    }
+    diagnose = "/v1/diagnose"
+    cases = bad_input_cases(good=good, keys=keys, foreign=foreign.encrypt_image(image),
+                            unknown_key=stranger.encrypt_image(image), other_clinics=b_client.encrypt_image(image),
+                            secret_key=client.export_secret_key(), own_key_id=client.key_id)
+    assert len(cases) >= 15
     with TestClient(service["app"]) as tc:
         for name, (path, body, headers, status) in cases.items():
             response = tc.post(path, content=body, headers={**auth, **OCTET, **headers})
@@ -162,6 +143,64 @@ def test_bad_input_of_every_kind_is_a_4xx_and_the_server_keeps_serving(service):
                                        torch_out(service["seq"], client.preprocess(image)), atol=1e-9)
     assert list((service["data"] / "uploads").iterdir()) == [], "refused uploads leave nothing behind"
     assert stranger.key_id not in {p.stem for p in (service["data"] / "models" / "tiny" / "keys").iterdir()}
+
+
+def test_uploads_are_refused_on_their_header_before_the_payload_reaches_the_disk(service, tmp_path):
+    """Each body here stops a few bytes after its header: a check made only once the whole upload
+    is on disk would answer "truncated" (400 invalid_message) instead of the check's own error."""
+    tiny_keys = Client(service["plan"].client_spec(), backend="clear").evaluation_keys()
+    foreign_keys = Client(_tiny(2)[1].client_spec(), backend="clear").evaluation_keys()
+
+    def cut(message: bytes) -> bytes:
+        return message[:11 + header_of(message)[1] + 8]
+
+    def bearer(name: str) -> dict:
+        return {"authorization": f"Bearer {service['tokens'][name]}", **OCTET}
+
+    b_batch = changed(tiny_keys, kind="batch_ciphertext", key_id=_remote(service, "clinic-b").client("tiny").key_id)
+    cases = [
+        ("/v1/keys", cut(foreign_keys), "clinic-a", 400, "unknown_model"),
+        ("/v1/encrypted-model", cut(changed(tiny_keys, kind="encrypted_model")), "acme", 409, "wrong_mode"),
+        ("/v1/diagnose-batch", cut(b_batch), "clinic-a", 409, "wrong_mode"),  # a latency model
+    ]
+    with TestClient(service["app"]) as tc:
+        for path, body, who, status, code in cases:
+            answer = tc.post(path, content=body, headers=bearer(who))
+            assert (answer.status_code, answer.json()["error"]) == (status, code), (path, answer.text[:300])
+    # Keys larger than the plan's keys can be (under the server's own size limit, 2 GiB by default).
+    data = tmp_path / "plain-limits"
+    model = host_plan(data, "tiny", service["plan"], backend="clear")
+    bound = model.evaluation_keys_bound_bytes()
+    assert bound < Limits().evaluation_keys_bytes
+    with TestClient(create_app([model], data_dir=data)) as tc:
+        answer = tc.post("/v1/keys", content=cut(changed(tiny_keys, payload_bytes=bound + 1)), headers=OCTET)
+        assert answer.status_code == 413 and "evaluation keys for model tiny are at most" in answer.json()["message"]
+        assert list((data / "uploads").iterdir()) == []
+
+
+def test_a_starting_server_sweeps_a_killed_ones_half_written_files_but_not_live_ones(tmp_path):
+    """Old temporary files (a killed server's) go at start; fresh ones stay: under Ray a replica
+    starts while others that share the data directory are writing theirs."""
+    import os
+    import time
+
+    data = tmp_path / "srv"
+    model = host_plan(data, "tiny", _tiny(2)[1], backend="clear")
+    model.owners_dir.mkdir(parents=True, exist_ok=True)
+    places = {"upload": (data / "uploads", "abc.part"), "key": (model.key_dir, ".k.0123.tmp"),
+              "owners": (model.owners_dir, ".o.0123.tmp"), "tokens": (data, ".tokens.json.0123.tmp")}
+    limits = Limits()
+    old = time.time() - limits.upload_deadline_s - limits.evaluate_timeout_s - 60
+    for name, (folder, file) in places.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / file).write_bytes(b"half")
+        os.utime(folder / file, (old, old))
+        (folder / f"live-{file}" if file.endswith(".part") else folder / f"{file[:-4]}.live.tmp").write_bytes(b"now")
+    create_app([model], data_dir=data, limits=limits)
+    for name, (folder, file) in places.items():
+        assert not (folder / file).exists(), f"stale {name} file kept"
+    assert len(list((data / "uploads").glob("*.part"))) == 1
+    assert all(len(list(folder.glob(".*.live.tmp"))) == 1 for name, (folder, _) in places.items() if name != "upload")
 
 
 def test_a_full_queue_answers_503_with_retry_after(service):
@@ -237,7 +276,10 @@ def test_throughput_mode_over_http_matches_plaintext(tmp_path):
     np.testing.assert_allclose(np.stack([r.logits for r in results]), expected, atol=1e-9)
     assert [r.label for r in results] == [["a", "b"][i] for i in expected.argmax(1)]
     # A folder larger than a batch: several batch messages, three in flight at once, results in order.
-    split = remote.diagnose_batch(images, "tiny-batch", slots_per_batch=10, max_in_flight=3)
+    progress = []
+    split = remote.diagnose_batch(images, "tiny-batch", slots_per_batch=10, max_in_flight=3,
+                                  on_batch=lambda done, total: progress.append((done, total)))
+    assert progress == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 37 images in batches of 10
     assert [r.image for r in split] == [str(image) for image in images]
     np.testing.assert_allclose(np.stack([r.logits for r in split]), expected, atol=1e-9)
     assert remote.diagnose_batch([], "tiny-batch") == []

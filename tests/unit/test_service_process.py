@@ -4,6 +4,7 @@ oversized uploads with the server's memory bounded, TLS with a self-signed certi
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -23,7 +24,8 @@ from medhe.protocol import wire
 from medhe.protocol.client import Client
 from medhe.protocol.remote import RemoteClient
 from medhe.service.auth import TokenStore
-from tests.helpers import compile_torch, torch_out
+from tests.bad_input import bad_input_cases
+from tests.helpers import compile_torch, shipped_model_logits, torch_out
 from tests.service_process import MEDHE, ServerProcess, free_port
 
 @pytest.fixture
@@ -57,7 +59,7 @@ def _check(setting, remote: RemoteClient, image) -> None:
 
 
 def test_eight_clinics_at_once_sigkill_and_restart(setting):
-    server = setting["serve"]().start()
+    server = setting["serve"]("--key-cache", "2").start()
     images = [np.random.rand(6, 6) for _ in range(8)]
 
     def clinic(i: int) -> str:
@@ -70,6 +72,10 @@ def test_eight_clinics_at_once_sigkill_and_restart(setting):
         key_ids = list(pool.map(clinic, range(8)))
     assert len(set(key_ids)) == 8
     assert len(server.workers()) == 2, "evaluation runs in 2 worker processes"
+    # 8 clinics over 2 workers, each keeping at most 2 clinics' key sets in memory (--key-cache 2).
+    gauge = [line for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+             if line.startswith("medhe_worker_key_sets ")]
+    assert len(gauge) == 1 and 1 <= float(gauge[0].split()[1]) <= 2, gauge
     for pid in server.workers():  # at a lower priority than the event loop that answers /health
         assert int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16]) > 0
 
@@ -82,11 +88,85 @@ def test_eight_clinics_at_once_sigkill_and_restart(setting):
     assert list((setting["data"] / "uploads").iterdir()) == []
 
 
+def _raw_post(server, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
+    """POST over a bare socket, headers as given (Content-Length included): (status, JSON answer)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Connection: close",
+                 *(f"{name}: {value}" for name, value in headers.items())]
+        sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    head, _, content = received.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(content)
+
+
+def test_bad_input_of_every_kind_to_a_real_server_is_a_4xx_and_no_worker_dies(setting):
+    """The bad-input list of tests/bad_input.py sent over a socket to the server process: each a
+    4xx with a JSON error, the same worker processes still running, and /health and a correct
+    request answered after each."""
+    server = setting["serve"]().start()
+    remote = _remote(setting, server, "clinic-0")
+    client = remote.client("tiny")
+    image = np.random.rand(6, 6)
+    good = client.encrypt_image(image)
+    expected = torch_out(setting["seq"], client.preprocess(image))
+    stranger = Client(setting["plan"].client_spec(), backend="clear")
+    foreign_seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 36, 2)).double()
+    foreign = Client(compile_torch(foreign_seq, (1, 6, 6)).client_spec(), backend="clear")
+    cases = bad_input_cases(good=good, keys=stranger.evaluation_keys(), foreign=foreign.encrypt_image(image),
+                            unknown_key=stranger.encrypt_image(image),
+                            other_clinics=_remote(setting, server, "clinic-1").client("tiny").encrypt_image(image),
+                            secret_key=client.export_secret_key(), own_key_id=client.key_id)
+    workers = server.workers()
+    auth = {"authorization": f"Bearer {setting['tokens']['clinic-0']}", "content-type": "application/octet-stream"}
+    for name, (path, body, headers, status) in cases.items():
+        if "content-length" in headers:  # a length the body does not have: httpx will not send that
+            got, answer = _raw_post(server, path, {**auth, **headers}, body)
+        else:
+            with httpx.Client(timeout=60) as http:
+                response = http.post(f"{server.url}{path}", content=body, headers={**auth, **headers})
+            got, answer = response.status_code, response.json()
+        assert got == status, f"{name}: {got} {answer}"
+        assert answer["error"] and answer["message"], name
+        assert httpx.get(f"{server.url}/health", timeout=10).json()["status"] == "ok", name
+        answer = httpx.post(f"{server.url}/v1/diagnose", content=good, headers=auth, timeout=60)
+        assert answer.status_code == 200, f"after {name}"
+        np.testing.assert_allclose(client.decrypt_logits(answer.content), expected, atol=1e-9)
+    assert server.workers() == workers, "no bad input took a worker process down"
+    assert list((setting["data"] / "uploads").iterdir()) == []
+    # The log: one JSON line per request, with its id, status and time; no token, no message bytes.
+    text = server.log.read_text()
+    logged = [json.loads(line) for line in text.splitlines() if line.startswith('{"request_id"')]
+    assert len(logged) >= 2 * len(cases) and all({"status", "latency_s", "path"} <= set(entry) for entry in logged)
+    assert {entry["status"] for entry in logged} >= {200, 400, 401, 404, 413, 415}
+    payload = good[-48:]  # ciphertext bytes, as they would appear if logged
+    for secret in (setting["tokens"]["clinic-0"], payload.hex(), base64.b64encode(payload).decode(), repr(payload)[2:40]):
+        assert secret not in text
+
+
 def test_a_killed_worker_is_replaced_and_a_stalled_upload_does_not_block(setting):
-    server = setting["serve"]("--upload-timeout", "2").start()
+    server = setting["serve"]("--upload-timeout", "2", "--header-timeout", "2").start()
     remote = _remote(setting, server, "clinic-0")
     image = np.random.rand(6, 6)
     _check(setting, remote, image)
+    # Headers that stop half-way are not waited for: on a new connection, and on a kept-alive one
+    # after a first request was answered.
+    fresh, kept = (socket.create_connection(("127.0.0.1", server.port)) for _ in range(2))
+    kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    kept.settimeout(10)
+    answer = b""
+    while not answer.endswith(b"}"):  # the whole JSON answer, so nothing of it is read below
+        answer += kept.recv(4096)
+    assert answer.startswith(b"HTTP/1.1 200")
+    start = time.perf_counter()
+    for sock in (fresh, kept):
+        sock.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Ty")
+    for sock in (fresh, kept):
+        sock.settimeout(20)
+        assert sock.recv(4096) == b"", "the server closes a connection whose headers stall"
+        sock.close()
+    assert 1.5 < time.perf_counter() - start < 10
     # A client that announces a body and stalls: /health still answers, and the server drops it.
     stalled = socket.create_connection(("127.0.0.1", server.port))
     stalled.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
@@ -112,13 +192,15 @@ def test_a_killed_worker_is_replaced_and_a_stalled_upload_does_not_block(setting
 
 
 def test_an_oversized_streamed_upload_is_refused_with_memory_bounded(setting):
-    server = setting["serve"]().start()
+    setting["plan"].without_weights().save(setting["tmp"] / "architecture")
+    server = setting["serve"](models=("--encrypted-model", f"tiny={setting['tmp'] / 'architecture'}")).start()
     before = server.peak_rss_bytes()
     spec = setting["plan"].client_spec()
     size = 600 * 2**20
-    # A keys message whose header claims 600 MiB (under the 2 GiB limit) with a wrong checksum:
-    # streamed to disk, refused at the end, never held in memory.
-    header = wire.encode("evaluation_keys", b"", key_id="0" * 32, spec_digest=spec.digest(),
+    # An encrypted model whose header claims 600 MiB (under the 2 GiB limit) with a wrong checksum:
+    # streamed to disk, refused at the end, never held in memory. (Evaluation keys that large are
+    # refused on their header: more than this plan's keys can be.)
+    header = wire.encode("encrypted_model", b"", key_id="0" * 32, spec_digest=spec.digest(),
                          params_digest=spec.params.digest())
     prefix, header_len = header[:11], int.from_bytes(header[7:11], "big")
     doc = json.loads(header[11: 11 + header_len])
@@ -132,10 +214,10 @@ def test_an_oversized_streamed_upload_is_refused_with_memory_bounded(setting):
         for _ in range(size // 2**20):
             yield block
 
-    response = httpx.post(f"{server.url}/v1/keys", content=chunks(), timeout=120,
-                          headers={"content-type": "application/octet-stream",
-                                   "authorization": f"Bearer {setting['tokens']['clinic-0']}"})
-    assert response.status_code == 400 and "checksum" in response.json()["message"]
+    owner_token = TokenStore(setting["data"]).add("acme", "owner")
+    response = httpx.post(f"{server.url}/v1/encrypted-model", content=chunks(), timeout=120,
+                          headers={"content-type": "application/octet-stream", "authorization": f"Bearer {owner_token}"})
+    assert response.status_code == 400 and "checksum" in response.json()["message"], response.text
     assert server.peak_rss_bytes() - before < 100 * 2**20, "the upload went to disk, not to memory"
     assert list((setting["data"] / "uploads").iterdir()) == []
     assert httpx.get(f"{server.url}/health").status_code == 200
@@ -194,4 +276,44 @@ def test_encrypted_model_mode_over_http_from_the_command_line(setting):
     expected = torch_out(setting["seq"], client.preprocess(str(image)))
     label = ["0", "1"][int(np.argmax(expected))]
     assert f" {label} " in second.stdout.splitlines()[-1] + " ", second.stdout
+    # Per-step timings: preprocessing, encryption, the request, the server's evaluation, decryption.
+    columns = second.stdout.splitlines()[-2].split()
+    assert columns == ["image", "label", "prob", "prep", "s", "encrypt", "s", "server", "s", "eval", "s", "decrypt", "s"]
+    prep_s, encrypt_s, server_s, eval_s, decrypt_s = map(float, second.stdout.splitlines()[-1].split()[-5:])
+    assert 0 < eval_s <= server_s and min(prep_s, encrypt_s, decrypt_s) >= 0
     assert not (setting["data"] / "models" / "tiny" / "plan" / "arrays.npz").exists()
+    # The encrypted model uploaded before a SIGKILL serves the clinic after the restart.
+    server.kill()
+    restarted = setting["serve"](models=("--encrypted-model", f"tiny={tmp / 'architecture'}", "--workers", "1"))
+    clinic[clinic.index(server.url)] = restarted.start().url
+    third = subprocess.run(clinic, capture_output=True, text=True, env=env, timeout=120)
+    assert third.returncode == 0, third.stderr
+    assert f" {label} " in third.stdout.splitlines()[-1] + " ", third.stdout
+
+
+def test_a_folder_in_throughput_mode_from_the_command_line(setting):
+    """`medhe diagnose --server URL --batch FOLDER` against `medhe serve --batch-model`: one line per
+    image, labels as the plaintext model gives them, and per-image timings amortized over the batch."""
+    from PIL import Image
+
+    from medhe.protocol.keydir import load_key_directory
+
+    server = setting["serve"](models=("--batch-model", "pneumoniamnist", "--workers", "1")).start()
+    studies = setting["tmp"] / "studies"
+    studies.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(5):
+        Image.fromarray((rng.random((28, 28) if i % 2 else (36, 30)) * 255).astype(np.uint8)).save(studies / f"s{i}.png")
+    done = subprocess.run([*MEDHE, "diagnose", "--server", server.url, "--model", "pneumoniamnist-batch", "--batch",
+                           str(studies), "--backend", "clear", "--keys", str(setting["tmp"] / "clinic")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "MEDHE_TOKEN": setting["tokens"]["clinic-0"]})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert "amortized over the batch" in lines[-6] and len(lines[-5:]) == 5
+    remote = _remote(setting, server, "clinic-0")
+    client = load_key_directory(remote.spec("pneumoniamnist-batch"), next((setting["tmp"] / "clinic").glob("pneumo*")))
+    images = sorted(studies.iterdir())
+    expected = shipped_model_logits("pneumoniamnist", np.stack([client.preprocess(p) for p in images]))
+    names = [client.spec.class_names[i] for i in expected.argmax(1)]
+    assert [line.split()[:2] for line in lines[-5:]] == [[str(p)[-39:], name] for p, name in zip(images, names)]
