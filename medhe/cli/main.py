@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
     except OSError as exc:  # a path the user gave is missing, a directory, a file, not writable...
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"medhe {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"medhe {args.command}: error: {exc.strerror or exc or type(exc).__name__}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -246,6 +246,9 @@ def _run_lock(results: Path) -> Iterator[None]:
         except BlockingIOError:
             raise ConfigError(f"another `medhe batch run` is evaluating this job ({path} is locked); wait for it "
                               "to finish, or stop it and run again to resume") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot lock {path} ({exc.strerror}): the job must be on a file system with "
+                              "file locks (local, or NFSv4)") from None
         # Holding the lock, every temporary file in results/ is a killed run's unfinished write.
         for leftover in results.glob(".*.tmp"):
             leftover.unlink(missing_ok=True)
@@ -318,6 +321,9 @@ def _run_on_ray(tasks: list[tuple], address: str, on_batch) -> list[dict]:
         raise ConfigError("running on Ray needs the optional extra: pip install 'medhe[cluster]'") from None
     ray.init(address=None if address == "local" else address, ignore_reinit_error=True,
              log_to_driver=False)
+    if ray.cluster_resources().get("memory", 0) < RAY_TASK_MEMORY_BYTES:  # else the tasks wait for ever
+        raise ConfigError(f"the Ray cluster offers {ray.cluster_resources().get('memory', 0) / 2**30:.1f} GiB of "
+                          f"task memory; a batch task needs {RAY_TASK_MEMORY_BYTES / 2**30:.0f} GiB")
     # A lost node's batch runs again; each task reserves the memory a batch needs.
     remote = ray.remote(num_cpus=1, memory=RAY_TASK_MEMORY_BYTES, max_retries=2)(evaluate_batch_file)
     pending = [remote.remote(*task) for task in tasks]

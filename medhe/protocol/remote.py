@@ -50,7 +50,7 @@ class RemoteResult:
     evaluate_s: float  # evaluation alone, as the server measured it
     decrypt_s: float
     upload_bytes: int
-    preprocess_s: float = 0.0  # reading the file, crop and resize (latency mode; part of encrypt_s in batches)
+    preprocess_s: float = 0.0  # reading the file, crop and resize (in batches: the whole folder's, per image)
 
 
 class RemoteClient:
@@ -269,7 +269,9 @@ class RemoteClient:
         if not images:
             return []
         per_batch = min(slots_per_batch or client.spec.slot_count, client.spec.slot_count)
+        t0 = time.perf_counter()
         inputs = np.stack([client.preprocess(image) for image in images])
+        preprocess_s = (time.perf_counter() - t0) / len(images)
         starts = list(range(0, len(inputs), per_batch))
         in_flight = min(max_in_flight, len(starts))
         workers = max(1, helper_count() // in_flight)  # encryption helpers shared out among the batches
@@ -286,7 +288,7 @@ class RemoteClient:
                     done[0] += 1
                     on_batch(done[0], len(starts))
             return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
-                                 size // len(chunk)) for offset, row in enumerate(logits)]
+                                 size // len(chunk), preprocess_s) for offset, row in enumerate(logits)]
 
         with ThreadPoolExecutor(max_workers=in_flight) as pool:
             return [result for batch in pool.map(one_batch, starts) for result in batch]

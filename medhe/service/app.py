@@ -43,7 +43,7 @@ from medhe.errors import ConfigError, InvalidMessage
 from medhe.protocol import wire
 from medhe.protocol.server import is_key_id
 from medhe.service.auth import Principal, TokenStore
-from medhe.service.hosting import HostedModel, sweep_stale_files, uploads_dir
+from medhe.service.hosting import HostedModel, UploadArea, sweep_stale_files
 from medhe.service.metrics import Metrics, RateLimiter
 from medhe.service.workers import InlinePool, PoolBusy, ProcessPool, WorkerFailed
 
@@ -172,11 +172,11 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     by_digest = {m.spec_digest: m for m in models}
     if len(by_name) != len(models) or len(by_digest) != len(models):
         raise ConfigError("hosted models need distinct names and distinct client specs")
-    uploads = uploads_dir(data_dir)
-    # No upload is written for longer than its deadline, nor evaluated for longer than its timeout.
-    removed = sweep_stale_files(data_dir, models, older_than_s=limits.upload_deadline_s + limits.evaluate_timeout_s)
+    instance = secrets.token_hex(4)  # names this server process (or Ray replica) in answers and logs
+    removed = sweep_stale_files(data_dir, models)
     if removed:
-        log.info("removed %d half-written files left by a stopped server", removed)
+        log.info("removed %d upload areas and half-written files left by stopped servers", removed)
+    uploads = UploadArea(data_dir, instance)
     if workers == 0:
         pool = InlinePool(models, max_key_sets=max_key_sets, queue_size=limits.queue_size)
     else:
@@ -196,7 +196,6 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     app.state.models = by_name
     metrics = Metrics()
     limiter = RateLimiter(limits.requests_per_minute, limits.burst) if limits.requests_per_minute > 0 else None
-    instance = secrets.token_hex(4)  # names this server process (or Ray replica) in answers and logs
 
     # --- errors and logs ------------------------------------------------------------------------
     @app.exception_handler(ServiceError)
@@ -305,7 +304,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     timeouts = {"idle_timeout_s": limits.idle_upload_timeout_s, "deadline_s": limits.upload_deadline_s}
 
     def upload_path() -> Path:
-        return uploads / f"{secrets.token_hex(12)}.part"
+        return uploads.new_file()
 
     # --- endpoints ----------------------------------------------------------------------------
     @app.get("/health")

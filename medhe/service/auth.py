@@ -39,14 +39,15 @@ class TokenStore:
         self.path = Path(data_dir) / TOKENS_FILE
 
     def _entries(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
         try:
+            if not self.path.is_file():
+                return []
             doc = json.loads(self.path.read_text())
             entries = doc["tokens"]
-            assert isinstance(entries, list)
-        except (OSError, ValueError, KeyError, AssertionError):
-            raise ConfigError(f"{self.path} is not a medhe token file; fix or remove it") from None
+            if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+                raise ValueError("tokens must be a list of objects")
+        except (OSError, ValueError, KeyError, TypeError):
+            raise ConfigError(f"{self.path} is not a readable medhe token file; fix or remove it") from None
         return entries
 
     def _write(self, entries: list[dict]) -> None:

@@ -13,9 +13,12 @@ from there, without the compiler) and a key store of its own under the server's 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,15 +128,21 @@ def uploads_dir(data_dir: str | Path) -> Path:
     return path
 
 
-def sweep_stale_files(data_dir: str | Path, models: list["HostedModel"], *, older_than_s: float) -> int:
-    """Remove what a killed server left half-written: upload bodies (uploads/*.part) and the
-    temporary files of the key store, the key owners' lists and the token file. Only files last
-    written more than `older_than_s` ago: replicas that share the data directory (Ray) may be
-    writing theirs right now, and no live upload or write is that old. Returns how many."""
+# Temporary files of the key store, owners lists and token file are written in seconds: one this
+# old is a killed server's.
+STALE_TMP_AGE_S = 3600.0
+
+
+def sweep_stale_files(data_dir: str | Path, models: list["HostedModel"], *,
+                      older_than_s: float = STALE_TMP_AGE_S) -> int:
+    """Remove what killed servers left: their upload areas (`UploadArea`: any whose lock no live
+    server holds, at once), and temporary files of the key store, the key owners' lists and the
+    token file last written more than `older_than_s` ago (replicas sharing the data directory, as
+    under Ray, may be writing theirs right now). Returns how many were removed."""
     root = _data_dir(data_dir)
-    places = [(uploads_dir(root), "*.part"), (root, ".*.tmp")]
-    places += [(folder, ".*.tmp") for model in models for folder in (model.key_dir, model.owners_dir)]
-    cutoff, removed = time.time() - older_than_s, 0
+    removed = UploadArea.sweep(uploads_dir(root), older_than_s=older_than_s)
+    places = [(root, ".*.tmp")] + [(folder, ".*.tmp") for model in models for folder in (model.key_dir, model.owners_dir)]
+    cutoff = time.time() - older_than_s
     for folder, pattern in places:
         for path in folder.glob(pattern):
             try:
@@ -143,6 +152,59 @@ def sweep_stale_files(data_dir: str | Path, models: list["HostedModel"], *, olde
             except FileNotFoundError:  # another replica swept it first
                 pass
     return removed
+
+
+class UploadArea:
+    """One server's (or Ray replica's) folder for request bodies being received,
+    DATA_DIR/uploads/INSTANCE/, locked (flock) for as long as that server's process lives. The
+    kernel drops the lock however the process ends, so a starting server removes every area whose
+    lock it can take (a stopped server's, with whatever it was receiving), and never one that a
+    live server holds."""
+
+    LOCK = ".lock"
+
+    def __init__(self, data_dir: str | Path, instance: str) -> None:
+        check_name(instance, "server instance")
+        root = uploads_dir(data_dir)
+        staging = Path(tempfile.mkdtemp(prefix=".new-", dir=root))
+        self._fd = os.open(staging / self.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        self.path = root / instance
+        os.rename(staging, self.path)  # named once locked: a sweeping server never sees it unlocked
+
+    def new_file(self) -> Path:
+        return self.path / f"{secrets.token_hex(12)}.part"
+
+    @classmethod
+    def sweep(cls, root: Path, *, older_than_s: float) -> int:
+        removed = 0
+        for entry in root.iterdir():
+            try:
+                if entry.is_symlink() or not entry.is_dir():
+                    # An older medhe's bodies (uploads/*.part) or a stray file: by age.
+                    if time.time() - entry.lstat().st_mtime > older_than_s:
+                        entry.unlink()
+                        removed += 1
+                    continue
+                if entry.name.startswith(".new-"):  # a server that died while making its area
+                    if time.time() - entry.stat().st_mtime > 60:
+                        shutil.rmtree(entry, ignore_errors=True)
+                        removed += 1
+                    continue
+                fd = os.open(entry / cls.LOCK, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:  # an area is named only once locked: this one is half removed
+                shutil.rmtree(entry, ignore_errors=True)
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live server's
+            finally:
+                os.close(fd)
+            # Free: its server is gone (instance names are random, so none will take this one again).
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+        return removed
 
 
 def _data_dir(data_dir: str | Path) -> Path:

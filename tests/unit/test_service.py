@@ -108,9 +108,10 @@ def test_clinics_see_and_use_only_their_own_key_ids(service):
             answer = tc.get("/v1/models", headers=headers)
             assert answer.status_code == 401 and answer.json()["error"] == "unauthorized"
         # An unreadable token store admits nobody either: a JSON 503, not a 500, and no opening.
-        store.path.write_text("{not json")
-        answer = tc.get("/v1/models", headers=a_auth)
-        assert answer.status_code == 503 and answer.json()["error"] == "token_store_unavailable"
+        for damaged in ("{not json", '{"tokens": ["x"]}', '["tokens"]'):
+            store.path.write_text(damaged)
+            answer = tc.get("/v1/models", headers=a_auth)
+            assert answer.status_code == 503 and answer.json()["error"] == "token_store_unavailable", damaged
         assert tc.get("/v1/models").status_code == 401
         assert tc.get("/health").status_code == 200
 
@@ -141,7 +142,7 @@ def test_bad_input_of_every_kind_is_a_4xx_and_the_server_keeps_serving(service):
             assert result.status_code == 200, f"after {name}"
             np.testing.assert_allclose(client.decrypt_logits(result.content),
                                        torch_out(service["seq"], client.preprocess(image)), atol=1e-9)
-    assert list((service["data"] / "uploads").iterdir()) == [], "refused uploads leave nothing behind"
+    assert list((service["data"] / "uploads").rglob("*.part")) == [], "refused uploads leave nothing behind"
     assert stranger.key_id not in {p.stem for p in (service["data"] / "models" / "tiny" / "keys").iterdir()}
 
 
@@ -175,32 +176,44 @@ def test_uploads_are_refused_on_their_header_before_the_payload_reaches_the_disk
     with TestClient(create_app([model], data_dir=data)) as tc:
         answer = tc.post("/v1/keys", content=cut(changed(tiny_keys, payload_bytes=bound + 1)), headers=OCTET)
         assert answer.status_code == 413 and "evaluation keys for model tiny are at most" in answer.json()["message"]
-        assert list((data / "uploads").iterdir()) == []
+        assert list((data / "uploads").rglob("*.part")) == []
 
 
-def test_a_starting_server_sweeps_a_killed_ones_half_written_files_but_not_live_ones(tmp_path):
-    """Old temporary files (a killed server's) go at start; fresh ones stay: under Ray a replica
-    starts while others that share the data directory are writing theirs."""
+def test_a_starting_server_sweeps_stopped_servers_files_but_not_live_ones(tmp_path):
+    """Upload areas whose server is gone (their lock is free) go at once, whatever their age; a
+    live server's area stays (under Ray, replicas share the data directory). Temporary files of
+    the key store, owners lists and tokens go when older than an hour, fresh ones stay."""
+    import fcntl
     import os
     import time
 
     data = tmp_path / "srv"
     model = host_plan(data, "tiny", _tiny(2)[1], backend="clear")
     model.owners_dir.mkdir(parents=True, exist_ok=True)
-    places = {"upload": (data / "uploads", "abc.part"), "key": (model.key_dir, ".k.0123.tmp"),
-              "owners": (model.owners_dir, ".o.0123.tmp"), "tokens": (data, ".tokens.json.0123.tmp")}
-    limits = Limits()
-    old = time.time() - limits.upload_deadline_s - limits.evaluate_timeout_s - 60
-    for name, (folder, file) in places.items():
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / file).write_bytes(b"half")
-        os.utime(folder / file, (old, old))
-        (folder / f"live-{file}" if file.endswith(".part") else folder / f"{file[:-4]}.live.tmp").write_bytes(b"now")
-    create_app([model], data_dir=data, limits=limits)
-    for name, (folder, file) in places.items():
-        assert not (folder / file).exists(), f"stale {name} file kept"
-    assert len(list((data / "uploads").glob("*.part"))) == 1
-    assert all(len(list(folder.glob(".*.live.tmp"))) == 1 for name, (folder, _) in places.items() if name != "upload")
+    areas = {name: data / "uploads" / name for name in ("0dead000", "11fe0000")}
+    for area in areas.values():
+        area.mkdir(parents=True)
+        (area / ".lock").touch()
+        (area / "body.part").write_bytes(b"half a body")
+    live = open(areas["11fe0000"] / ".lock", "a")  # a live server holds its area's lock
+    fcntl.flock(live, fcntl.LOCK_EX)
+    places = {"key": model.key_dir, "owners": model.owners_dir, "tokens": data}
+    old = time.time() - 2 * 3600
+    for folder in places.values():
+        (folder / ".x.0123.tmp").write_bytes(b"half")
+        os.utime(folder / ".x.0123.tmp", (old, old))
+        (folder / ".x.4567.tmp").write_bytes(b"being written")
+    create_app([model], data_dir=data)
+    assert not areas["0dead000"].exists(), "a stopped server's upload area is removed at once"
+    assert (areas["11fe0000"] / "body.part").exists(), "a live server's upload is left alone"
+    for name, folder in places.items():
+        assert not (folder / ".x.0123.tmp").exists() and (folder / ".x.4567.tmp").exists(), name
+    # The new server's own area is locked: a second server starting now keeps it.
+    mine = [area for area in (data / "uploads").iterdir() if area.name not in areas]
+    assert len(mine) == 1 and (mine[0] / ".lock").exists()
+    create_app([model], data_dir=data)
+    assert mine[0].exists() and areas["11fe0000"].exists()
+    live.close()
 
 
 def test_a_full_queue_answers_503_with_retry_after(service):
@@ -283,6 +296,7 @@ def test_throughput_mode_over_http_matches_plaintext(tmp_path):
     assert [r.image for r in split] == [str(image) for image in images]
     np.testing.assert_allclose(np.stack([r.logits for r in split]), expected, atol=1e-9)
     assert remote.diagnose_batch([], "tiny-batch") == []
+    assert all(r.preprocess_s > 0 for r in split)
     # Each model only on its own endpoint.
     with TestClient(app) as tc:
         batch_message = client.encrypt_batch(np.stack([client.preprocess(i) for i in images[:3]]))
@@ -297,5 +311,10 @@ def test_throughput_mode_over_http_matches_plaintext(tmp_path):
                                               spec_digest=spec.digest(), params_digest=spec.params.digest())
         wrong = tc.post("/v1/diagnose-batch", content=for_latency_model, headers=OCTET)
         assert wrong.status_code == 409 and wrong.json()["error"] == "wrong_mode"
+        # A batch under keys the server does not have is refused on its header (the body here stops
+        # short: a check after the whole upload would answer "truncated").
+        stranger = changed(batch_message, key_id="0" * 32)
+        wrong = tc.post("/v1/diagnose-batch", content=stranger[:11 + header_of(stranger)[1] + 8], headers=OCTET)
+        assert wrong.status_code == 404 and wrong.json()["error"] == "unknown_key", wrong.text
     with pytest.raises(ConfigError, match="latency mode"):
         remote.diagnose_batch(images[:2], "tiny")

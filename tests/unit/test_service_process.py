@@ -85,7 +85,7 @@ def test_eight_clinics_at_once_sigkill_and_restart(setting):
         remote = _remote(setting, restarted, f"clinic-{i}")
         assert remote.key_status(key_ids[i]) is not None, "keys registered before SIGKILL are still there"
         _check(setting, remote, images[i])
-    assert list((setting["data"] / "uploads").iterdir()) == []
+    assert list((setting["data"] / "uploads").rglob("*.part")) == []
 
 
 def _raw_post(server, path: str, headers: dict, body: bytes) -> tuple[int, dict]:
@@ -134,7 +134,7 @@ def test_bad_input_of_every_kind_to_a_real_server_is_a_4xx_and_no_worker_dies(se
         assert answer.status_code == 200, f"after {name}"
         np.testing.assert_allclose(client.decrypt_logits(answer.content), expected, atol=1e-9)
     assert server.workers() == workers, "no bad input took a worker process down"
-    assert list((setting["data"] / "uploads").iterdir()) == []
+    assert list((setting["data"] / "uploads").rglob("*.part")) == []
     # The log: one JSON line per request, with its id, status and time; no token, no message bytes.
     text = server.log.read_text()
     logged = [json.loads(line) for line in text.splitlines() if line.startswith('{"request_id"')]
@@ -150,15 +150,32 @@ def test_a_killed_worker_is_replaced_and_a_stalled_upload_does_not_block(setting
     remote = _remote(setting, server, "clinic-0")
     image = np.random.rand(6, 6)
     _check(setting, remote, image)
-    # Headers that stop half-way are not waited for: on a new connection, and on a kept-alive one
-    # after a first request was answered.
-    fresh, kept = (socket.create_connection(("127.0.0.1", server.port)) for _ in range(2))
-    kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    # The header deadline (2 s) counts only while headers arrive: not a body that takes longer, not
+    # idle time between requests on a kept-alive connection.
+    message = remote.client("tiny").encrypt_image(image)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as slow:
+        slow.sendall(f"POST /v1/diagnose HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                     f"Authorization: Bearer {setting['tokens']['clinic-0']}\r\nContent-Length: {len(message)}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        for piece in np.array_split(np.frombuffer(message, dtype=np.uint8), 4):
+            time.sleep(0.8)
+            slow.sendall(piece.tobytes())
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    kept = socket.create_connection(("127.0.0.1", server.port))
     kept.settimeout(10)
-    answer = b""
-    while not answer.endswith(b"}"):  # the whole JSON answer, so nothing of it is read below
-        answer += kept.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 200")
+    for pause_s in (2.5, 0):  # past the deadline counted from the connection; under the 5 s keep-alive
+        kept.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        answer = b""
+        while not answer.endswith(b"}"):  # the whole JSON answer, so nothing of it is read below
+            answer += kept.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200")
+        time.sleep(pause_s)
+    # Headers that stop half-way are not waited for: on a new connection, and on a kept-alive one
+    # after a request was answered.
+    fresh = socket.create_connection(("127.0.0.1", server.port))
     start = time.perf_counter()
     for sock in (fresh, kept):
         sock.sendall(b"POST /v1/keys HTTP/1.1\r\nHost: x\r\nContent-Ty")
@@ -219,7 +236,7 @@ def test_an_oversized_streamed_upload_is_refused_with_memory_bounded(setting):
                           headers={"content-type": "application/octet-stream", "authorization": f"Bearer {owner_token}"})
     assert response.status_code == 400 and "checksum" in response.json()["message"], response.text
     assert server.peak_rss_bytes() - before < 100 * 2**20, "the upload went to disk, not to memory"
-    assert list((setting["data"] / "uploads").iterdir()) == []
+    assert list((setting["data"] / "uploads").rglob("*.part")) == []
     assert httpx.get(f"{server.url}/health").status_code == 200
 
 
