@@ -23,6 +23,12 @@ def key_switching_key_bytes(params) -> int:
     return (primes - 1) * params.poly_modulus_degree * primes * 8 + KEY_HEADER_BYTES
 
 
+def key_switching_bytes_bound(params, keys: int) -> int:
+    """The most `keys` serialized key-switching keys can take, seeded or not (SEAL's unseeded form
+    is twice the seeded one): what a server accepts before loading any of them."""
+    return 2 * key_switching_key_bytes(params) * keys
+
+
 def _distances(key_steps: Iterable[int], slots: int,
                max_depth: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Fewest key rotations to reach each slot offset (-1 = unreachable, or further than

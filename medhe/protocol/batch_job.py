@@ -35,7 +35,7 @@ import numpy as np
 
 from medhe.errors import BackendError, ConfigError, InvalidMessage, MedHEError
 from medhe.protocol import wire
-from medhe.protocol.server import _atomic_write
+from medhe.protocol.server import TEMPORARY_GLOB, _atomic_write
 
 JOB_FORMAT = "medhe-batch-job"
 JOB_FORMAT_VERSION = 1
@@ -250,7 +250,7 @@ def _run_lock(results: Path) -> Iterator[None]:
             raise ConfigError(f"cannot lock {path} ({exc.strerror}): the job must be on a file system with "
                               "file locks (local, or NFSv4)") from None
         # Holding the lock, every temporary file in results/ is a killed run's unfinished write.
-        for leftover in results.glob(".*.tmp"):
+        for leftover in results.glob(TEMPORARY_GLOB):
             leftover.unlink(missing_ok=True)
         yield
     finally:

@@ -46,8 +46,18 @@ def operand_label(key: tuple[int, str]) -> str:
     return f"i{key[0]}.{key[1]}"
 
 
+# Every file medhe writes atomically is first written under a hidden temporary sibling name of this
+# shape; a killed writer leaves one behind, which is what the sweeps of stopped servers and batch
+# runs look for (TEMPORARY_GLOB).
+TEMPORARY_GLOB = ".*.tmp"
+
+
+def temporary_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    tmp = temporary_sibling(path)
     try:
         tmp.write_bytes(data)
         tmp.replace(path)
@@ -65,7 +75,7 @@ def _place_once(path: Path, data: bytes | None = None, *, upload: Path | None = 
         return False
     source = upload
     if source is None:
-        source = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        source = temporary_sibling(path)
         source.write_bytes(data)
     try:
         os.link(source, path)
@@ -149,7 +159,7 @@ class Server:
                                  f"this server runs {self.backend_kind!r}")
         if self.backend_kind == "clear":
             return ClearBackend(self.plan.params)
-        from medhe.plan.keychains import key_switching_key_bytes
+        from medhe.plan.keychains import key_switching_bytes_bound
         from medhe.runtime.seal_backend import SEALServerBackend
 
         needed = set(self.plan.galois_steps())
@@ -165,11 +175,11 @@ class Server:
             raise InvalidMessage("evaluation keys list rotation steps but carry no Galois keys")
         # SEAL expands seeded keys on load (twice the bytes): refuse more than the plan's keys,
         # seeded or not, before any of it is loaded, so an upload cannot claim more memory.
-        per_key = key_switching_key_bytes(self.plan.params)
         for name, data, keys in (("relinearization", relin, 1), ("Galois", galois, len(needed))):
-            if len(data) > 2 * per_key * keys:
+            bound = key_switching_bytes_bound(self.plan.params, keys)
+            if len(data) > bound:
                 raise InvalidMessage(f"{name} keys of {len(data)} bytes exceed the {keys} key(s) this plan needs "
-                                     f"(at most {2 * per_key * keys} bytes)")
+                                     f"(at most {bound} bytes)")
         return SEALServerBackend(self.plan.params, relin, galois or None, context=self._shared_context())
 
     def _entry(self, key_id: str) -> _KeySet:

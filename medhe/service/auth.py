@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medhe.errors import ConfigError
+from medhe.protocol.server import temporary_sibling
 from medhe.service.hosting import check_name
 
 TOKENS_FILE = "tokens.json"
@@ -52,7 +53,7 @@ class TokenStore:
 
     def _write(self, entries: list[dict]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+        tmp = temporary_sibling(self.path)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as f:
             json.dump({"format": "medhe-tokens", "tokens": entries}, f, indent=1)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from medhe.errors import ConfigError
 from medhe.plan import BatchPlan, ClientSpec, Plan, load_plan_dir
-from medhe.protocol.server import KEYS_SUFFIX, MODEL_SUFFIX, is_key_id
+from medhe.protocol.server import KEYS_SUFFIX, MODEL_SUFFIX, TEMPORARY_GLOB, _atomic_write, is_key_id
 
 _MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}\Z")
 
@@ -59,11 +59,10 @@ class HostedModel:
 
     def evaluation_keys_bound_bytes(self) -> int:
         """The most a keys message for this model can hold: the relinearization key and one Galois
-        key per rotation step, each at most twice its seeded size (a client may send them
-        unseeded), and room for the message's framing."""
-        from medhe.plan.keychains import key_switching_key_bytes
+        key per rotation step, seeded or not, and room for the message's framing."""
+        from medhe.plan.keychains import key_switching_bytes_bound
 
-        return 2 * key_switching_key_bytes(self.spec.params) * (1 + len(self.spec.rotation_steps)) + 2**16
+        return key_switching_bytes_bound(self.spec.params, 1 + len(self.spec.rotation_steps)) + 2**16
 
     def has_keys(self, key_id: str) -> bool:
         return is_key_id(key_id) and (self.key_dir / f"{key_id}{KEYS_SUFFIX}").is_file()
@@ -76,9 +75,7 @@ class HostedModel:
         path = self.owners_dir / key_id
         owners = set(path.read_text().split()) if path.is_file() else set()
         if clinic not in owners:
-            tmp = path.with_name(f".{key_id}.{secrets.token_hex(6)}.tmp")
-            tmp.write_text("".join(f"{name}\n" for name in sorted(owners | {clinic})))
-            os.replace(tmp, path)
+            _atomic_write(path, "".join(f"{name}\n" for name in sorted(owners | {clinic})).encode())
 
     def owned_by(self, key_id: str, clinic: str) -> bool:
         path = self.owners_dir / key_id
@@ -141,10 +138,10 @@ def sweep_stale_files(data_dir: str | Path, models: list["HostedModel"], *,
     under Ray, may be writing theirs right now). Returns how many were removed."""
     root = _data_dir(data_dir)
     removed = UploadArea.sweep(uploads_dir(root), older_than_s=older_than_s)
-    places = [(root, ".*.tmp")] + [(folder, ".*.tmp") for model in models for folder in (model.key_dir, model.owners_dir)]
+    folders = [root] + [folder for model in models for folder in (model.key_dir, model.owners_dir)]
     cutoff = time.time() - older_than_s
-    for folder, pattern in places:
-        for path in folder.glob(pattern):
+    for folder in folders:
+        for path in folder.glob(TEMPORARY_GLOB):
             try:
                 if path.lstat().st_mtime < cutoff:
                     path.unlink()
