@@ -47,19 +47,23 @@ def pneumoniamnist_npz() -> Path:
     return PNEUMONIAMNIST_NPZ
 
 
-_SUMMARIES: list[str] = []
+MEASUREMENT = "medhe measurement"
 
 
 @pytest.fixture
-def report_line():
-    """Lines a test wants in the terminal summary (e.g. measured encrypted-vs-plaintext errors)."""
-    return _SUMMARIES.append
+def report_line(request):
+    """Lines a test wants in the terminal summary (e.g. measured encrypted-vs-plaintext errors).
+    They travel in the test's report, so they reach the summary from pytest-xdist workers too."""
+    return lambda line: request.node.user_properties.append((MEASUREMENT, line))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _SUMMARIES:
+    lines = [value for reports in terminalreporter.stats.values() for report in reports
+             if getattr(report, "when", None) == "call"
+             for name, value in getattr(report, "user_properties", ()) if name == MEASUREMENT]
+    if lines:
         terminalreporter.section("medhe measurements")
-        for line in _SUMMARIES:
+        for line in lines:
             terminalreporter.write_line(line)
 
 
@@ -68,7 +72,9 @@ RAY = str(Path(sys.executable).with_name("ray"))
 
 @pytest.fixture
 def ray_cluster(tmp_path):
-    """A local Ray cluster of 2 CPUs started for the test (its address); skipped without Ray."""
+    """A local Ray cluster of 2 CPUs started for the test (its address); skipped without Ray.
+    `ray stop --force` at the end stops every Ray process of the machine, so tests using this
+    fixture carry `@pytest.mark.xdist_group("ray")`: pytest-xdist (`--dist loadgroup`) runs them one after another."""
     pytest.importorskip("ray", reason="Ray is the optional extra medhe[cluster]")
     from tests.service_process import free_port
 

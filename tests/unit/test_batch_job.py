@@ -224,6 +224,7 @@ def test_a_latency_spec_or_plan_is_refused(setup, tmp_path):
         encrypt_job(client, ["x.png"], tmp_path / "job0", images_per_batch=0)
 
 
+@pytest.mark.xdist_group("ray")  # the ray_cluster fixture stops every Ray process
 def test_batches_run_as_tasks_on_a_ray_cluster(setup, ray_cluster, tmp_path):
     """The same job on a local Ray cluster: every batch a task in a Ray worker process (not this
     one), the same results as in this process."""

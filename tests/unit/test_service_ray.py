@@ -18,6 +18,7 @@ from tests.service_process import ServerProcess
 pytest.importorskip("ray.serve", reason="Ray is the optional extra medhe[cluster]")
 
 
+@pytest.mark.xdist_group("ray")  # the ray_cluster fixture stops every Ray process
 def test_two_ray_replicas_share_the_key_store(ray_cluster, tmp_path):
     seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * 36, 2)).double()
     plan = compile_torch(seq, (1, 6, 6))
