@@ -11,7 +11,9 @@ Br35H: train on `train`, evaluate on `test`, 32x32.
 Both systems get the same eval images; plaintext accuracy is over all of them, encrypted
 accuracy / agreement / latencies over the first --limit. The medhe side is
 `medhe.bench.run_ours(dataset, eval_gray01_images, eval_labels, limit)`; when it cannot be
-imported or fails, the baseline is still reported and written.
+imported or fails, the baseline is still reported and written. `--medhe-processes 1 2` measures
+medhe twice: in one process, and with each evaluation shared with a helper process (the
+baseline's thread pool uses both cores too).
 See benchmarks/README.md.
 """
 
@@ -194,6 +196,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--skip-ours", action="store_true", help="run the baseline only")
+    parser.add_argument(
+        "--medhe-processes", type=int, nargs="+", choices=(1, 2), default=[1],
+        help="medhe rows to measure: 1 = one process per evaluation, 2 = each evaluation shared with a "
+             "helper process (both cores, as the baseline's thread pool uses); default 1",
+    )
     args = parser.parse_args(argv)
     if args.limit < 1:
         parser.error("--limit must be >= 1")
@@ -236,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- ours: medhe ---------------------------------------------------------------------
     ours: dict[str, Any] | None = None
+    ours_rows: list[dict[str, Any]] = []
     ours_error: str | None = None
     exit_code = 0
     if args.skip_ours:
@@ -247,22 +255,31 @@ def main(argv: list[str] | None = None) -> int:
             ours_error = f"{type(exc).__name__}: {exc}"
             print(f"medhe side unavailable: {ours_error}", flush=True)
         else:
-            try:
-                t0 = time.perf_counter()
-                ours = dict(run_ours(args.dataset, eval_gray, eval_y, limit))
-                ours.setdefault("system", "medhe")
-                ours.setdefault("wall_s", time.perf_counter() - t0)
-            except Exception as exc:
-                ours_error = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                print(f"medhe side unavailable: {ours_error}", flush=True)
-                exit_code = 1
+            for processes in args.medhe_processes:
+                try:
+                    t0 = time.perf_counter()
+                    row = dict(run_ours(args.dataset, eval_gray, eval_y, limit, two_processes=processes == 2))
+                    row.setdefault("system", "medhe")
+                    row.setdefault("wall_s", time.perf_counter() - t0)
+                    ours_rows.append(row)
+                except Exception as exc:
+                    ours_error = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                    print(f"medhe side unavailable: {ours_error}", flush=True)
+                    exit_code = 1
+            ours = ours_rows[0] if ours_rows else None
 
     # ---- report --------------------------------------------------------------------------
-    rows = [baseline] + ([ours] if ours else [])
-    speed_ratio = None
-    if ours and ours.get("server_latency_median_s") and baseline.get("server_latency_median_s"):
-        speed_ratio = float(baseline["server_latency_median_s"]) / float(ours["server_latency_median_s"])
+    rows = [baseline] + ours_rows
+
+    def ratio(row: dict[str, Any]) -> float | None:
+        if row.get("server_latency_median_s") and baseline.get("server_latency_median_s"):
+            return float(baseline["server_latency_median_s"]) / float(row["server_latency_median_s"])
+        return None
+
+    speed_ratio = ratio(ours) if ours else None
+    for row in ours_rows:
+        row["speed_ratio_baseline_over_this"] = ratio(row)
 
     print()
     print(format_table(rows))
@@ -273,7 +290,10 @@ def main(argv: list[str] | None = None) -> int:
         f"q={baseline['parameters']['coeff_mod_bit_sizes']}, scale 2^{baseline['parameters']['global_scale_bits']}"
     )
     if speed_ratio is not None:
-        print(f"speed ratio (baseline server latency / ours): {speed_ratio:.2f}x")
+        for row in ours_rows:
+            if row["speed_ratio_baseline_over_this"] is not None:
+                print(f"speed ratio (baseline server latency / {row['system']}): "
+                      f"{row['speed_ratio_baseline_over_this']:.2f}x")
     else:
         print(f"speed ratio: n/a ({ours_error or 'ours reported no server latency'})")
 
@@ -290,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "speed_ratio_baseline_over_ours": speed_ratio,
         "baseline": baseline,
         "ours": ours,
+        "ours_rows": ours_rows,
         "ours_error": ours_error,
         "environment": {**_environment(), "load_average_start_1_5_15min": load_at_start},
         "created_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def run_ours(dataset: str, eval_gray01_images: np.ndarray, eval_labels: np.ndarray, limit: int) -> dict:
+def run_ours(dataset: str, eval_gray01_images: np.ndarray, eval_labels: np.ndarray, limit: int, *,
+             two_processes: bool = False) -> dict:
     import torch
 
     from medhe.compiler import compile_model
@@ -20,11 +21,13 @@ def run_ours(dataset: str, eval_gray01_images: np.ndarray, eval_labels: np.ndarr
         reference = model(torch.tensor(inputs)).double().numpy()
     labels = np.asarray(eval_labels).reshape(-1)
     plan = compile_model(model_dir)
-    session = LocalSession(plan)
+    session = LocalSession(plan, two_processes=two_processes)
     results = session.diagnose_many(inputs[:limit])
     summary = summarize(results, reference[:limit], labels[:limit])
     summary.update({
-        "system": f"medhe ({len(card.arch.conv_channels)} conv blocks, {plan.multiplicative_depth} mult in {plan.depth} rescales)",
+        "system": f"medhe ({len(card.arch.conv_channels)} conv blocks, {plan.multiplicative_depth} mult in {plan.depth} rescales"
+                  + (", 2 processes)" if two_processes else ")"),
+        "processes": 2 if two_processes else 1,
         "plaintext_accuracy": float((reference.argmax(1) == labels).mean()),
         "n_plaintext": int(len(labels)),
         "eval_key_bytes": session.eval_key_bytes,

@@ -33,6 +33,7 @@ class LocalSession:
     plan: Plan
     backend: str = "seal"
     encrypted_model: bool = False
+    two_processes: bool = False  # share each evaluation with a helper process (medhe.runtime.split)
     client: Client = field(init=False)
     server: Server = field(init=False)
     keygen_s: float = field(init=False)
@@ -46,7 +47,8 @@ class LocalSession:
         keys = self.client.evaluation_keys()
         self.keygen_s = time.perf_counter() - start
         self.eval_key_bytes = len(keys)
-        self.server = Server(self.plan, backend=self.backend, encrypted_model=self.encrypted_model)
+        self.server = Server(self.plan, backend=self.backend, encrypted_model=self.encrypted_model,
+                             two_processes=self.two_processes)
         self.server.register_keys(keys)
         if self.encrypted_model:
             start = time.perf_counter()

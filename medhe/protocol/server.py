@@ -25,6 +25,7 @@ from medhe.protocol.client import spec_ids
 from medhe.runtime.batch_executor import BatchExecutor
 from medhe.runtime.clear import ClearBackend
 from medhe.runtime.executor import EncryptedWeights, Executor, operand_schedule
+from medhe.runtime.split import TwoProcessExecutor
 
 _KEY_ID = re.compile(rf"^[0-9a-f]{{{wire.KEY_ID_HEX_DIGITS}}}\Z")
 KEYS_SUFFIX = ".keys"
@@ -108,7 +109,11 @@ class Server:
     """
 
     def __init__(self, plan: Plan | BatchPlan, *, backend: str = "seal", key_dir: str | Path | None = None,
-                 encrypted_model: bool = False, max_key_sets: int | None = None) -> None:
+                 encrypted_model: bool = False, max_key_sets: int | None = None,
+                 two_processes: bool = False) -> None:
+        """two_processes: each latency-mode evaluation shares its larger linear layers with a
+        forked helper process (medhe.runtime.split): lower latency when a core is idle, more
+        CPU per request; for a server that evaluates one request at a time."""
         if backend not in ("seal", "clear"):
             raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
         if encrypted_model:
@@ -128,6 +133,9 @@ class Server:
                 raise ConfigError(f"the key store {self.key_dir} exists and is not a directory")
             self.key_dir.mkdir(parents=True, exist_ok=True)
         self.max_key_sets = max_key_sets
+        if two_processes and isinstance(plan, BatchPlan):
+            raise ConfigError("two-process evaluation is for latency plans; throughput mode has no rotations to share")
+        self.two_processes = two_processes
         self._ids = spec_ids(self.spec)
         self._key_sets: OrderedDict[str, _KeySet] = OrderedDict()
         self._plain_cache: dict = {}  # encoded weights depend on the parameters only: shared by key sets
@@ -275,6 +283,8 @@ class Server:
         else:
             executor = Executor(self.plan, backend, cache=self._plain_cache)
             executor.prepare()
+        if self.two_processes:
+            executor = TwoProcessExecutor(executor)  # forked after prepare: it shares the encoded weights
         with self._lock:
             # Keys or model replaced or evicted meanwhile: use this executor once, keep none.
             current = self._key_sets.get(key_id)
@@ -366,5 +376,8 @@ class Server:
         if executor.backend.levels_left(ct) != self.plan.depth:
             raise InvalidMessage(f"ciphertext has {executor.backend.levels_left(ct)} levels, the plan needs "
                                  f"a fresh one with {self.plan.depth}")
-        out = executor.run(ct, timings=timings)
+        if self.two_processes:  # the helper gets the bytes as they came: no second serialisation
+            out = executor.run(ct, timings=timings, input_bytes=msg.payload)
+        else:
+            out = executor.run(ct, timings=timings)
         return wire.encode("result", executor.backend.serialize(out), key_id=key_id, **self._ids)

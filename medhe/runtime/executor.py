@@ -121,6 +121,8 @@ class Executor:
         self.weights = weights if weights is not None else PlainWeights(plan, backend, cache)
         self._target_scale = 2.0 ** plan.params.log_scale_bits
         self._chains = plan.rotation_chains()
+        # Set while a two-process evaluation runs (medhe.runtime.split): shares linear layers.
+        self.partner = None
 
     def _rotate(self, x, step: int):
         """Rotate by `step`: one key rotation, or several when the key budget left it without a key."""
@@ -137,9 +139,24 @@ class Executor:
         be, weights = self.backend, self.weights
         operand_scales, _, _ = ins.operand_scales(be.scale(x), be.rescale_divisor(x), self._target_scale)
         scales = dict(operand_scales)
-        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in ins.babies}
+        babies = self.partner.share(ins) if self.partner is not None else None
+        if babies is None:
+            acc = self._linear_terms(index, ins, x, scales, ins.babies)
+        else:  # this process's babies; the partner process adds the terms of the others
+            acc = self.partner.combine(self._linear_terms(index, ins, x, scales, babies))
+        if ins.has_bias:
+            acc = weights.add(acc, weights.get((index, "bias"), x, scales["bias"]))
+        return acc  # rescaled later, by run(): rotations until then see less relative noise
+
+    def _linear_terms(self, index: int, ins, x, scales: dict, babies):
+        """The sum over the pairs whose baby step is in `babies` (all of them: the layer's output
+        without its bias), relinearised."""
+        be, weights = self.backend, self.weights
+        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in babies}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
+            if b not in rotated:
+                continue
             term = weights.multiply(rotated[b], weights.get((index, f"d{p}"), x, scales[f"d{p}"]))
             if g in per_giant:
                 be.add_inplace(per_giant[g], term)  # terms are fresh: safe to add into in place
@@ -147,15 +164,12 @@ class Executor:
                 per_giant[g] = term
         # Encrypted weights leave three-component products: each giant's sum is relinearised once
         # before its rotation; the unrotated sum (giant 0) takes the rest and is relinearised last.
+        unrotated = 0 in per_giant
         acc = per_giant.pop(0, None)
         for g, partial in per_giant.items():
             moved = self._rotate(weights.relinearize(partial), g)
             acc = moved if acc is None else be.add_inplace(acc, moved)
-        if 0 in {g for g, _ in ins.pairs}:
-            acc = weights.relinearize(acc)
-        if ins.has_bias:
-            acc = weights.add(acc, weights.get((index, "bias"), x, scales["bias"]))
-        return acc  # rescaled later, by run(): rotations until then see less relative noise
+        return weights.relinearize(acc) if unrotated else acc
 
     def _run_rotsum(self, index: int, ins, x):
         be = self.backend
@@ -177,9 +191,10 @@ class Executor:
     def _run_add_plain(self, index: int, ins, x):
         return self.weights.add(x, self.weights.get((index, "vector"), x, self.backend.scale(x)))
 
-    def run(self, ct, *, trace: list | None = None, timings: dict | None = None):
+    def run(self, ct, *, trace: list | None = None, timings: dict | None = None, stop_after: int | None = None):
         """Evaluate the plan on an input ciphertext. With `trace`, each instruction's output is
-        appended (for per-layer checks against the plaintext model)."""
+        appended (for per-layer checks against the plaintext model). With `stop_after`, only the
+        instructions up to that index run (the helper of a two-process evaluation)."""
         be = self.backend
         x = ct
         pending_rescale = False
@@ -199,4 +214,6 @@ class Executor:
                 timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
             if trace is not None:
                 trace.append(x)
+            if index == stop_after:
+                return x
         return be.rescale(x) if pending_rescale else x

@@ -179,19 +179,14 @@ def test_seal_objects_never_pass_through_a_named_file(monkeypatch):
     assert {p: set(os.listdir(p)) for p in places} == before
 
 
-@pytest.mark.parametrize("encrypted_model", [False, True])
-def test_a_galois_key_budget_keeps_the_result_on_seal(encrypted_model):
-    """Fewer rotation keys, steps made of several key rotations: still the plaintext model's logits."""
+def server_matches_torch(seq, plan, encrypted_model: bool, **server_options) -> Server:
+    """Two inputs through a SEAL server (plain or encrypted weights): the plaintext model's logits
+    within the CKKS tolerance, and its labels. Returns the server."""
     from medhe.protocol.owner import ModelOwner
     from tests.helpers import ckks_tolerance_encrypted_model
 
-    seq = two_block_model()
-    full = small_plan(seq, (1, 16, 16))
-    plan = compile_torch(seq, (1, 16, 16), poly_modulus_degree=SMALL_N, insecure_for_tests=True,
-                         max_galois_keys=max(2, len(full.rotation_steps()) // 2))
-    assert len(plan.galois_steps()) < len(full.rotation_steps()) and plan.report["rotations"] > full.report["rotations"]
     client = Client(plan.client_spec(), backend="seal")
-    server = Server(plan, backend="seal", encrypted_model=encrypted_model)
+    server = Server(plan, backend="seal", encrypted_model=encrypted_model, **server_options)
     server.register_keys(client.evaluation_keys())
     if encrypted_model:
         server.register_encrypted_model(ModelOwner().encrypt_model(plan, client.public_key()))
@@ -201,6 +196,19 @@ def test_a_galois_key_budget_keeps_the_result_on_seal(encrypted_model):
         expected = torch_out(seq, x)
         got = client.decrypt_logits(server.evaluate(client.encrypt_input(x)))
         np.testing.assert_allclose(got, expected, atol=tolerance(plan, np.abs(expected).max()))
+        assert np.argmax(got) == np.argmax(expected)
+    return server
+
+
+@pytest.mark.parametrize("encrypted_model", [False, True])
+def test_a_galois_key_budget_keeps_the_result_on_seal(encrypted_model):
+    """Fewer rotation keys, steps made of several key rotations: still the plaintext model's logits."""
+    seq = two_block_model()
+    full = small_plan(seq, (1, 16, 16))
+    plan = compile_torch(seq, (1, 16, 16), poly_modulus_degree=SMALL_N, insecure_for_tests=True,
+                         max_galois_keys=max(2, len(full.rotation_steps()) // 2))
+    assert len(plan.galois_steps()) < len(full.rotation_steps()) and plan.report["rotations"] > full.report["rotations"]
+    server_matches_torch(seq, plan, encrypted_model)
 
 
 def test_batch_encryption_helpers_need_no_main_guard_and_report_failures(tmp_path):
@@ -277,3 +285,18 @@ def test_keys_for_more_steps_than_the_plan_needs_are_refused_before_loading():
     with pytest.raises(InvalidMessage, match=r"Galois keys of \d+ bytes exceed the \d+ key\(s\) this plan needs"):
         server.register_keys(message)
     server.register_keys(client.evaluation_keys())  # the plan's own keys are accepted
+
+
+@pytest.mark.parametrize("encrypted_model", [False, True])
+def test_two_process_evaluation_on_seal_matches_the_plaintext_model(encrypted_model):
+    """Both cores for one request (medhe.runtime.split): the halves of each shared layer, computed
+    in two processes and handed over in SEAL's format, add up to the plaintext model's logits."""
+    from medhe.runtime.split import last_shared_instruction
+
+    seq = two_block_model()
+    plan = small_plan(seq, (1, 16, 16))
+    assert last_shared_instruction(plan) is not None
+    server = server_matches_torch(seq, plan, encrypted_model, two_processes=True)
+    (entry,) = server._key_sets.values()
+    assert entry.executor._pid is not None  # a helper shared the evaluations
+    entry.executor.close()
