@@ -10,7 +10,6 @@ def run_ours(dataset: str, eval_gray01_images: np.ndarray, eval_labels: np.ndarr
     import torch
 
     from medhe.compiler import compile_model
-    from medhe.data.preprocess import Preprocessing
     from medhe.nn.io import load_model, resolve_model_dir
     from medhe.protocol.local import LocalSession, summarize
 

@@ -16,7 +16,6 @@ from medhe.compiler.trace import trace_model_dir
 from medhe.errors import PlanError
 from medhe.params import MAX_LOG_Q_128, MAX_PRIME_BITS, CKKSParams, choose_params
 from medhe.plan import Plan, rescale_factors
-from medhe.plan.report import format_report  # noqa: F401  (re-exported)
 
 # A key budget may at most quadruple the rotations per image (beyond that, latency and
 # key-switching noise grow more than the keys are worth).

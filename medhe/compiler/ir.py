@@ -214,7 +214,6 @@ def linear_sparse(op: Op) -> tuple[sp.csr_matrix, np.ndarray]:
         size = int(np.prod(op.in_shape))
         return sp.identity(size, format="csr"), np.zeros(size)
     if op.kind == "batchnorm":
-        c = op.in_shape[0]
         per = int(np.prod(op.in_shape[1:])) if len(op.in_shape) > 1 else 1
         return sp.diags(np.repeat(op.scale, per)).tocsr(), np.repeat(op.shift, per)
     return op.to_sparse()

@@ -13,12 +13,11 @@ function (checked by tests against the traced model).
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import scipy.sparse as sp
 
-from medhe.compiler.ir import NAIVE_LEVELS, Conv2d, Dense, LinearMap, Op, Pool2d, Square, linear_sparse
+from medhe.compiler.ir import NAIVE_LEVELS, LinearMap, Op, Pool2d, Square, linear_sparse
 from medhe.errors import PlanError
 
 WEIGHTED = ("conv2d", "dense", "linear_map")
