@@ -97,13 +97,15 @@ def cmd_serve(args) -> int:
     for path in (args.ssl_certfile, args.ssl_keyfile):
         if path and not Path(path).is_file():
             raise ConfigError(f"no TLS file at {path}")
+    if args.two_processes and args.ray is not None:
+        raise ConfigError("--two-processes forks helpers from local worker processes; it does not apply with --ray")
     models = _hosted_models(args)
     if args.ray is not None:
         return _serve_on_ray(args, models, tokens)
     workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     app = create_app(models, data_dir=args.data_dir, workers=workers, max_key_sets=args.key_cache,
                      tokens=None if args.no_auth else tokens,
-                     limits=_limits(args))
+                     limits=_limits(args), two_processes=args.two_processes)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scheme = "https" if args.ssl_certfile else "http"
     for model in models:
@@ -200,6 +202,9 @@ def register(subparsers) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="evaluation worker processes (default: the number of cores; 0: a thread of the server)")
     p.add_argument("--key-cache", type=int, default=4, help="key sets each worker keeps in memory (default 4)")
+    p.add_argument("--two-processes", action="store_true",
+                   help="each worker shares each latency-mode evaluation with a helper process: lower latency "
+                        "while a core is free (e.g. --workers 1 on 2 cores), more CPU per request")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait beyond those being evaluated; "
                                                          "more get 503 with Retry-After (default 8)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one evaluation may take (default 600)")

@@ -161,11 +161,13 @@ def _checked_header(prefix: bytes, kind: str) -> dict:
 
 
 def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int = 0, max_key_sets: int | None = 4,
-               tokens: TokenStore | None = None, limits: Limits = Limits()) -> FastAPI:
+               tokens: TokenStore | None = None, limits: Limits = Limits(), two_processes: bool = False) -> FastAPI:
     """The service for `models` (from `hosting.host_plan`). workers=0 evaluates on a thread of this
     process; workers=N in N worker processes. With `tokens`, every /v1 request needs a token of
     the store, read again per request (an empty store, e.g. after the last token is revoked,
-    admits nobody); without, there is no access control: for a server only its operator can reach."""
+    admits nobody); without, there is no access control: for a server only its operator can reach.
+    With `two_processes` (worker processes only), each worker shares each latency-mode evaluation
+    with a helper process of its own (medhe.runtime.split)."""
     if not models:
         raise ConfigError("a server hosts at least one model")
     by_name = {m.name: m for m in models}
@@ -177,10 +179,13 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     if removed:
         log.info("removed %d upload areas and half-written files left by stopped servers", removed)
     uploads = UploadArea(data_dir, instance)
+    if two_processes and workers == 0:
+        raise ConfigError("two-process evaluation forks a helper from a worker process; it needs --workers >= 1")
     if workers == 0:
         pool = InlinePool(models, max_key_sets=max_key_sets, queue_size=limits.queue_size)
     else:
-        pool = ProcessPool(models, workers=workers, max_key_sets=max_key_sets, queue_size=limits.queue_size)
+        pool = ProcessPool(models, workers=workers, max_key_sets=max_key_sets, queue_size=limits.queue_size,
+                           two_processes=two_processes)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -50,13 +50,19 @@ def model_refs(models) -> list[ModelRef]:
     return [ModelRef(m.name, str(m.plan_dir), m.encrypted_model, m.backend, str(m.key_dir)) for m in models]
 
 
-def load_servers(refs: list[ModelRef], max_key_sets: int | None) -> dict:
-    from medhe.plan import load_plan_dir
+def load_servers(refs: list[ModelRef], max_key_sets: int | None, two_processes: bool = False) -> dict:
+    """two_processes: latency-mode evaluations are shared with a helper process forked from this
+    one (medhe.runtime.split), for a worker process, never for a thread of the server."""
+    from medhe.plan import BatchPlan, load_plan_dir
     from medhe.protocol.server import Server
 
-    return {ref.name: Server(load_plan_dir(ref.plan_dir, weights=not ref.encrypted_model), backend=ref.backend,
-                             key_dir=ref.key_dir, encrypted_model=ref.encrypted_model, max_key_sets=max_key_sets)
-            for ref in refs}
+    servers = {}
+    for ref in refs:
+        plan = load_plan_dir(ref.plan_dir, weights=not ref.encrypted_model)
+        servers[ref.name] = Server(plan, backend=ref.backend, key_dir=ref.key_dir, encrypted_model=ref.encrypted_model,
+                                   max_key_sets=max_key_sets,
+                                   two_processes=two_processes and not isinstance(plan, BatchPlan))
+    return servers
 
 
 # Errors a peer's request can cause, as (HTTP status, stable error code).
@@ -99,13 +105,13 @@ def run_operation(servers: dict, request: dict, payload: bytes) -> tuple[dict, b
 WORKER_NICENESS = 10
 
 
-def _worker_main(conn, refs: list[dict], max_key_sets: int | None) -> None:
+def _worker_main(conn, refs: list[dict], max_key_sets: int | None, two_processes: bool = False) -> None:
     """A worker process: load the models, then answer requests until the pipe closes."""
     # Evaluations take every core they can get; the server's event loop (and /health) must still
     # be scheduled at once, so workers run at a lower priority. Throughput is unchanged.
     os.nice(WORKER_NICENESS)
     try:
-        servers = load_servers([ModelRef(**ref) for ref in refs], max_key_sets)
+        servers = load_servers([ModelRef(**ref) for ref in refs], max_key_sets, two_processes)
     except Exception as exc:  # reported to the parent, which refuses to start
         conn.send_bytes(json.dumps({"ready": False, "message": f"{type(exc).__name__}: {exc}"}).encode())
         return
@@ -190,11 +196,12 @@ class InlinePool(_Pool):
 
 
 class _Worker:
-    def __init__(self, context, refs: list[dict], max_key_sets: int | None, index: int) -> None:
+    def __init__(self, context, refs: list[dict], max_key_sets: int | None, index: int,
+                 two_processes: bool = False) -> None:
         self.index = index
         self.recent: OrderedDict[tuple, None] = OrderedDict()  # (model, key id) it served lately: likely cached
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_worker_main, args=(child, refs, max_key_sets),
+        self.process = context.Process(target=_worker_main, args=(child, refs, max_key_sets, two_processes),
                                        name=f"medhe-worker-{index}", daemon=True)
         self.process.start()
         child.close()
@@ -226,24 +233,27 @@ class ProcessPool(_Pool):
 
     START_TIMEOUT_S = 300.0
 
-    def __init__(self, models, *, workers: int, max_key_sets: int | None = None, queue_size: int = 8) -> None:
+    def __init__(self, models, *, workers: int, max_key_sets: int | None = None, queue_size: int = 8,
+                 two_processes: bool = False) -> None:
         if workers < 1:
             raise ConfigError(f"a process pool needs at least 1 worker, got {workers}")
         super().__init__(workers, queue_size)
         self._refs = [asdict(ref) for ref in model_refs(models)]
         self._max_key_sets = max_key_sets
+        self._two_processes = two_processes
         self._context = multiprocessing.get_context("spawn")  # no fork of a threaded server
         self._idle: list[_Worker] = []
         self._available: asyncio.Condition | None = None
         self._all: list[_Worker] = []
 
     def _spawn(self, index: int) -> _Worker:
-        worker = _Worker(self._context, self._refs, self._max_key_sets, index)
+        worker = _Worker(self._context, self._refs, self._max_key_sets, index, self._two_processes)
         worker.wait_ready(self.START_TIMEOUT_S)
         return worker
 
     async def start(self) -> None:
-        workers = [_Worker(self._context, self._refs, self._max_key_sets, i) for i in range(self.workers)]
+        workers = [_Worker(self._context, self._refs, self._max_key_sets, i, self._two_processes)
+                   for i in range(self.workers)]
         try:
             for worker in workers:
                 await asyncio.to_thread(worker.wait_ready, self.START_TIMEOUT_S)

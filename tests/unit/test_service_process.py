@@ -334,3 +334,44 @@ def test_a_folder_in_throughput_mode_from_the_command_line(setting):
     expected = shipped_model_logits("pneumoniamnist", np.stack([client.preprocess(p) for p in images]))
     names = [client.spec.class_names[i] for i in expected.argmax(1)]
     assert [line.split()[:2] for line in lines[-5:]] == [[str(p)[-39:], name] for p, name in zip(images, names)]
+
+
+def test_two_process_evaluation_from_the_command_line(setting):
+    """`medhe serve --workers 1 --two-processes`: the worker forks a helper that shares the 8 -> 8
+    convolution of each evaluation; clinics get the plaintext model's logits; a killed worker's
+    helper goes with it (it ends when its pipe closes)."""
+    from medhe.nn.layers import PolyAct
+    from medhe.runtime.split import last_shared_instruction
+    from tests.helpers import randomize_bn
+
+    seq = randomize_bn(nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(8), PolyAct(),
+        nn.Conv2d(8, 8, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(8), PolyAct(),
+        nn.Flatten(), nn.Linear(8 * 4 * 4, 2)).double())
+    plan = compile_torch(seq, (1, 16, 16))
+    assert last_shared_instruction(plan) is not None
+    plan.save(setting["tmp"] / "plan8")
+    server = setting["serve"]("--two-processes", models=("--plan", f"tiny={setting['tmp'] / 'plan8'}",
+                                                         "--workers", "1")).start()
+    remote = _remote(setting, server, "clinic-0")
+    for _ in range(2):
+        image = np.random.rand(16, 16)
+        result = remote.diagnose(image, "tiny")
+        np.testing.assert_allclose(result.logits, torch_out(seq, remote.client("tiny").preprocess(image)),
+                                   rtol=1e-6, atol=1e-6)
+    (worker,) = server.workers()
+    helpers = subprocess.run(["pgrep", "-P", str(worker)], capture_output=True, text=True).stdout.split()
+    assert len(helpers) == 1, "the worker forked one helper for the clinic's key set"
+    os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 30
+    while Path(f"/proc/{helpers[0]}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{helpers[0]}").exists() or "Z" in Path(f"/proc/{helpers[0]}/stat").read_text().split()[2]
+
+
+def test_two_processes_need_local_worker_processes(setting):
+    for extra in (("--workers", "0"), ("--ray", "auto")):
+        run = subprocess.run([*MEDHE, "serve", "--data-dir", str(setting["data"]), "--plan",
+                              f"tiny={setting['tmp'] / 'plan'}", "--backend", "clear", "--two-processes", *extra],
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and "two-process" in run.stderr.lower(), run.stderr
