@@ -2,7 +2,7 @@
 with a helper process (`medhe.runtime.split`), image by image in turn on the same keys.
 
 For each model, `--limit` held-out images are encrypted (CKKS, 128-bit) and each is evaluated by
-both executors one after the other; the table shows the medians, the paired median ratio and the
+both executors one after the other (which goes first alternates); the table shows the medians, the paired median ratio and the
 per-layer medians (where the shared layers gain), and that both agree with each other.
 
     python benchmarks/two_processes.py [--models br35h pneumoniamnist] [--limit 20]
@@ -40,16 +40,20 @@ def measure(name: str, limit: int, data_file: str | None) -> tuple[dict, list[di
     inputs, _, _, _ = held_out_inputs(name, limit, data_file)
     one_s, two_s, layers_one, layers_two, max_difference = [], [], [], [], 0.0
     try:
-        for model_input in inputs:
+        for image_index, model_input in enumerate(inputs):
             ct = client_backend.encrypt(packer.pack(model_input))
             timings_one: dict[str, float] = {}
             timings_two: dict[str, float] = {}
-            start = time.perf_counter()
-            out_one = one.run(ct, timings=timings_one)
-            one_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            out_two = two.run(ct, timings=timings_two)
-            two_s.append(time.perf_counter() - start)
+            outputs, seconds = {}, {}
+            # Which goes first alternates, so neither always meets the machine in the same state.
+            for which in (("one", "two") if image_index % 2 == 0 else ("two", "one")):
+                executor, timings = (one, timings_one) if which == "one" else (two, timings_two)
+                start = time.perf_counter()
+                outputs[which] = executor.run(ct, timings=timings)
+                seconds[which] = time.perf_counter() - start
+            out_one, out_two = outputs["one"], outputs["two"]
+            one_s.append(seconds["one"])
+            two_s.append(seconds["two"])
             layers_one.append(timings_one)
             layers_two.append(timings_two)
             slots = plan.output_layout.slots(plan.params.slot_count)

@@ -113,7 +113,9 @@ class Server:
                  two_processes: bool = False) -> None:
         """two_processes: each latency-mode evaluation shares its larger linear layers with a
         forked helper process (medhe.runtime.split): lower latency when a core is idle, more
-        CPU per request; for a server that evaluates one request at a time."""
+        CPU per request; for a server that evaluates one request at a time, in a process with no
+        other threads (a worker process, a session), since the helper is forked from it. One
+        helper at a time: the last clinic's (the others are ended when another clinic comes)."""
         if backend not in ("seal", "clear"):
             raise ConfigError(f"backend must be 'seal' or 'clear', got {backend!r}")
         if encrypted_model:
@@ -313,6 +315,17 @@ class Server:
                 return entry.executor
         return self._build_executor(key_id)
 
+    def _end_other_helpers(self, executor) -> None:
+        """One helper per server: a helper is a copy of this process as it was when forked (the
+        key sets it held then included), so helpers kept for every key set in memory would hold
+        several copies. Switching clinics costs a fork (tens of ms) instead."""
+        with self._lock:
+            others = [entry.executor for entry in self._key_sets.values()
+                      if entry.executor is not None and entry.executor is not executor]
+        for other in others:
+            if other.helper_pid is not None:
+                other.close()
+
     @property
     def key_ids(self) -> list[str]:
         with self._lock:
@@ -377,6 +390,7 @@ class Server:
             raise InvalidMessage(f"ciphertext has {executor.backend.levels_left(ct)} levels, the plan needs "
                                  f"a fresh one with {self.plan.depth}")
         if self.two_processes:  # the helper gets the bytes as they came: no second serialisation
+            self._end_other_helpers(executor)
             out = executor.run(ct, timings=timings, input_bytes=msg.payload)
         else:
             out = executor.run(ct, timings=timings)

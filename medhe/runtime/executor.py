@@ -141,22 +141,24 @@ class Executor:
         scales = dict(operand_scales)
         babies = self.partner.share(ins) if self.partner is not None else None
         if babies is None:
-            acc = self._linear_terms(index, ins, x, scales, ins.babies)
+            acc = self._linear_terms(index, ins, x, scales)
         else:  # this process's babies; the partner process adds the terms of the others
             acc = self.partner.combine(self._linear_terms(index, ins, x, scales, babies))
         if ins.has_bias:
             acc = weights.add(acc, weights.get((index, "bias"), x, scales["bias"]))
         return acc  # rescaled later, by run(): rotations until then see less relative noise
 
-    def _linear_terms(self, index: int, ins, x, scales: dict, babies):
-        """The sum over the pairs whose baby step is in `babies` (all of them: the layer's output
-        without its bias), relinearised."""
+    def _linear_terms(self, index: int, ins, x, scales: dict, babies: list[int] | None = None):
+        """The sum over the pairs whose baby step is in `babies` (None: all of them, the layer's
+        output without its bias), relinearised."""
         be, weights = self.backend, self.weights
-        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in babies}
+        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in (ins.babies if babies is None else babies)}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
             if b not in rotated:
-                continue
+                if babies is None:
+                    raise PlanError(f"{ins.layer}: pair {p} uses baby step {b}, which the layer does not list")
+                continue  # the partner process's term
             term = weights.multiply(rotated[b], weights.get((index, f"d{p}"), x, scales[f"d{p}"]))
             if g in per_giant:
                 be.add_inplace(per_giant[g], term)  # terms are fresh: safe to add into in place

@@ -79,8 +79,9 @@ def _receive(fd: int, timeout_s: float | None = None) -> tuple[bytes, bytes] | N
 
 def shared_babies(ins, role: int) -> list[int] | None:
     """The baby steps process `role` (0 or 1) takes in a shared linear layer, or None when the
-    layer is not shared. Process 0 takes the unrotated term."""
-    babies = sorted(ins.babies, key=lambda b: (b != 0, abs(b), b))
+    layer is not shared. Process 0 takes the unrotated term. The steps come from the pairs, each
+    once, so no term can be counted by both processes."""
+    babies = sorted({b for _, b in ins.pairs}, key=lambda b: (b != 0, abs(b), b))
     if sum(1 for b in babies if b) < MIN_SHARED_BABIES:
         return None
     return babies[role::2]
@@ -100,12 +101,17 @@ class Partner:
         """acc + the other process's half of the same layer."""
         data = self.backend.serialize(acc)
         failure: list[BaseException] = []
+        # The sender writes through a descriptor of its own: if this side gives up and closes
+        # its pipes, a sender still waiting cannot write into a file that reuses the number.
+        write_fd = os.dup(self._write_fd)
 
         def send() -> None:
             try:
-                _send(self._write_fd, _PART, data, EXCHANGE_TIMEOUT_S)
+                _send(write_fd, _PART, data, EXCHANGE_TIMEOUT_S)
             except (OSError, _Timeout) as exc:
                 failure.append(exc)
+            finally:
+                os.close(write_fd)
 
         # Both sides send at once: a thread writes while this one reads, so neither blocks on a
         # full pipe (os.write releases the GIL).
@@ -167,7 +173,7 @@ class TwoProcessExecutor:
         self.stop_after = last_shared_instruction(executor.plan)
         self._pid: int | None = None
         self._read_fd = self._write_fd = -1
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     @property
     def shares_work(self) -> bool:
@@ -184,7 +190,12 @@ class TwoProcessExecutor:
     def _start(self) -> None:
         to_helper_r, to_helper_w = os.pipe()
         from_helper_r, from_helper_w = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            for fd in (to_helper_r, to_helper_w, from_helper_r, from_helper_w):
+                os.close(fd)
+            raise BackendError(f"could not fork the helper of a two-process evaluation: {exc}") from exc
         if pid == 0:  # the helper: never returns into the caller's code
             code = 1
             try:
@@ -213,9 +224,9 @@ class TwoProcessExecutor:
             return self.executor.run(ct, **kwargs)
         executor = self.executor
         data = bytes(input_bytes) if input_bytes is not None else executor.backend.serialize(ct)
-        self._hand_over(data)
-        executor.partner = Partner(executor.backend, 0, self._read_fd, self._write_fd)
         try:
+            self._hand_over(data)
+            executor.partner = Partner(executor.backend, 0, self._read_fd, self._write_fd)
             return executor.run(ct, **kwargs)
         except BaseException:
             self.close()  # the helper may be mid-layer: a fresh one starts with the next run
@@ -226,6 +237,8 @@ class TwoProcessExecutor:
     def _hand_over(self, data: bytes) -> None:
         """Send the input to the helper, starting one first if there is none (or it has ended:
         killed, or failed after this process's last exchange with it)."""
+        if self._pid is not None and select.select([self._read_fd], [], [], 0)[0]:
+            self.close()  # it said something between evaluations (an error, or it ended): a new one
         for attempt in range(2):
             if self._pid is None:
                 self._start()
@@ -241,18 +254,24 @@ class TwoProcessExecutor:
                 raise BackendError(f"the helper process of a two-process evaluation took no input for "
                                    f"{EXCHANGE_TIMEOUT_S:.0f} s") from None
 
+    @property
+    def helper_pid(self) -> int | None:
+        return self._pid
+
     def close(self) -> None:
-        for fd in (self._read_fd, self._write_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._read_fd = self._write_fd = -1
-        if self._pid is not None:
-            try:
-                os.kill(self._pid, signal.SIGKILL)
-                os.waitpid(self._pid, 0)
-            except (ProcessLookupError, ChildProcessError):
-                pass
-            self._pid = None
+        """End the helper (after the evaluation in progress, if any); the next run starts one."""
+        with self._lock:
+            if self._pid is not None:
+                try:
+                    os.kill(self._pid, signal.SIGKILL)
+                    os.waitpid(self._pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                self._pid = None
+            for fd in (self._read_fd, self._write_fd):
+                if fd >= 0:
+                    os.close(fd)
+            self._read_fd = self._write_fd = -1
 
     def __del__(self) -> None:
         try:

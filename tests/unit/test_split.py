@@ -40,6 +40,7 @@ def test_two_processes_give_the_one_process_result_and_share_the_rotations(plan_
     plan, seq = plan_and_model
     assert last_shared_instruction(plan) is not None  # the 8 -> 8 conv has 8 baby steps
     serial_backend, parent_backend = ClearBackend(plan.params), ClearBackend(plan.params)
+    open_fds = len(os.listdir("/proc/self/fd"))
     two = TwoProcessExecutor(Executor(plan, parent_backend))
     try:
         for _ in range(3):  # one helper serves evaluation after evaluation
@@ -54,6 +55,7 @@ def test_two_processes_give_the_one_process_result_and_share_the_rotations(plan_
             assert parent_backend.rotations < serial_backend.rotations
     finally:
         two.close()
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # no pipe end left behind
 
 
 def test_a_failing_helper_fails_one_evaluation_clearly_and_the_next_one_works(plan_and_model, monkeypatch):
@@ -106,6 +108,15 @@ def test_a_helper_killed_during_an_evaluation_is_an_error_not_a_hang(plan_and_mo
         _one_evaluation_with(plan_and_model[0], monkeypatch, dying_helper)
 
 
+def test_a_helper_dying_in_the_middle_of_an_evaluation_is_an_error(plan_and_model, monkeypatch):
+    def helper_dying_mid_run(executor, read_fd, write_fd, stop_after):
+        split._receive(read_fd)  # takes the input, starts, and dies before its half of the layer
+        os._exit(3)
+
+    with pytest.raises(BackendError, match="helper process of a two-process evaluation ended"):
+        _one_evaluation_with(plan_and_model[0], monkeypatch, helper_dying_mid_run)
+
+
 def test_a_hanging_helper_is_an_error_after_the_exchange_deadline(plan_and_model, monkeypatch):
     def hanging_helper(executor, read_fd, write_fd, stop_after):
         time.sleep(600)  # e.g. a lock another thread held when the parent forked
@@ -128,3 +139,29 @@ def test_small_layers_are_not_shared():
     np.testing.assert_allclose(_outputs(plan, backend, two.run(backend.encrypt(pack(plan, x)))), torch_out(seq, x),
                                rtol=1e-6, atol=1e-6)
     assert two._pid is None  # nothing to share: no helper was started
+
+
+def test_a_server_keeps_one_helper_the_last_clinics(plan_and_model):
+    """A helper is a copy of the server process: one at a time, not one per key set in memory."""
+    from medhe.protocol.client import Client
+    from medhe.protocol.server import Server
+
+    plan, seq = plan_and_model
+    server = Server(plan, backend="clear", two_processes=True)
+    clinics = [Client(plan.client_spec(), backend="clear") for _ in range(2)]
+    for clinic in clinics:
+        server.register_keys(clinic.evaluation_keys())
+    helpers = []
+    for clinic in clinics + clinics[:1]:
+        x = np.random.randn(1, 16, 16)
+        np.testing.assert_allclose(clinic.decrypt_logits(server.evaluate(clinic.encrypt_input(x))), torch_out(seq, x),
+                                   rtol=1e-6, atol=1e-6)
+        alive = [entry.executor.helper_pid for entry in server._key_sets.values()
+                 if entry.executor is not None and entry.executor.helper_pid is not None]
+        assert len(alive) == 1
+        helpers.append(alive[0])
+    assert len(set(helpers)) == 3  # each switch of clinic ended the other's helper and forked one
+    for pid in helpers[:2]:
+        assert not os.path.exists(f"/proc/{pid}")  # ended and reaped
+    for entry in server._key_sets.values():
+        entry.executor.close()
