@@ -203,8 +203,9 @@ def register(subparsers) -> None:
                    help="evaluation worker processes (default: the number of cores; 0: a thread of the server)")
     p.add_argument("--key-cache", type=int, default=4, help="key sets each worker keeps in memory (default 4)")
     p.add_argument("--two-processes", action="store_true",
-                   help="each worker shares each latency-mode evaluation with a helper process: lower latency "
-                        "while a core is free (e.g. --workers 1 on 2 cores), more CPU per request")
+                   help="each worker shares each latency-mode evaluation with a helper process it forks: "
+                        "somewhat lower latency while a core is free (e.g. --workers 1 on 2 cores), more CPU "
+                        "per request")
     p.add_argument("--queue", type=int, default=8, help="requests that may wait beyond those being evaluated; "
                                                          "more get 503 with Retry-After (default 8)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds one evaluation may take (default 600)")
