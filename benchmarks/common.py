@@ -50,6 +50,28 @@ def held_out_inputs(dataset: str, limit: int, data_file: str | None = None, *, s
     return inputs, np.asarray(labels)[pick], reference, source
 
 
+def seal_evaluation(name: str, *, max_galois_keys: int | None = None):
+    """A shipped model compiled (128-bit), a client backend with its keys, the server side built
+    from the public keys, a prepared executor, its encoded-weights cache (share it with other
+    executors of the same plan) and a packer: (plan, client_backend, server_backend, executor,
+    cache, packer)."""
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+    from medhe.protocol.client import Client
+    from medhe.runtime.executor import Executor
+    from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend
+
+    plan = compile_model(resolve_model_dir(name), max_galois_keys=max_galois_keys)
+    client_backend = SEALClientBackend(plan.params)
+    relin, galois = client_backend.evaluation_keys(plan.galois_steps())
+    server_backend = SEALServerBackend(plan.params, relin, galois or None)
+    cache: dict = {}
+    executor = Executor(plan, server_backend, cache=cache)
+    executor.prepare()
+    packer = Client(plan.client_spec(), backend="clear")  # packing only: no key of its own is used
+    return plan, client_backend, server_backend, executor, cache, packer
+
+
 def benchmark_parser(doc: str):
     """The options every per-model benchmark takes: datasets, image count, data file, output."""
     import argparse

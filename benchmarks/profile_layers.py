@@ -16,22 +16,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import held_out_inputs, machine, print_table, write_json  # noqa: E402
+from common import held_out_inputs, machine, print_table, seal_evaluation, write_json  # noqa: E402
 
 
 def profile(name: str, limit: int, max_galois_keys: int | None, data_file: str | None) -> list[dict]:
-    from medhe.compiler import compile_model
-    from medhe.nn.io import resolve_model_dir
-    from medhe.protocol.client import Client
-    from medhe.runtime.executor import Executor
-    from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend
-
-    plan = compile_model(resolve_model_dir(name), max_galois_keys=max_galois_keys)
-    client_backend = SEALClientBackend(plan.params)
-    relin, galois = client_backend.evaluation_keys(plan.galois_steps())
-    executor = Executor(plan, SEALServerBackend(plan.params, relin, galois or None))
-    executor.prepare()
-    packer = Client(plan.client_spec(), backend="clear")  # packing only: no key of its own is used
+    plan, client_backend, _, executor, _, packer = seal_evaluation(name, max_galois_keys=max_galois_keys)
     inputs, _, _, _ = held_out_inputs(name, limit, data_file)
     runs: list[dict[str, float]] = []
     for model_input in inputs:

@@ -18,25 +18,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import held_out_inputs, machine, print_table, write_json  # noqa: E402
+from common import held_out_inputs, machine, print_table, seal_evaluation, write_json  # noqa: E402
 
 
 def measure(name: str, limit: int, data_file: str | None) -> tuple[dict, list[dict]]:
-    from medhe.compiler import compile_model
-    from medhe.nn.io import resolve_model_dir
-    from medhe.protocol.client import Client
     from medhe.runtime.executor import Executor
-    from medhe.runtime.seal_backend import SEALClientBackend, SEALServerBackend
     from medhe.runtime.split import TwoProcessExecutor, shared_babies
 
-    plan = compile_model(resolve_model_dir(name))
-    client_backend = SEALClientBackend(plan.params)
-    relin, galois = client_backend.evaluation_keys(plan.galois_steps())
-    server_backend = SEALServerBackend(plan.params, relin, galois or None)
-    one = Executor(plan, server_backend)
-    one.prepare()
-    two = TwoProcessExecutor(Executor(plan, server_backend, cache=one.weights._cache))
-    packer = Client(plan.client_spec(), backend="clear")  # packing only: no key of its own is used
+    plan, client_backend, server_backend, one, cache, packer = seal_evaluation(name)
+    two = TwoProcessExecutor(Executor(plan, server_backend, cache=cache))
     inputs, _, _, _ = held_out_inputs(name, limit, data_file)
     one_s, two_s, layers_one, layers_two, max_difference = [], [], [], [], 0.0
     try:
