@@ -101,7 +101,7 @@ def choose_params(
     `rescales` lists, for each rescale in execution order, the ciphertext's scale just before it
     in units of the base scale: 1 after a plaintext multiply of a fresh ciphertext, 2 when a
     square came before the multiply (square + linear layer share one prime: the prime is twice
-    the scale, so 9 multiplications fit in 5 primes). An int n means n rescales of factor 1.
+    the scale, so 7 multiplications fit in 4 primes). An int n means n rescales of factor 1.
     The result prime gets `integer_bits` more than the scale, so decrypted values up to
     2**integer_bits keep full precision; the special prime is at least the largest data prime.
     Without an explicit scale, the largest one that fits (at most 40 bits) is used. With

@@ -63,9 +63,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "early-stopping split, folded into the output layer's bias so every decision "
                         "(plaintext, encrypted, clinic) uses it; argmax: 0.5 "
                         f"(default: {default('threshold_rule')})")
-    p.add_argument("--conv-channels", type=_channel_list, default=None, metavar="C1,C2,...",
-                   help="channels of each conv block, one number per block (default 8,8,8)")
-    p.add_argument("--hidden-units", type=int, default=None, help="hidden dense units (default 16)")
+    p.add_argument("--conv-channels", type=_positive_ints, default=None, metavar="C1,C2,...",
+                   help="channels of each conv block, one number per block (default 8,8)")
+    p.add_argument("--pool-sizes", type=_positive_ints, default=None, metavar="P1,P2,...",
+                   help="average-pool side of each conv block, one number per block (default 2 each)")
+    p.add_argument("--hidden-units", type=int, default=None,
+                   help="hidden dense units (default 16; 0: the conv features go straight to the logits)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
                    help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
@@ -84,13 +87,13 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _channel_list(text: str) -> tuple[int, ...]:
+def _positive_ints(text: str) -> tuple[int, ...]:
     try:
         channels = tuple(int(part) for part in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated channel counts like 8,8,8, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers like 8,8,8, got {text!r}") from None
     if not channels or min(channels) < 1:
-        raise argparse.ArgumentTypeError(f"channel counts must be positive, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
     return channels
 
 
@@ -108,7 +111,8 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
         shift_augment=args.shift_augment, geometric_augment=args.geometric_augment,
         class_balanced=args.class_balanced, threshold_rule=args.threshold_rule,
-        conv_channels=args.conv_channels, hidden_units=args.hidden_units, seed=args.seed, image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
+        conv_channels=args.conv_channels, pool_sizes=args.pool_sizes, hidden_units=args.hidden_units, seed=args.seed,
+        image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
         activation=args.activation,
         relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
     )

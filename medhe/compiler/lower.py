@@ -137,8 +137,48 @@ def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray,
     return None
 
 
+def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, n: int) -> list[list[int]]:
+    """Rotation stages summing each output's products (at out_slot + the input layout's offsets)
+    into its output slot. An axis whose length is not a power of two is summed as if padded to
+    one (log2 rotations instead of length - 1) when the padding only reaches empty slots:
+    `owner` maps each slot to the output whose product it holds, -1 where nothing is."""
+    dims, steps = in_layout.dims, in_layout.steps
+
+    def paddable(dim: int, step: int) -> bool:
+        padded = 1 << int(np.ceil(np.log2(dim)))
+        return int(np.log2(padded)) < dim - 1 and dim * step != n
+
+    def safe(lengths: list[int]) -> bool:
+        offsets = np.zeros(1, dtype=np.int64)
+        for length, step in zip(lengths, steps):
+            offsets = (offsets[:, None] + np.arange(length)[None, :] * step).ravel()
+        reached = owner[(out_slots[:, None] + offsets[None, :]) % n]
+        own = reached == np.arange(out_slots.size)[:, None]
+        # Each output may meet only empty slots and its own products, each of those exactly once.
+        return bool(((reached == -1) | own).all() and (own.sum(axis=1) == in_layout.size).all())
+
+    candidates = [a for a, (d, st) in enumerate(zip(dims, steps)) if paddable(d, st)]
+    best = list(dims)
+    for mask in range(1, 1 << len(candidates)):  # a few axes at most: try every subset
+        lengths = list(dims)
+        for bit, axis in enumerate(candidates):
+            if mask >> bit & 1:
+                lengths[axis] = 1 << int(np.ceil(np.log2(dims[axis])))
+        if sum(map(_sum_rotations, lengths)) < sum(map(_sum_rotations, best)) and safe(lengths):
+            best = lengths
+    return [stage for length, step in zip(best, steps) for stage in _sum_stages(length, step)]
+
+
+def _sum_rotations(length: int) -> int:
+    return sum(len(stage) - 1 for stage in _sum_stages(length, 1))
+
+
 def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
-    """Instructions and output layout for a dense op, or None when no safe replication exists."""
+    """Instructions and output layout for a dense op, or None when no safe replication exists.
+
+    When fewer copies fit than there are outputs, the outputs go in groups: each group's
+    products (one plaintext multiply each, clean outside their slots) are shifted next to the
+    first group's by one rotation, then all groups share the reduce."""
     matrix, bias = linear_sparse(op)
     weight = matrix.toarray()
     outputs, features = weight.shape
@@ -149,30 +189,64 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
     reps = np.asarray(in_layout.replicas[:outputs]) if len(in_layout.replicas) >= outputs else None
     if reps is not None and len(set(np.diff(reps))) > 1:
         reps = None  # the output layout below needs evenly spaced copies
+    groups, per_group = 1, outputs
     if reps is not None and not np.isin(((reps[:, None] - reps[None, :]) % n)[~np.eye(len(reps), dtype=bool)], s_set).any():
         offsets = reps
         out_dims, out_steps = (len(reps),), (int(reps[1]) if len(reps) > 1 else 1,)
     else:
-        found = find_replication(outputs, s_slots, support, n)
+        while True:
+            found = find_replication(-(-outputs // groups), s_slots, support, n)
+            if found is not None or groups >= outputs:
+                break
+            groups *= 2
         if found is None:
             return None
         l1, s1, l2, s2 = found
-        offsets = (np.arange(l2)[:, None] * s2 + np.arange(l1)[None, :] * s1).ravel()[:outputs]
+        copies = (np.arange(l2)[:, None] * s2 + np.arange(l1)[None, :] * s1).ravel()
+        per_group = copies.size
+        groups = -(-outputs // per_group)
         out_dims, out_steps = (l2, l1), (s2, s1)
+        shifts = np.zeros(1, dtype=np.int64)
+        if groups > 1:
+            # Where each group's products go: the same search, now for copies of the products
+            # (clean: zero outside their slots) that must not land on one another.
+            copy_slots = np.unique((s_slots[None, :] + copies[:, None]) % n)
+            occupied = np.zeros(n, dtype=bool)
+            occupied[copy_slots] = True
+            placed = find_replication(groups, copy_slots, occupied, n)
+            if placed is None:
+                return None
+            g1, t1, g2, t2 = placed
+            shifts = (np.arange(g2)[:, None] * t2 + np.arange(g1)[None, :] * t1).ravel()
+            groups = shifts.size
+            out_dims, out_steps = (g2, g1) + out_dims, (t2, t1) + out_steps
+        offsets = (shifts[:, None] + copies[None, :]).ravel()[:outputs]
         stages = [[signed_step(-o, n) for o in stage] for stage in _sum_stages(l1, s1) + _sum_stages(l2, s2)]
         instructions.append(RotSum(op.name + ":replicate", stages))
-    products = np.zeros(n)
     product_slots = (s_slots[None, :] + offsets[:, None]) % n
     if np.unique(product_slots).size != product_slots.size:
         raise PlanError(f"{op.name}: replicated copies overlap")
-    products[product_slots.ravel()] = weight.ravel()
-    instructions.append(Linear(op.name + ":multiply", [0], [0], [(0, 0)], products[None, :]))
-    reduce_stages, replicas = [], [0]
+    groups = -(-outputs // per_group)  # the last shifts may hold no output
+    shift_of = (offsets - np.tile(offsets[:per_group], groups)[:outputs]) % n
+    products = np.zeros((groups, n))
+    giants = []
+    for g in range(groups):
+        rows = slice(g * per_group, min(outputs, (g + 1) * per_group))
+        shift = int(shift_of[g * per_group])
+        # Group g's weights sit where its products are made, before the shift that moves them.
+        products[g, ((product_slots[rows] - shift) % n).ravel()] = weight[rows].ravel()
+        giants.append(signed_step(-shift, n))
+    instructions.append(Linear(op.name + ":multiply", [0], sorted(set(giants), key=abs),
+                               [(g, 0) for g in giants], products))
+    owner = np.full(n, -1)
+    owner[product_slots] = np.arange(outputs)[:, None]
+    out_slots = (base + offsets) % n
+    replicas = [0]
     for dim, step in zip(in_layout.dims, in_layout.steps):
-        reduce_stages += [[signed_step(o, n) for o in stage] for stage in _sum_stages(dim, step)]
         if dim * step == n:
             # Summing a whole cyclic axis leaves the total in every position along it.
             replicas = [r + d * step for r in replicas for d in range(dim)]
+    reduce_stages = [[signed_step(o, n) for o in stage] for stage in _reduce_stages(in_layout, owner, out_slots, n)]
     instructions.append(RotSum(op.name + ":reduce", reduce_stages))
     out_layout = Layout(outputs, base, out_dims, out_steps, tuple(sorted(int(r) % n for r in replicas)))
     bias_vector = np.zeros(n)

@@ -73,6 +73,7 @@ class TrainOptions:
     class_balanced: bool | None = None
     threshold_rule: str | None = None
     conv_channels: tuple[int, ...] | None = None
+    pool_sizes: tuple[int, ...] | None = None
     hidden_units: int | None = None
     seed: int = 0
     image_size: int | None = None
@@ -104,6 +105,8 @@ class TrainOptions:
             parts += ["--threshold-rule", self.threshold_rule]
         if self.conv_channels is not None:
             parts += ["--conv-channels", ",".join(map(str, self.conv_channels))]
+        if self.pool_sizes is not None:
+            parts += ["--pool-sizes", ",".join(map(str, self.pool_sizes))]
         if self.hidden_units is not None:
             parts += ["--hidden-units", str(self.hidden_units)]
         if self.seed != 0:
@@ -130,6 +133,8 @@ class TrainOptions:
 
     def arch(self, image_size: int, activation: str) -> ArchConfig:
         extra = {"conv_channels": self.conv_channels} if self.conv_channels is not None else {}
+        if self.pool_sizes is not None:
+            extra["pool_sizes"] = self.pool_sizes
         if self.hidden_units is not None:
             extra["hidden_units"] = self.hidden_units
         return ArchConfig(image_size=image_size, activation=activation, **extra)

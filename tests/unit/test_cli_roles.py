@@ -80,7 +80,7 @@ def test_compile_prints_levels_before_and_after(tmp_path):
     assert "levels before" in done.stdout and "128-bit security" in done.stdout
     assert not (tmp_path / "arch" / "arrays.npz").exists() and (tmp_path / "arch" / "client_spec.json").is_file()
     total = next(line for line in done.stdout.splitlines() if line.startswith("total"))
-    assert total.split()[1:3] == ["20", "9"]
+    assert total.split()[1:3] == ["15", "7"]
     plan = compile_model(resolve_model_dir("br35h"))
     from medhe.compiler import Plan
 

@@ -100,7 +100,7 @@ def test_a_near_linear_polynomial_is_refused_not_miscompiled(a):
 def test_training_keeps_the_curvature_at_its_floor():
     from medhe.nn.layers import project_curvature
 
-    model = HECNN(ArchConfig())
+    model = HECNN(ArchConfig(conv_channels=(8, 8, 8)))  # four activations
     polys = [m for m in model.modules() if isinstance(m, PolyAct)]
     with torch.no_grad():
         for module, (a, b) in zip(polys, [(-0.3, 0.6), (0.0, 0.6), (0.01, 3.2), (0.4, 0.6)]):
@@ -115,8 +115,8 @@ def test_training_keeps_the_curvature_at_its_floor():
     assert (passes.MIN_CURVATURE, passes.MAX_SQUARE_SHIFT) == (PolyAct.MIN_CURVATURE, PolyAct.MAX_SQUARE_SHIFT)
 
 
-def _default_model(image_size: int) -> nn.Module:
-    model = HECNN(ArchConfig(image_size=image_size)).double()
+def _default_model(image_size: int, **arch) -> nn.Module:
+    model = HECNN(ArchConfig(image_size=image_size, **arch)).double()
     randomize_bn(model)
     with torch.no_grad():
         for m in model.modules():
@@ -144,9 +144,13 @@ def test_each_pass_preserves_the_function(image_size):
 def test_default_model_end_to_end_and_per_layer_on_clear_backend(image_size):
     model = _default_model(image_size)
     plan = compile_torch(model.layers, (1, image_size, image_size))
-    assert plan.report["levels_before"] == 20 and plan.report["levels_after"] == 9
-    assert plan.report["rescales"] == 5 and plan.params.coeff_modulus_bits == (46, 60, 60, 60, 60, 60, 60)
+    assert plan.report["levels_before"] == 15 and plan.report["levels_after"] == 7
+    assert plan.report["rescales"] == 4 and plan.params.coeff_modulus_bits == (46, 60, 60, 60, 60, 60)
     assert plan.params.poly_modulus_degree == 16384 and plan.params.security_bits == 128
+    _check_end_to_end_and_per_layer(model, plan, image_size)
+
+
+def _check_end_to_end_and_per_layer(model, plan, image_size: int) -> None:
     x = np.random.randn(1, image_size, image_size)
     trace = []
     logits = clear_run(plan, x, trace)
@@ -162,6 +166,24 @@ def test_default_model_end_to_end_and_per_layer_on_clear_backend(image_size):
         np.testing.assert_allclose(trace[point["instruction"]].values[slots],
                                    intermediates[point["op"]][0].reshape(-1), atol=EXACT,
                                    err_msg=ops[point["op"]].name)
+
+
+@pytest.mark.parametrize("image_size,arch,rescales,max_dense_rotations", [
+    (28, {}, 4, 20),  # 7x7 maps: the dense layer's outputs go in 4 groups of 4 copies
+    (32, {}, 4, 20),
+    (28, {"pool_sizes": (4, 2)}, 4, 12),
+    (28, {"conv_channels": (8, 8, 8)}, 5, 16),
+    (32, {"conv_channels": (8, 8, 8)}, 5, 16),
+    (28, {"conv_channels": (8, 8, 8), "hidden_units": 0}, 4, 30),
+])
+def test_other_architectures_end_to_end_on_clear_backend(image_size, arch, rescales, max_dense_rotations):
+    model = _default_model(image_size, **arch)
+    plan = compile_torch(model.layers, (1, image_size, image_size))
+    assert plan.depth == rescales and plan.params.coeff_modulus_bits == (46,) + (60,) * (rescales + 1)
+    first_dense = next(row for row in plan.report["layers"] if row["op"].startswith("dense"))
+    # Replicate-multiply-reduce, not the diagonal method's ~100+ rotations.
+    assert first_dense["rotations"] <= max_dense_rotations, first_dense
+    _check_end_to_end_and_per_layer(model, plan, image_size)
 
 
 def test_merge_linear_merges_consecutive_linear_layers():
@@ -190,7 +212,7 @@ def test_parameters_refuse_weak_security_without_opt_in():
     assert CKKSParams(8192, (60, 40, 40, 40, 60), 40, insecure_for_tests=True).security_bits == 0
     with pytest.raises(InsecureParametersError, match="levels"):
         choose_params(40, 8192)
-    with pytest.raises(PlanError, match=r"needs 5 rescales \(9 multiplications\)"):
+    with pytest.raises(PlanError, match=r"needs 4 rescales \(7 multiplications\)"):
         model = _default_model(28)
         compile_torch(model.layers, (1, 28, 28), params=CKKSParams(16384, (60, 40, 40, 40, 60), 40))
 

@@ -175,8 +175,28 @@ def test_unsupported_layer_error_lists_supported_layers(tmp_path):
 
 def test_describe_lists_every_layer_of_the_default_network():
     kinds = [layer["type"] for layer in describe_layers(HECNN(ArchConfig(image_size=28)).layers)]
-    assert kinds == ["conv2d", "avgpool2d", "batchnorm", "poly"] * 3 + [
+    assert kinds == ["conv2d", "avgpool2d", "batchnorm", "poly"] * 2 + [
         "flatten", "linear", "batchnorm", "poly", "linear"]
+
+
+def test_architecture_options_pool_sizes_and_no_hidden_layer(tmp_path):
+    from medhe.errors import ConfigError
+    from medhe.train.run import TrainOptions
+
+    arch = ArchConfig(image_size=28, conv_channels=(8, 8), pool_sizes=(2, 4), hidden_units=0)
+    assert arch.feature_size() == 3
+    kinds = [layer["type"] for layer in describe_layers(HECNN(arch).layers)]
+    assert kinds == ["conv2d", "avgpool2d", "batchnorm", "poly"] * 2 + ["flatten", "linear"]
+    assert HECNN(arch)(torch.zeros(2, 1, 28, 28)).shape == (2, 2)
+    assert ArchConfig.from_dict(arch.to_dict()) == arch
+    # Cards written before pool sizes existed (no key) read as 2 per block.
+    assert "pool_sizes" not in ArchConfig().to_dict() and ArchConfig().block_pools() == (2, 2)
+    for bad in ({"pool_sizes": (2,)}, {"pool_sizes": (2, 0)}, {"hidden_units": -1}):
+        with pytest.raises(ConfigError):
+            ArchConfig(**bad)
+    options = TrainOptions(dataset="br35h", out=tmp_path, pool_sizes=(2, 4), hidden_units=0)
+    assert "--pool-sizes 2,4 --hidden-units 0" in options.as_command()
+    assert options.arch(32, "poly").pool_sizes == (2, 4)
 
 
 def test_polyact_starts_at_the_relu_fit():
@@ -184,7 +204,7 @@ def test_polyact_starts_at_the_relu_fit():
     as_float32 = torch.tensor(fit, dtype=torch.float32)
     assert torch.equal(PolyAct().coef.detach(), as_float32)
     polys = [m for m in HECNN(ArchConfig(image_size=28)).modules() if isinstance(m, PolyAct)]
-    assert len(polys) == 4
+    assert len(polys) == 3
     for poly in polys:
         assert torch.equal(poly.coef.detach(), as_float32)
     # Least squares under N(0, 1) in closed form: ReLU(x) = x/2 + |x|/2 and the projection of |x|
