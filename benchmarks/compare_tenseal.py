@@ -10,8 +10,10 @@ Br35H: train on `train`, evaluate on `test`, 32x32.
 
 Both systems get the same eval images; plaintext accuracy is over all of them, encrypted
 accuracy / agreement / latencies over the first --limit. The medhe side is
-`medhe.bench.run_ours(dataset, eval_gray01_images, eval_labels, limit)`; when it cannot be
-imported or fails, the baseline is still reported and written. `--medhe-processes 1 2` measures
+`medhe.bench.OursRun(dataset, eval_gray01_images, eval_labels, limit)`; when it cannot be
+imported or fails, the baseline is still reported and written. The two systems take turns image
+by image (after each baseline image, medhe's same image; `--sequential`: all of one, then all of
+the other), so a drift of this machine's speed falls on both alike. `--medhe-processes 1 2` measures
 medhe twice: in one process, and with each evaluation shared with a helper process (the
 baseline's thread pool uses both cores too).
 See benchmarks/README.md.
@@ -201,6 +203,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="medhe rows to measure: 1 = one process per evaluation, 2 = each evaluation shared with a "
              "helper process (both cores, as the baseline's thread pool uses); default 1",
     )
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="evaluate all baseline images, then all medhe images (default: take turns image by image, "
+             "so a drift of the machine's speed falls on both systems alike)",
+    )
     args = parser.parse_args(argv)
     if args.limit < 1:
         parser.error("--limit must be >= 1")
@@ -223,14 +230,53 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
+    # ---- ours: medhe, set up first so that its images can alternate with the baseline's -------
+    ours_runs: list[Any] = []
+    ours_rows: list[dict[str, Any]] = []
+    ours_error: str | None = None
+    exit_code = 0
+    if args.skip_ours:
+        ours_error = "skipped (--skip-ours)"
+    else:
+        try:
+            from medhe.bench import OursRun
+        except Exception as exc:  # broken import: the baseline is still reported
+            ours_error = f"{type(exc).__name__}: {exc}"
+            print(f"medhe side unavailable: {ours_error}", flush=True)
+        else:
+            for processes in args.medhe_processes:
+                try:
+                    ours_runs.append(OursRun(args.dataset, eval_gray, eval_y, limit, two_processes=processes == 2))
+                except Exception as exc:
+                    ours_error = f"{type(exc).__name__}: {exc}"
+                    traceback.print_exc()
+                    print(f"medhe side unavailable: {ours_error}", flush=True)
+                    exit_code = 1
+
+    def ours_image(index: int) -> None:
+        nonlocal ours_error, exit_code
+        for run in list(ours_runs):
+            try:
+                run.step(index)
+            except Exception as exc:  # the baseline goes on and is still reported
+                ours_error = f"{type(exc).__name__}: {exc}"
+                traceback.print_exc()
+                print(f"medhe side failed: {ours_error}", flush=True)
+                exit_code = 1
+                ours_runs.remove(run)
+
     # ---- baseline: TenSEAL tutorial CNN ---------------------------------------------------
     baseline_size = args.baseline_image_size or info["image_size"]
     pre = fit_preprocessing(train_gray, baseline_size)
     train_x = pre.apply_batch(train_gray)
     eval_x = pre.apply_batch(eval_gray)
+    interleaved = bool(ours_runs) and not args.sequential
+    if interleaved:
+        print("the two systems take turns image by image", flush=True)
     t0 = time.perf_counter()
     baseline = tb.run_baseline(
-        train_x, train_y, eval_x, eval_y, limit=limit, epochs=args.epochs, seed=args.seed
+        train_x, train_y, eval_x, eval_y, limit=limit, epochs=args.epochs, seed=args.seed,
+        after_image=ours_image if interleaved else None,
     )
     baseline["wall_s"] = time.perf_counter() - t0
     baseline["preprocessing"] = pre.to_dict()
@@ -240,35 +286,15 @@ def main(argv: list[str] | None = None) -> int:
             f"(the tutorial's 8192 has too few slots for {baseline_size}x{baseline_size} im2col)",
             flush=True,
         )
-
-    # ---- ours: medhe ---------------------------------------------------------------------
-    ours: dict[str, Any] | None = None
-    ours_rows: list[dict[str, Any]] = []
-    ours_error: str | None = None
-    exit_code = 0
-    if args.skip_ours:
-        ours_error = "skipped (--skip-ours)"
-    else:
-        try:
-            from medhe.bench import run_ours
-        except Exception as exc:  # module not written yet, or broken import
-            ours_error = f"{type(exc).__name__}: {exc}"
-            print(f"medhe side unavailable: {ours_error}", flush=True)
-        else:
-            for processes in args.medhe_processes:
-                try:
-                    t0 = time.perf_counter()
-                    row = dict(run_ours(args.dataset, eval_gray, eval_y, limit, two_processes=processes == 2))
-                    row.setdefault("system", "medhe")
-                    row.setdefault("wall_s", time.perf_counter() - t0)
-                    ours_rows.append(row)
-                except Exception as exc:
-                    ours_error = f"{type(exc).__name__}: {exc}"
-                    traceback.print_exc()
-                    print(f"medhe side unavailable: {ours_error}", flush=True)
-                    exit_code = 1
-            # "ours" (and speed_ratio_baseline_over_ours) stay the one-process row where there is one.
-            ours = next((row for row in ours_rows if row.get("processes") == 1), ours_rows[0] if ours_rows else None)
+    if not interleaved:
+        for index in range(limit):
+            ours_image(index)
+    for run in ours_runs:
+        row = run.summary()
+        row["interleaved_with_baseline"] = interleaved
+        ours_rows.append(row)
+    # "ours" (and speed_ratio_baseline_over_ours) stay the one-process row where there is one.
+    ours = next((row for row in ours_rows if row.get("processes") == 1), ours_rows[0] if ours_rows else None)
 
     # ---- report --------------------------------------------------------------------------
     rows = [baseline] + ours_rows
@@ -303,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         "n_train": int(len(train_y)),
         "n_eval": int(len(eval_y)),
         "limit": limit,
+        "interleaved": interleaved,
         "epochs": args.epochs,
         "seed": args.seed,
         "columns": {title: key for title, key, _ in COLUMNS},

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -357,11 +357,14 @@ def run_baseline(
     seed: int = 0,
     poly_modulus_degree: int | None = None,
     progress: bool = True,
+    after_image: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train TutorialNet, score it in plaintext on all of eval_x and encrypted on eval_x[:limit].
 
     train_x / eval_x: float32 (n, 1, S, S) preprocessed. Returns a JSON-safe dict with the
-    RESULT_KEYS (plus training/keygen details and per-image lists).
+    RESULT_KEYS (plus training/keygen details and per-image lists). `after_image(i)` runs after
+    the baseline's image i, outside its timings (compare_tenseal.py evaluates medhe's image i
+    there, so both systems meet the same machine state).
     """
     train_y = np.asarray(train_y).reshape(-1).astype(np.int64)
     eval_y = np.asarray(eval_y).reshape(-1).astype(np.int64)
@@ -401,6 +404,8 @@ def run_baseline(
         upload_bytes = int(timings["ciphertext_size_bytes"])
         download_bytes = int(timings["result_size_bytes"])
         bar.set_postfix(server_s=f"{timings['server_eval_s']:.2f}")
+        if after_image is not None:
+            after_image(i)
 
     enc_pred_arr = np.asarray(enc_pred, dtype=np.int64)
     return {

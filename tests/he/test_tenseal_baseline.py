@@ -95,3 +95,40 @@ def test_conv_output_side_and_slots():
     for side in (28, 32):
         net = tb.TutorialNet(side, 2).eval()
         assert net(torch.zeros(2, 1, side, side)).shape == (2, 2)
+
+
+def test_compare_tenseal_takes_turns_image_by_image(tmp_path, monkeypatch):
+    """benchmarks/compare_tenseal.py evaluates medhe's image i right after the baseline's image i
+    (a drift of the machine's speed then falls on both), and writes both rows."""
+    import json
+
+    _load_baseline()
+    spec = importlib.util.spec_from_file_location("compare_tenseal", REPO_ROOT / "benchmarks" / "compare_tenseal.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    from medhe.bench import OursRun
+
+    order: list[str] = []
+    diagnose, step = compare.tb.TenSEALTutorialRunner.diagnose, OursRun.step
+
+    def logged_diagnose(self, image):
+        order.append("tenseal")
+        return diagnose(self, image)
+
+    def logged_step(self, index):
+        order.append(f"medhe {index}")
+        return step(self, index)
+
+    monkeypatch.setattr(compare.tb.TenSEALTutorialRunner, "diagnose", logged_diagnose)
+    monkeypatch.setattr(OursRun, "step", logged_step)
+    out = tmp_path / "compare.json"
+    assert compare.main(["--dataset", "br35h", "--limit", "2", "--epochs", "1", "--baseline-image-size", "28",
+                         "--out", str(out)]) == 0
+    assert order == ["tenseal", "medhe 0", "tenseal", "medhe 1"]
+    report = json.loads(out.read_text())
+    assert report["interleaved"] is True and report["ours"]["n_encrypted"] == 2
+    assert report["ours"]["agreement"] == 1.0 and report["speed_ratio_baseline_over_ours"] > 0
+    run = OursRun.__new__(OursRun)
+    run.results = []
+    with pytest.raises(ValueError, match="out of order"):
+        step(run, 1)
