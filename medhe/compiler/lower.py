@@ -137,11 +137,13 @@ def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray,
     return None
 
 
-def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, n: int) -> list[list[int]]:
+def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, n: int) -> list[list[int]] | None:
     """Rotation stages summing each output's products (at out_slot + the input layout's offsets)
-    into its output slot. An axis whose length is not a power of two is summed as if padded to
-    one (log2 rotations instead of length - 1) when the padding only reaches empty slots:
-    `owner` maps each slot to the output whose product it holds, -1 where nothing is."""
+    into its output slot, or None when the sum over the layout's window (every digit of `dims`,
+    padding included) would take in another output's products. An axis whose length is not a
+    power of two is summed as if padded to one (log2 rotations instead of length - 1) when the
+    padding only reaches empty slots: `owner` maps each slot to the output whose product it
+    holds, -1 where nothing is."""
     dims, steps = in_layout.dims, in_layout.steps
 
     def paddable(dim: int, step: int) -> bool:
@@ -157,6 +159,8 @@ def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, 
         # Each output may meet only empty slots and its own products, each of those exactly once.
         return bool(((reached == -1) | own).all() and (own.sum(axis=1) == in_layout.size).all())
 
+    if not safe(list(dims)):
+        return None
     candidates = [a for a, (d, st) in enumerate(zip(dims, steps)) if paddable(d, st)]
     best = list(dims)
     for mask in range(1, 1 << len(candidates)):  # a few axes at most: try every subset
@@ -210,7 +214,9 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
         if groups > 1:
             # Where each group's products go: the same search, now for copies of the products
             # (clean: zero outside their slots) that must not land on one another.
-            copy_slots = np.unique((s_slots[None, :] + copies[:, None]) % n)
+            # Every slot of the input's window counts: the reduce sums over it, padding included.
+            window = Layout(int(np.prod(in_layout.dims)), base, in_layout.dims, in_layout.steps).slots(n)
+            copy_slots = np.unique((window[None, :] + copies[:, None]) % n)
             occupied = np.zeros(n, dtype=bool)
             occupied[copy_slots] = True
             placed = find_replication(groups, copy_slots, occupied, n)
@@ -225,7 +231,7 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
         instructions.append(RotSum(op.name + ":replicate", stages))
     product_slots = (s_slots[None, :] + offsets[:, None]) % n
     if np.unique(product_slots).size != product_slots.size:
-        raise PlanError(f"{op.name}: replicated copies overlap")
+        return None  # copies that wrap onto one another: the diagonal method instead
     groups = -(-outputs // per_group)  # the last shifts may hold no output
     shift_of = (offsets - np.tile(offsets[:per_group], groups)[:outputs]) % n
     products = np.zeros((groups, n))
@@ -246,7 +252,10 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
         if dim * step == n:
             # Summing a whole cyclic axis leaves the total in every position along it.
             replicas = [r + d * step for r in replicas for d in range(dim)]
-    reduce_stages = [[signed_step(o, n) for o in stage] for stage in _reduce_stages(in_layout, owner, out_slots, n)]
+    stages = _reduce_stages(in_layout, owner, out_slots, n)
+    if stages is None:
+        return None
+    reduce_stages = [[signed_step(o, n) for o in stage] for stage in stages]
     instructions.append(RotSum(op.name + ":reduce", reduce_stages))
     out_layout = Layout(outputs, base, out_dims, out_steps, tuple(sorted(int(r) % n for r in replicas)))
     bias_vector = np.zeros(n)

@@ -174,7 +174,8 @@ def _check_end_to_end_and_per_layer(model, plan, image_size: int) -> None:
     (28, {"pool_sizes": (4, 2)}, 4, 12),
     (28, {"conv_channels": (8, 8, 8)}, 5, 16),
     (32, {"conv_channels": (8, 8, 8)}, 5, 16),
-    (28, {"conv_channels": (8, 8, 8), "hidden_units": 0}, 4, 30),
+    (28, {"hidden_units": 10}, 4, 20),  # groups of 4: the last one partial
+    (28, {"conv_channels": (8, 8, 8), "hidden_units": 0}, 4, 30),  # the only dense layer is the last: diagonals
 ])
 def test_other_architectures_end_to_end_on_clear_backend(image_size, arch, rescales, max_dense_rotations):
     model = _default_model(image_size, **arch)
@@ -184,6 +185,21 @@ def test_other_architectures_end_to_end_on_clear_backend(image_size, arch, resca
     # Replicate-multiply-reduce, not the diagonal method's ~100+ rotations.
     assert first_dense["rotations"] <= max_dense_rotations, first_dense
     _check_end_to_end_and_per_layer(model, plan, image_size)
+
+
+def test_chained_dense_layers_after_grouped_outputs_on_clear_backend():
+    """The first dense layer's 10 outputs go in groups of 4, so its output layout has padding (12
+    positions for 10 values); the next dense layer's reduce sums over that window and must not take
+    in another output's products there (it once did, silently)."""
+    from types import SimpleNamespace
+
+    seq = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(8), PolyAct(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.AvgPool2d(2), nn.BatchNorm2d(8), PolyAct(),
+                        nn.Flatten(), nn.Linear(392, 10), PolyAct(), nn.Linear(10, 10), PolyAct(),
+                        nn.Linear(10, 2)).double()
+    randomize_bn(seq)
+    plan = compile_torch(seq, (1, 28, 28))
+    _check_end_to_end_and_per_layer(SimpleNamespace(layers=seq), plan, 28)
 
 
 def test_merge_linear_merges_consecutive_linear_layers():
