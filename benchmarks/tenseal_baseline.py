@@ -55,7 +55,7 @@ KERNEL_SIZE = 7
 STRIDE = 3
 HIDDEN = 64
 
-# Keys of the result dict of run_baseline (medhe.bench.run_ours returns the same ones),
+# Keys of the result dict of run_baseline (medhe.bench.OursRun.summary returns the same ones),
 # read by benchmarks/compare_tenseal.py.
 RESULT_KEYS = (
     "system",

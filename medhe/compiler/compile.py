@@ -5,11 +5,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import numpy as np
-
 from medhe.compiler.ir import NAIVE_LEVELS, Op
 from medhe.compiler.keyset import key_switching_key_bytes
-from medhe.compiler.layout import NeedMoreSlots, image_layout
+from medhe.compiler.layout import NeedMoreSlots, image_layout, next_power_of_two
 from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
 from medhe.compiler.trace import trace_model_dir
@@ -37,7 +35,7 @@ def model_digest(model_dir: Path) -> str:
 
 def slots_needed(ops: list[Op], input_shape: tuple[int, ...]) -> int:
     """Slots the widest layer needs with channels in power-of-two blocks of the input image."""
-    block = 1 << int(np.ceil(np.log2(input_shape[1] * input_shape[2])))
+    block = next_power_of_two(input_shape[1] * input_shape[2])
     widest = max([input_shape[0]] + [op.out_shape[0] for op in ops if len(op.out_shape) == 3])
     return widest * block
 
@@ -115,7 +113,7 @@ def compile_ops(
         max_key_mb = DEFAULT_MAX_KEY_MB if soft_budget else None
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
-    n = params.slot_count if params else 1 << int(np.ceil(np.log2(slots_needed(optimized, input_shape))))
+    n = params.slot_count if params else next_power_of_two(slots_needed(optimized, input_shape))
     while True:  # a larger N may be needed by a layout or by the modulus budget
         try:
             in_layout, _ = image_layout(input_shape, n)

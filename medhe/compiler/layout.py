@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from medhe.errors import PlanError
 from medhe.plan.layout import Layout
 
@@ -12,12 +10,17 @@ class NeedMoreSlots(PlanError):
     """The layout does not fit this ring; a larger N may fit it."""
 
 
+def next_power_of_two(value: int) -> int:
+    """The smallest power of two >= value (1 for value <= 1)."""
+    return 1 << max(0, int(value) - 1).bit_length()
+
+
 def image_layout(shape: tuple[int, int, int], slot_count: int) -> tuple[Layout, int]:
     """Layout of an input image: channels in power-of-two blocks, rows of width W, the whole
     thing copied into every free block (the client does the copying, so the first conv needs
     no channel rotations). Returns the layout and the block size."""
     channels, height, width = shape
-    block = 1 << int(np.ceil(np.log2(height * width)))
+    block = next_power_of_two(height * width)
     if channels * block > slot_count:
         raise NeedMoreSlots(
             f"an input of shape {shape} needs {channels * block} slots in blocks of {block}; "

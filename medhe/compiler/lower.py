@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from medhe.compiler.ir import Op, linear_sparse
-from medhe.compiler.layout import NeedMoreSlots
+from medhe.compiler.layout import NeedMoreSlots, next_power_of_two
 from medhe.errors import PlanError
 from medhe.plan.instructions import AddPlain, Linear, RotSum, SquareOp
 from medhe.plan.layout import Layout, signed_step
@@ -112,7 +112,7 @@ def find_replication(outputs: int, input_slots: np.ndarray, support: np.ndarray,
     """Offsets R = AP(L1, s1) + AP(L2, s2) with L1*L2 >= outputs (powers of two) such that the
     copies never collide with anything non-zero. Returns (L1, s1, L2, s2) or None."""
     forbidden = _forbidden_differences(input_slots, support)
-    total = 1 << int(np.ceil(np.log2(max(outputs, 1))))
+    total = next_power_of_two(outputs)
     max_step = min(n // 2, 4096)
     shapes = [(total // (1 << e), 1 << e) for e in range(int(np.log2(total)) + 1)]
     for l1, l2 in shapes:
@@ -147,8 +147,7 @@ def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, 
     dims, steps = in_layout.dims, in_layout.steps
 
     def paddable(dim: int, step: int) -> bool:
-        padded = 1 << int(np.ceil(np.log2(dim)))
-        return int(np.log2(padded)) < dim - 1 and dim * step != n
+        return _sum_rotations(next_power_of_two(dim)) < _sum_rotations(dim) and dim * step != n
 
     def safe(lengths: list[int]) -> bool:
         offsets = np.zeros(1, dtype=np.int64)
@@ -167,7 +166,7 @@ def _reduce_stages(in_layout: Layout, owner: np.ndarray, out_slots: np.ndarray, 
         lengths = list(dims)
         for bit, axis in enumerate(candidates):
             if mask >> bit & 1:
-                lengths[axis] = 1 << int(np.ceil(np.log2(dims[axis])))
+                lengths[axis] = next_power_of_two(dims[axis])
         if sum(map(_sum_rotations, lengths)) < sum(map(_sum_rotations, best)) and safe(lengths):
             best = lengths
     return [stage for length, step in zip(best, steps) for stage in _sum_stages(length, step)]
@@ -193,7 +192,7 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
     reps = np.asarray(in_layout.replicas[:outputs]) if len(in_layout.replicas) >= outputs else None
     if reps is not None and len(set(np.diff(reps))) > 1:
         reps = None  # the output layout below needs evenly spaced copies
-    groups, per_group = 1, outputs
+    groups, per_group, shifts = 1, outputs, np.zeros(1, dtype=np.int64)
     if reps is not None and not np.isin(((reps[:, None] - reps[None, :]) % n)[~np.eye(len(reps), dtype=bool)], s_set).any():
         offsets = reps
         out_dims, out_steps = (len(reps),), (int(reps[1]) if len(reps) > 1 else 1,)
@@ -210,7 +209,6 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
         per_group = copies.size
         groups = -(-outputs // per_group)
         out_dims, out_steps = (l2, l1), (s2, s1)
-        shifts = np.zeros(1, dtype=np.int64)
         if groups > 1:
             # Where each group's products go: the same search, now for copies of the products
             # (clean: zero outside their slots) that must not land on one another.
@@ -224,7 +222,6 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
                 return None
             g1, t1, g2, t2 = placed
             shifts = (np.arange(g2)[:, None] * t2 + np.arange(g1)[None, :] * t1).ravel()
-            groups = shifts.size
             out_dims, out_steps = (g2, g1) + out_dims, (t2, t1) + out_steps
         offsets = (shifts[:, None] + copies[None, :]).ravel()[:outputs]
         stages = [[signed_step(-o, n) for o in stage] for stage in _sum_stages(l1, s1) + _sum_stages(l2, s2)]
@@ -233,12 +230,11 @@ def lower_dense_rmr(op: Op, in_layout: Layout, support: np.ndarray, n: int):
     if np.unique(product_slots).size != product_slots.size:
         return None  # copies that wrap onto one another: the diagonal method instead
     groups = -(-outputs // per_group)  # the last shifts may hold no output
-    shift_of = (offsets - np.tile(offsets[:per_group], groups)[:outputs]) % n
     products = np.zeros((groups, n))
     giants = []
     for g in range(groups):
         rows = slice(g * per_group, min(outputs, (g + 1) * per_group))
-        shift = int(shift_of[g * per_group])
+        shift = int(shifts[g])
         # Group g's weights sit where its products are made, before the shift that moves them.
         products[g, ((product_slots[rows] - shift) % n).ravel()] = weight[rows].ravel()
         giants.append(signed_step(-shift, n))
@@ -275,7 +271,7 @@ def conv_out_layout(op: Op, in_layout: Layout, n: int) -> Layout:
     fits = ((wo - 1) * stride + 1) * col_step <= row_step and \
         (ho - 1) * stride * row_step + (wo - 1) * stride * col_step < block
     if not fits:
-        block = 1 << int(np.ceil(np.log2(ho * wo)))
+        block = next_power_of_two(ho * wo)
         row_step, col_step, stride = wo, 1, 1
     if c_out * block > n:
         raise NeedMoreSlots(f"{op.name}: {c_out} channels in blocks of {block} need {c_out * block} slots, "
