@@ -105,6 +105,8 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
     """columns: (key, header, format)."""
     def cell(row: dict, key: str, fmt: str) -> str:
         value = row.get(key, "")
+        if value is None:
+            return "-"
         return format(value, fmt) if isinstance(value, (int, float)) and fmt else str(value)
 
     widths = [max([len(h), 10] + [len(cell(row, key, fmt)) for row in rows]) for key, h, fmt in columns]
