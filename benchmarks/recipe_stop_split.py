@@ -8,8 +8,9 @@ that split (13 corruptions x 5 severities, the same corrupted images for every r
 
     PneumoniaMNIST: the recipe before class balance, + class-balanced loss, + geometric augmentation,
                     + both (writes results/recipe_stop_split.json).
-    Br35H:          the recipe before shift augmentation, + shift augmentation, + geometric
-                    augmentation, + both (writes results/recipe_stop_split_br35h.json).
+    Br35H:          the recipe before shift augmentation, + shift augmentation (80 and 160
+                    epochs), + geometric augmentation, + both (writes
+                    results/recipe_stop_split_br35h.json).
 
     python benchmarks/recipe_stop_split.py [--dataset pneumoniamnist|br35h] [--seeds 0 ...] [--data-file PATH.npz]
 """
@@ -93,9 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                          "corrupted_balanced_error": float(np.mean(corrupted_be[key])),
                          "best_epoch": models[key][1]["best_epoch"]})
         if len(args.seeds) > 1:
-            mine = [row for row in rows if row["recipe"] == name and row["seed"] != "mean"]
+            own = rows[-len(args.seeds):]  # this recipe's rows, one per seed
             rows.append({"recipe": name, "seed": "mean", "best_epoch": "",
-                         **{field: float(np.mean([row[field] for row in mine]))
+                         **{field: float(np.mean([row[field] for row in own]))
                             for field in ("auc", "balanced_error", "corrupted_balanced_error")}})
     print_table(rows, [("recipe", "recipe", ""), ("seed", "seed", ""), ("auc", "stop AUC", ".4f"),
                        ("balanced_error", "stop BE", ".3f"), ("corrupted_balanced_error", "corrupted BE", ".3f"),
