@@ -9,7 +9,9 @@ that split (13 corruptions x 5 severities, the same corrupted images for every r
     PneumoniaMNIST: the recipe before class balance, + class-balanced loss, + geometric augmentation,
                     + both (writes results/recipe_stop_split.json).
     Br35H:          the recipe before shift augmentation, + shift augmentation (80 and 160
-                    epochs), + geometric augmentation, + both (writes
+                    epochs), + geometric augmentation, + both; each image standardised by its own
+                    mean and std instead of the training set's (normalization per_image), alone
+                    and with shift augmentation (80 and 160 epochs) (writes
                     results/recipe_stop_split_br35h.json).
 
     python benchmarks/recipe_stop_split.py [--dataset pneumoniamnist|br35h] [--seeds 0 ...] [--data-file PATH.npz]
@@ -18,6 +20,7 @@ that split (13 corruptions x 5 severities, the same corrupted images for every r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -28,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
 
 # Per data set: recipe name -> settings changed from the base (the data set's defaults with these
-# keys set as below), and the result file.
+# keys set as below), and the result file. "normalization" is the Preprocessing's, not a training setting.
 BASES = {"pneumoniamnist": {"class_balanced": False, "geometric_augment": False},
-         "br35h": {"shift_augment": False, "geometric_augment": False}}
+         "br35h": {"shift_augment": False, "geometric_augment": False, "epochs": 80, "patience": 20}}
 VARIANTS = {
     "pneumoniamnist": {"before (shift augment only)": {}, "+ class-balanced": {"class_balanced": True},
                        "+ geometric": {"geometric_augment": True},
@@ -38,13 +41,18 @@ VARIANTS = {
     "br35h": {"before (flips and shifts only)": {}, "+ shift augment": {"shift_augment": True},
               "+ shift augment, 160 epochs": {"shift_augment": True, "epochs": 160, "patience": 40},
               "+ geometric": {"geometric_augment": True},
-              "+ both": {"shift_augment": True, "geometric_augment": True}},
+              "+ both": {"shift_augment": True, "geometric_augment": True},
+              "per-image standardised": {"normalization": "per_image"},
+              "per-image + shift augment": {"normalization": "per_image", "shift_augment": True},
+              "per-image + shift augment, 160 epochs": {"normalization": "per_image", "shift_augment": True,
+                                                        "epochs": 160, "patience": 40}},
 }
 RESULT_FILES = {"pneumoniamnist": "recipe_stop_split.json", "br35h": "recipe_stop_split_br35h.json"}
 
 
 def main(argv: list[str] | None = None) -> int:
     from medhe.data.corruptions import corrupted_sets
+    from medhe.data.preprocess import standardize_per_image
     from medhe.nn.model import ArchConfig
     from medhe.train.datasets import prepare_dataset
     from medhe.train.loop import predict_logits, softmax_positive, train_model
@@ -58,33 +66,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    data = prepare_dataset(args.dataset, data_file=args.data_file if args.dataset == "pneumoniamnist" else None)
+    # Loaded normalised by the dataset's mean and std; the per_image recipes standardise from there.
+    data = prepare_dataset(args.dataset, data_file=args.data_file if args.dataset == "pneumoniamnist" else None,
+                           normalization="dataset")
     pre = data.preprocessing
     settings = {**DATASET_DEFAULTS[args.dataset], **BASES[args.dataset]}
+    # A per-image standardisation of the dataset-normalised inputs equals that of the pixels.
+    recipes = {name: {**settings, **extra} for name, extra in VARIANTS[args.dataset].items()}
+    preprocessings = {name: dataclasses.replace(pre, normalization=recipe.get("normalization", "dataset"))
+                      for name, recipe in recipes.items()}
+
+    def as_normalised(name: str, inputs: np.ndarray) -> np.ndarray:
+        return standardize_per_image(inputs) if preprocessings[name].normalization == "per_image" else inputs
+
     models = {}
-    for name, extra in VARIANTS[args.dataset].items():
-        recipe = {**settings, **extra}
+    for name, recipe in recipes.items():
         for seed in args.seeds:
             models[name, seed] = train_model(
-                ArchConfig(image_size=pre.image_size), data.train_images, data.train_labels, data.stop_images,
-                data.stop_labels, epochs=recipe["epochs"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                patience=recipe["patience"], seed=seed, augment=recipe["augment"],
-                vertical_flip=recipe["vertical_flip"], max_shift=recipe["max_shift"],
+                ArchConfig(image_size=pre.image_size), as_normalised(name, data.train_images), data.train_labels,
+                as_normalised(name, data.stop_images), data.stop_labels, epochs=recipe["epochs"],
+                batch_size=recipe["batch_size"], lr=recipe["lr"], patience=recipe["patience"], seed=seed,
+                augment=recipe["augment"], vertical_flip=recipe["vertical_flip"], max_shift=recipe["max_shift"],
                 shift_augment=recipe["shift_augment"], pixel_mean_std=(pre.mean, pre.std), stop_metric="loss",
                 geometric_augment=recipe["geometric_augment"], class_balanced=recipe["class_balanced"],
-                progress=False)
+                per_image=preprocessings[name].normalization == "per_image", progress=False)
             print(f"{name}, seed {seed}: trained ({time.perf_counter() - started:.0f} s)", flush=True)
 
     def scores(model, inputs) -> dict:
         return scores_from_probability(data.stop_labels, softmax_positive(predict_logits(model, inputs)))
 
-    clean = {key: scores(model, data.stop_images) for key, (model, _) in models.items()}
+    clean = {(name, seed): scores(model, as_normalised(name, data.stop_images))
+             for (name, seed), (model, _) in models.items()}
     corrupted_be: dict = {key: [] for key in models}
     stop_gray = np.clip(data.stop_images[:, 0] * pre.std + pre.mean, 0.0, 1.0)
     for _, _, images in corrupted_sets(stop_gray, seed=0):
-        inputs = pre.apply_batch(images)
-        for key, (model, _) in models.items():
-            corrupted_be[key].append(scores(model, inputs)["balanced_error"])
+        inputs = {}  # one preprocessing of this set per normalisation
+        for (name, seed), (model, _) in models.items():
+            recipe_pre = preprocessings[name]
+            if recipe_pre not in inputs:
+                inputs[recipe_pre] = recipe_pre.apply_batch(images)
+            corrupted_be[name, seed].append(scores(model, inputs[recipe_pre])["balanced_error"])
     rows = []
     for name in VARIANTS[args.dataset]:
         for seed in args.seeds:

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from medhe.data.preprocess import CROP_RULES, RESIZE_FILTERS
+from medhe.data.preprocess import CROP_RULES, NORMALIZATIONS, RESIZE_FILTERS
 from medhe.errors import ConfigError
 from medhe.train.thresholds import THRESHOLD_RULES
 
@@ -20,6 +20,7 @@ DEMO_PER_CLASS = 3
 
 
 def add_train_parser(subparsers) -> argparse.ArgumentParser:
+    from medhe.train.datasets import DEFAULT_NORMALIZATION
     from medhe.train.run import DATASET_DEFAULTS
 
     def default(key: str) -> str:
@@ -45,7 +46,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     shift = p.add_mutually_exclusive_group()
     shift.add_argument("--shift-augment", dest="shift_augment", action="store_const", const=True, default=None,
                        help="acquisition-shift augmentations: brightness, contrast, gamma, noise, blur "
-                            "(default: on for pneumoniamnist, off for br35h)")
+                            f"(default: {default('shift_augment')})")
     shift.add_argument("--no-shift-augment", dest="shift_augment", action="store_const", const=False,
                        help="no acquisition-shift augmentations")
     geometry = p.add_mutually_exclusive_group()
@@ -77,6 +78,11 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                         "to every input (default: br35h foreground_square, pneumoniamnist center_square)")
     p.add_argument("--resize-filter", choices=tuple(RESIZE_FILTERS), default=None,
                    help="Pillow resize filter, stored with the model (default: bicubic)")
+    p.add_argument("--normalization", choices=NORMALIZATIONS, default=None,
+                   help="dataset: (pixel - training mean) / training std; per_image: each image by its own mean "
+                        "and std (undoes a linear intensity scale). Stored with the model and applied by the "
+                        "client (default: "
+                        + ", ".join(f"{name} {rule}" for name, rule in DEFAULT_NORMALIZATION.items()) + ")")
     p.add_argument("--activation", choices=("poly", "relu"), default="poly")
     p.add_argument("--relu-twin", action="store_true",
                    help="also train the ReLU twin and record its metrics and the accuracy gap")
@@ -113,7 +119,7 @@ def cmd_train(args) -> int:
         class_balanced=args.class_balanced, threshold_rule=args.threshold_rule,
         conv_channels=args.conv_channels, pool_sizes=args.pool_sizes, hidden_units=args.hidden_units, seed=args.seed,
         image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
-        activation=args.activation,
+        normalization=args.normalization, activation=args.activation,
         relu_twin=args.relu_twin, leakage_demo=args.leakage_demo, progress=args.progress,
     )
     metrics = run_training(options, log=lambda line: print(line, flush=True))

