@@ -123,10 +123,12 @@ def load_dataset(
         from medhe.data.br35h import load_br35h
         from medhe.nn.io import load_model, resolve_model_dir
 
-        # Both networks see the images cropped as the shipped medhe model's recipe says.
-        geometry = load_model(resolve_model_dir("br35h"))[1].preprocessing.geometry()
+        # Both networks see the images cropped and normalised as the shipped medhe model's recipe says.
+        recipe = load_model(resolve_model_dir("br35h"))[1].preprocessing
+        geometry = recipe.geometry()
         geometry["image_size"] = image_size
         info["crop"], info["resize_filter"] = geometry["crop"], geometry["resize_filter"]
+        info["normalization"] = recipe.normalization
         train_gray, train_y = load_br35h(train_split, **geometry)
         eval_gray, eval_y = load_br35h(eval_split, **geometry)
         train_gray = np.asarray(train_gray, dtype=np.float32)
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- baseline: TenSEAL tutorial CNN ---------------------------------------------------
     baseline_size = args.baseline_image_size or info["image_size"]
-    pre = fit_preprocessing(train_gray, baseline_size)
+    pre = fit_preprocessing(train_gray, baseline_size, normalization=info.get("normalization", "dataset"))
     train_x = pre.apply_batch(train_gray)
     eval_x = pre.apply_batch(eval_gray)
     interleaved = bool(ours_runs) and not args.sequential

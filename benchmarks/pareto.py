@@ -28,6 +28,7 @@ Writes benchmarks/results/pareto.json and benchmarks/results/pareto.png.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -68,13 +69,27 @@ def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse:
     if channels is None:  # the shipped architecture with another seed
         channels = tuple(load_model(resolve_model_dir(dataset))[1].arch.conv_channels)
     out = work / dataset / f"c{'-'.join(map(str, channels))}_s{seed}"
-    if (reuse or out in trained) and (out / "model.json").is_file():
-        return out
     options = TrainOptions(dataset=dataset, out=out, data_file=Path(data_file) if data_file else None,
                            conv_channels=tuple(channels), seed=seed, progress=False)
+    if out in trained or (reuse and _trained_with_todays_recipe(out, options)):
+        return out
     run_training(options, log=lambda line: print(f"    {line}", flush=True))
     trained.add(out)
     return out
+
+
+def _trained_with_todays_recipe(out: Path, options) -> bool:
+    """Whether `out` holds a model trained with the settings and normalisation `options` would use
+    now (a candidate left by an older recipe is retrained rather than compared with the new one)."""
+    from medhe.train.datasets import resolve_normalization
+
+    try:
+        metrics = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return False
+    normalization = metrics.get("preprocessing", {}).get("normalization", "dataset")
+    return (metrics.get("training") == options.settings()
+            and normalization == resolve_normalization(options.dataset, options.normalization))
 
 
 def replicas(members: list, seeds: list[int]) -> list[list]:

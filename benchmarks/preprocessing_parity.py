@@ -2,10 +2,10 @@
 
 Br35H: the grouped (leakage-free) test split, each raw image also re-framed the ways other
 scanners and exports frame a head slice (dark margins, 4:3 or 3:4 canvases, an off-centre head,
-a tight crop), scored by the shipped model (its stored recipe: foreground_square) and by the same
-architecture trained with the old recipe (stretch the whole image). The old-recipe model is
-trained here with `medhe train --crop stretch --resize-filter bilinear` (about 2 minutes), or
-given with --stretch-model DIR.
+a tight crop), scored by the shipped model (its stored crop: foreground_square) and by the same
+architecture trained with the old crop (stretch the whole image; everything else the shipped
+defaults). The old-crop model is trained here with `medhe train --crop stretch --resize-filter
+bilinear` (about 8 minutes), or given with --stretch-model DIR.
 
 PneumoniaMNIST: MedMNIST made each 28x28 image by center-cropping a wider X-ray to its short edge.
 The val images are upsampled to 224 and widened to 224x300 with mirrored borders (a stand-in for

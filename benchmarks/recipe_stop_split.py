@@ -110,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in VARIANTS[args.dataset]:
         for seed in args.seeds:
             key = (name, seed)
-            rows.append({"recipe": name, "seed": seed, "auc": clean[key]["auc"],
+            rows.append({"recipe": name, "seed": seed, "normalization": preprocessings[name].normalization,
+                         "auc": clean[key]["auc"],
                          "balanced_error": clean[key]["balanced_error"],
                          "corrupted_balanced_error": float(np.mean(corrupted_be[key])),
                          "best_epoch": models[key][1]["best_epoch"]})

@@ -48,7 +48,9 @@ NORMALIZATIONS = ("dataset", "per_image")
 LEGACY_CROP = "stretch"
 LEGACY_RESIZE_FILTER = "bilinear"
 LEGACY_NORMALIZATION = "dataset"
-# per_image: a constant image (std 0) maps to zeros instead of dividing by zero.
+# per_image: a constant image (std 0) maps to zeros instead of dividing by zero. In [0, 1] pixel
+# units on the client; the training loop re-standardises inputs already of std 1, where only a
+# near-blank image (std < 1e-3 of its pixels) would be scaled differently.
 PER_IMAGE_STD_FLOOR = 1e-3
 # foreground_square: a pixel is foreground above this fraction of the image's 99th percentile; the
 # box holds every connected foreground region of at least this fraction of the largest one's area

@@ -103,6 +103,7 @@ def resolve_geometry(dataset: str, crop: str | None, resize_filter: str | None) 
 
 
 def resolve_normalization(dataset: str, normalization: str | None) -> str:
+    """normalization with the data set's default filled in."""
     key = dataset if dataset in DEFAULT_NORMALIZATION else "pneumoniamnist"
     return DEFAULT_NORMALIZATION[key] if normalization is None else normalization
 

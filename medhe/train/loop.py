@@ -108,9 +108,10 @@ def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean
     from scipy import ndimage
 
     if per_image:
-        low = images.min(axis=(1, 2, 3), keepdims=True).astype(np.float64)
-        span = np.maximum(images.max(axis=(1, 2, 3), keepdims=True) - low, PER_IMAGE_STD_FLOOR)
-        pixels = (images.astype(np.float64) - low) / span
+        darkest = images.min(axis=(1, 2, 3), keepdims=True).astype(np.float64)
+        # A constant image has no range: the floor keeps it finite (it stays constant).
+        span = np.maximum(images.max(axis=(1, 2, 3), keepdims=True) - darkest, PER_IMAGE_STD_FLOOR)
+        pixels = (images.astype(np.float64) - darkest) / span
     else:
         pixels = np.clip(images.astype(np.float64) * pixel_std + pixel_mean, 0.0, 1.0)
     for i in range(pixels.shape[0]):
@@ -333,7 +334,7 @@ def train_model(
                     x = geometric_augment_batch(x, rng)
                 if shift_augment:
                     x = shift_augment_batch(x, rng, *pixel_mean_std, per_image=per_image)
-                if per_image:
+                if per_image:  # flips' and shifts' fill and the geometric warp move each image's mean and std
                     x = standardize_per_image(x)
                 xb = torch.from_numpy(x)
                 yb = torch.from_numpy(train_labels[idx])

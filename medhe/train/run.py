@@ -39,10 +39,11 @@ CONFUSION_PNG = "confusion.png"
 # Br35H (MedMNIST-C defines no brain-MRI entry; the chest X-ray corruptions stand in) also
 # standardises each image by its own mean and std (datasets.DEFAULT_NORMALIZATION: MRI intensities
 # have no absolute scale) and trains 160 epochs with patience 40: on the stop split (three seeds,
-# benchmarks/recipe_stop_split.py --dataset br35h) that recipe's mean corrupted balanced error is
-# 0.016 against 0.064 for flips and shifts alone, clean 0.012 against 0.013. (Shift augmentation
-# with the dataset's mean and std scored alike there, but its model missed the test floors when
-# it was tried on 2026-12-01: ACC 0.957, ReLU-twin gap 2.03 points.)
+# benchmarks/recipe_stop_split.py --dataset br35h --seeds 0 1 2) that recipe's mean corrupted
+# balanced error is 0.016 against 0.064 for flips and shifts alone, clean 0.012 against 0.013.
+# (Shift augmentation with the dataset's mean and std scored a little better there, 0.014 / 0.007,
+# but its model had already been scored on test on 2026-12-01 and missed the floors, ACC 0.957 and
+# ReLU-twin gap 2.03 points, so the choice was made among the per-image recipes; see README.)
 # Class-balanced loss (PneumoniaMNIST: 26% normal in train, more in other sources) and geometric
 # augmentation were judged on the stop splits only (benchmarks/recipe_stop_split.py; balanced
 # error at 0.5, clean / mean of the 65 corrupted sets). PneumoniaMNIST, one seed: current recipe

@@ -324,3 +324,20 @@ def test_a_running_app_recovers_lost_keys_and_reports_a_replaced_model(setup, tm
     assert accepted["state"] == "done", accepted["error"]
     done = _wait(page, page.post("/api/studies?model=tiny&name=d.png", content=_png_bytes(), headers=POST).json()["id"])
     assert done["state"] == "done" and done["result"]["spec_digest"] != first["result"]["spec_digest"]
+
+
+def test_the_preview_of_a_per_image_input_spans_black_to_white() -> None:
+    """A per_image input has no pixel scale to undo: the preview shows it stretched from its darkest
+    pixel to its brightest, the same picture whatever the scan's intensity scale."""
+    from medhe.service.clinic import preview_png
+
+    recipe = Preprocessing(image_size=16, mean=0.3, std=0.2, normalization="per_image")
+    scan = np.linspace(0.1, 0.6, 40 * 40, dtype=np.float32).reshape(40, 40)
+
+    def shown(image):
+        data_url = preview_png(recipe.apply(image), recipe)
+        return np.asarray(Image.open(io.BytesIO(base64.b64decode(data_url.split(",", 1)[1]))))
+
+    preview = shown(scan)
+    assert preview.shape == (16, 16) and preview.min() == 0 and preview.max() == 255
+    np.testing.assert_array_equal(shown(1.5 * scan), preview)

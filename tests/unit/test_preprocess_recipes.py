@@ -200,9 +200,9 @@ def test_a_full_resolution_non_square_scan_is_diagnosed_as_its_recipe_says(tmp_p
 
 
 def test_a_per_image_model_is_trained_stored_and_applied_by_the_client(tmp_path) -> None:
-    """`medhe train --normalization per_image`: the card and the client spec carry the rule, the
-    client standardises a full-resolution scan by its own mean and std, and the (clear) encrypted
-    path gives the plaintext model's logits for it."""
+    """`medhe train` for Br35H (per_image by default): the card and the client spec carry the rule,
+    the client standardises a full-resolution scan by its own mean and std, and the (clear)
+    encrypted path gives the plaintext model's logits for it. `--normalization dataset` overrides."""
     import json
 
     import torch
@@ -214,15 +214,17 @@ def test_a_per_image_model_is_trained_stored_and_applied_by_the_client(tmp_path)
     from medhe.protocol.server import Server
 
     out = tmp_path / "model"
-    code = main(["train", "--dataset", "br35h", "--out", str(out), "--epochs", "1", "--normalization", "per_image",
-                 "--no-progress"])
-    assert code == 0
+    assert main(["train", "--dataset", "br35h", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
     model, card = load_model(out)
     assert card.preprocessing.normalization == "per_image" and card.preprocessing.crop == "foreground_square"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert "--normalization per_image" in metrics["command"]
-    assert metrics["preprocessing"]["normalization"] == "per_image"
-    assert metrics["history"]["per_image"] is True
+    assert metrics["preprocessing"]["normalization"] == "per_image" and metrics["history"]["per_image"] is True
+    by_dataset = tmp_path / "by-dataset"
+    assert main(["train", "--dataset", "br35h", "--out", str(by_dataset), "--epochs", "1", "--normalization",
+                 "dataset", "--no-progress"]) == 0
+    assert load_model(by_dataset)[1].preprocessing.normalization == "dataset"
+    overridden = json.loads((by_dataset / "metrics.json").read_text())
+    assert "--normalization dataset" in overridden["command"] and overridden["history"]["per_image"] is False
     plan = compile_model(out)
     assert Preprocessing.from_dict(plan.client_spec().preprocessing) == card.preprocessing
     scan = np.pad(_head(300), ((50, 50), (150, 90))) * 0.7

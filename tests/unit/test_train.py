@@ -128,11 +128,37 @@ def test_shift_augmentation_of_per_image_inputs_returns_standardised_images():
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-4)
     changed = np.abs(out - images).reshape(64, -1).max(axis=1) > 1e-3
-    assert 0.6 < changed.mean() < 1.0  # brightness alone is undone by the standardisation
-    # The same draws on the same image at another linear scale give the same augmented input.
-    rescaled = shift_augment_batch(standardize_per_image(0.1 + 0.5 * pixels), np.random.default_rng(1), 0.45, 0.2,
-                                   per_image=True)
-    np.testing.assert_allclose(rescaled, out, atol=1e-4)
+    assert 0.6 < changed.mean() < 1.0  # a linear shift alone (brightness down, contrast down) is undone
+    # Each image is stretched by its own range, whatever scale it came at: the same draws on the
+    # pixels and on a dimmer, offset copy give the same augmented input.
+    from_pixels = shift_augment_batch(pixels, np.random.default_rng(1), 0.45, 0.2, per_image=True)
+    from_dimmer = shift_augment_batch(0.1 + 0.5 * pixels, np.random.default_rng(1), 0.45, 0.2, per_image=True)
+    np.testing.assert_allclose(from_dimmer, from_pixels, atol=1e-4)
+    np.testing.assert_allclose(from_pixels, out, atol=1e-4)
+
+
+def test_per_image_training_feeds_the_network_standardised_batches(trained, monkeypatch):
+    """With per_image, every augmented batch reaches the network with mean 0 and std 1 per image
+    (flips and shifts fill with the image's minimum, which moves both), as the client's inputs do."""
+    from medhe.data.preprocess import standardize_per_image
+
+    seen = []
+    original_forward = HECNN.forward
+
+    def recording_forward(self, x):
+        if self.training:
+            seen.append(x.detach().numpy().copy())
+        return original_forward(self, x)
+
+    monkeypatch.setattr(HECNN, "forward", recording_forward)
+    train_x, train_y = trained["train"]
+    inputs = standardize_per_image(train_x[:128])
+    train_model(trained["arch"], inputs, train_y[:128], inputs[:32], train_y[:32], epochs=1, batch_size=64,
+                lr=1e-3, patience=0, seed=0, augment=True, max_shift=3, progress=False, per_image=True)
+    assert len(seen) == 2
+    for batch in seen:
+        np.testing.assert_allclose(batch.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
+        np.testing.assert_allclose(batch.std(axis=(1, 2, 3)), 1.0, atol=1e-4)
 
 
 def test_shift_augmentation_needs_the_normalisation(trained):
