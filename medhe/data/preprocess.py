@@ -48,9 +48,9 @@ NORMALIZATIONS = ("dataset", "per_image")
 LEGACY_CROP = "stretch"
 LEGACY_RESIZE_FILTER = "bilinear"
 LEGACY_NORMALIZATION = "dataset"
-# per_image: a constant image (std 0) maps to zeros instead of dividing by zero. In [0, 1] pixel
-# units on the client; the training loop re-standardises inputs already of std 1, where only a
-# near-blank image (std < 1e-3 of its pixels) would be scaled differently.
+# per_image: a constant image (std 0, or range 0 in stretch_per_image) maps to a constant instead of
+# dividing by zero. In [0, 1] pixel units on the client; the training loop re-standardises inputs
+# already of std 1, where only a near-blank image (std < 1e-3 of its pixels) would scale differently.
 PER_IMAGE_STD_FLOOR = 1e-3
 # foreground_square: a pixel is foreground above this fraction of the image's 99th percentile; the
 # box holds every connected foreground region of at least this fraction of the largest one's area
@@ -116,6 +116,16 @@ def standardize_per_image(images: np.ndarray) -> np.ndarray:
     mean = values.mean(axis=(-2, -1), keepdims=True)
     std = values.std(axis=(-2, -1), keepdims=True)
     return ((values - mean) / np.maximum(std, np.float32(PER_IMAGE_STD_FLOOR))).astype(np.float32)
+
+
+def stretch_per_image(images: np.ndarray) -> np.ndarray:
+    """float64 images mapped by their own darkest and brightest pixel to [0, 1] (each over its last
+    two axes): the pixel scale of a per_image input, which has none of its own. Constant images
+    stay constant (a floor on the range keeps them finite)."""
+    values = np.asarray(images, dtype=np.float64)
+    darkest = values.min(axis=(-2, -1), keepdims=True)
+    span = np.maximum(values.max(axis=(-2, -1), keepdims=True) - darkest, PER_IMAGE_STD_FLOOR)
+    return (values - darkest) / span
 
 
 def crop_gray01(gray01: np.ndarray, crop: str) -> np.ndarray:

@@ -96,9 +96,11 @@ def preview_png(model_input: np.ndarray, preprocessing) -> str:
     input has no pixel scale to undo: it shows stretched from its darkest to its brightest pixel)."""
     from PIL import Image
 
+    from medhe.data.preprocess import stretch_per_image
+
     values = np.asarray(model_input, dtype=np.float64)[0]
     if preprocessing.normalization == "per_image":
-        pixels = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+        pixels = stretch_per_image(values)
     else:
         pixels = np.clip(values * preprocessing.std + preprocessing.mean, 0.0, 1.0)
     buffer = io.BytesIO()

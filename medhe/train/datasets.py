@@ -95,17 +95,21 @@ def _counts(labels: np.ndarray) -> dict:
     return {"n": int(labels.size), "n_positive": int((labels == 1).sum()), "n_negative": int((labels == 0).sum())}
 
 
+def _defaults_key(dataset: str) -> str:
+    """Whose defaults a data set takes: its own, or (another MedMNIST npz) PneumoniaMNIST's."""
+    return dataset if dataset in DEFAULT_CROP else "pneumoniamnist"
+
+
 def resolve_geometry(dataset: str, crop: str | None, resize_filter: str | None) -> dict:
     """crop and resize_filter with the data set's defaults filled in."""
-    key = dataset if dataset in DEFAULT_CROP else "pneumoniamnist"
+    key = _defaults_key(dataset)
     return {"crop": DEFAULT_CROP[key] if crop is None else crop,
             "resize_filter": DEFAULT_RESIZE_FILTER[key] if resize_filter is None else resize_filter}
 
 
 def resolve_normalization(dataset: str, normalization: str | None) -> str:
     """normalization with the data set's default filled in."""
-    key = dataset if dataset in DEFAULT_NORMALIZATION else "pneumoniamnist"
-    return DEFAULT_NORMALIZATION[key] if normalization is None else normalization
+    return DEFAULT_NORMALIZATION[_defaults_key(dataset)] if normalization is None else normalization
 
 
 def _prepare(name: str, size: int, train, stop, report, card: dict, geometry: dict,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medhe.data.preprocess import PER_IMAGE_STD_FLOOR, standardize_per_image
+from medhe.data.preprocess import standardize_per_image, stretch_per_image
 from medhe.errors import ConfigError
 from medhe.nn.layers import project_curvature
 from medhe.nn.model import HECNN, ArchConfig
@@ -108,10 +108,7 @@ def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean
     from scipy import ndimage
 
     if per_image:
-        darkest = images.min(axis=(1, 2, 3), keepdims=True).astype(np.float64)
-        # A constant image has no range: the floor keeps it finite (it stays constant).
-        span = np.maximum(images.max(axis=(1, 2, 3), keepdims=True) - darkest, PER_IMAGE_STD_FLOOR)
-        pixels = (images.astype(np.float64) - darkest) / span
+        pixels = stretch_per_image(images)
     else:
         pixels = np.clip(images.astype(np.float64) * pixel_std + pixel_mean, 0.0, 1.0)
     for i in range(pixels.shape[0]):
@@ -334,7 +331,10 @@ def train_model(
                     x = geometric_augment_batch(x, rng)
                 if shift_augment:
                     x = shift_augment_batch(x, rng, *pixel_mean_std, per_image=per_image)
-                if per_image:  # flips' and shifts' fill and the geometric warp move each image's mean and std
+                # Flips' and shifts' fill and the geometric warp move each image's mean and std. After
+                # shift augmentation this repeats its last step; kept so that the shipped weights
+                # stay reproducible bit for bit.
+                if per_image:
                     x = standardize_per_image(x)
                 xb = torch.from_numpy(x)
                 yb = torch.from_numpy(train_labels[idx])
