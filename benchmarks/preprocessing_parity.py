@@ -47,6 +47,11 @@ def br35h_framings(gray: np.ndarray):
     yield "tight crop 10%", gray[height // 10: height - height // 10, width // 10: width - width // 10]
 
 
+def _recipe_label(pre) -> str:
+    """crop/filter/normalisation, e.g. head_bbox/area/per_image."""
+    return f"{pre.crop}/{pre.resize_filter}/{pre.normalization}"
+
+
 def _score(model, card, images, labels) -> dict:
     from medhe.train.loop import predict_logits, softmax_positive
     from medhe.train.metrics import binary_report
@@ -82,7 +87,7 @@ def br35h_rows(stretch_model: Path) -> list[dict]:
         for key, (model, card) in models.items():
             scores = _score(model, card, images, labels)
             row[f"{key}_accuracy"], row[f"{key}_auc"] = scores["accuracy"], scores["auc"]
-            row[f"{key}_recipe"] = f"{card.preprocessing.crop}/{card.preprocessing.resize_filter}"
+            row[f"{key}_recipe"] = _recipe_label(card.preprocessing)
         rows.append(row)
     return rows
 
@@ -112,7 +117,7 @@ def pneumonia_rows(data_file: str | None) -> list[dict]:
         for key, chosen in (("shipped", card), ("stretch", stretch_card)):
             scores = _score(model, chosen, group, labels)
             row[f"{key}_accuracy"], row[f"{key}_auc"] = scores["accuracy"], scores["auc"]
-            row[f"{key}_recipe"] = f"{chosen.preprocessing.crop}/{chosen.preprocessing.resize_filter}"
+            row[f"{key}_recipe"] = _recipe_label(chosen.preprocessing)
         rows.append(row)
     return rows
 

@@ -7,7 +7,8 @@ that split (13 corruptions x 5 severities, the same corrupted images for every r
 `medhe/train/run.py` and README quote these tables for the defaults chosen.
 
     PneumoniaMNIST: the recipe before class balance, + class-balanced loss, + geometric augmentation,
-                    + both (writes results/recipe_stop_split.json).
+                    + both; per-image standardised with class balance, and with both
+                    (writes results/recipe_stop_split.json).
     Br35H:          the recipe before shift augmentation, + shift augmentation (80 and 160
                     epochs), + geometric augmentation, + both; each image standardised by its own
                     mean and std instead of the training set's (normalization per_image), alone
@@ -15,6 +16,7 @@ that split (13 corruptions x 5 severities, the same corrupted images for every r
                     results/recipe_stop_split_br35h.json).
 
     python benchmarks/recipe_stop_split.py [--dataset pneumoniamnist|br35h] [--seeds 0 ...] [--data-file PATH.npz]
+                                           [--recipes NAME ...] [--out PATH.json]
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ BASES = {"pneumoniamnist": {"class_balanced": False, "geometric_augment": False}
 VARIANTS = {
     "pneumoniamnist": {"before (shift augment only)": {}, "+ class-balanced": {"class_balanced": True},
                        "+ geometric": {"geometric_augment": True},
-                       "+ both": {"class_balanced": True, "geometric_augment": True}},
+                       "+ both": {"class_balanced": True, "geometric_augment": True},
+                       "per-image + class-balanced": {"class_balanced": True, "normalization": "per_image"},
+                       "per-image + both": {"class_balanced": True, "geometric_augment": True,
+                                            "normalization": "per_image"}},
     "br35h": {"before (flips and shifts only)": {}, "+ shift augment": {"shift_augment": True},
               "+ shift augment, 160 epochs": {"shift_augment": True, "epochs": 160, "patience": 40},
               "+ geometric": {"geometric_augment": True},
@@ -63,8 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", choices=sorted(VARIANTS), default="pneumoniamnist")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds per recipe")
     parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
+    parser.add_argument("--recipes", nargs="+", default=None, metavar="NAME",
+                        help="train only these recipes (default: all of the data set's)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    names = args.recipes or list(VARIANTS[args.dataset])
+    unknown = sorted(set(names) - set(VARIANTS[args.dataset]))
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; {args.dataset} has {list(VARIANTS[args.dataset])}")
     started = time.perf_counter()
     # Loaded normalised by the dataset's mean and std; the per_image recipes standardise from there.
     data = prepare_dataset(args.dataset, data_file=args.data_file if args.dataset == "pneumoniamnist" else None,
@@ -72,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     pre = data.preprocessing
     settings = {**DATASET_DEFAULTS[args.dataset], **BASES[args.dataset]}
     # A per-image standardisation of the dataset-normalised inputs equals that of the pixels.
-    recipes = {name: {**settings, **extra} for name, extra in VARIANTS[args.dataset].items()}
+    recipes = {name: {**settings, **VARIANTS[args.dataset][name]} for name in names}
     preprocessings = {name: dataclasses.replace(pre, normalization=recipe.get("normalization", "dataset"))
                       for name, recipe in recipes.items()}
 
@@ -107,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 inputs[recipe_pre] = recipe_pre.apply_batch(images)
             corrupted_be[name, seed].append(scores(model, inputs[recipe_pre])["balanced_error"])
     rows = []
-    for name in VARIANTS[args.dataset]:
+    for name in names:
         for seed in args.seeds:
             key = (name, seed)
             rows.append({"recipe": name, "seed": seed, "normalization": preprocessings[name].normalization,

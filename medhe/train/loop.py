@@ -96,17 +96,21 @@ SHIFT_RANGES = {"brightness": (0.5, 1.5), "contrast": (0.4, 1.6), "gamma": (0.4,
 SHIFT_PROBABILITY = 0.5
 
 
-def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean: float,
-                        pixel_std: float, per_image: bool = False) -> np.ndarray:
+def shift_augment_batch(images: np.ndarray, rng: np.random.Generator, pixel_mean: float | None = None,
+                        pixel_std: float | None = None, per_image: bool = False) -> np.ndarray:
     """Random brightness, contrast, gamma, noise and blur on normalised (n, 1, H, W) inputs.
 
     Applied to the [0, 1] pixels the inputs came from (undoing the normalisation with the
     model's training mean and std), clipped to [0, 1] as a real image would be, then normalised.
     per_image inputs (each standardised by its own mean and std) carry no pixel scale: each is
-    stretched to [0, 1] by its own minimum and maximum instead, and standardised again after.
+    stretched to [0, 1] by its own minimum and maximum instead, and standardised again after,
+    so they need no pixel_mean / pixel_std.
     """
     from scipy import ndimage
 
+    if not per_image and (pixel_mean is None or pixel_std is None):
+        raise ConfigError("shift augmentation of dataset-normalised inputs needs the Preprocessing's "
+                          "pixel mean and std")
     if per_image:
         pixels = stretch_per_image(images)
     else:
@@ -279,8 +283,9 @@ def train_model(
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if stop_metric not in STOP_METRICS:
         raise ConfigError(f"stop_metric must be one of {STOP_METRICS}, got {stop_metric!r}")
-    if shift_augment and pixel_mean_std is None:
-        raise ConfigError("shift_augment needs pixel_mean_std, the Preprocessing's (mean, std)")
+    if shift_augment and not per_image and pixel_mean_std is None:
+        raise ConfigError("shift_augment of dataset-normalised inputs needs pixel_mean_std, the "
+                          "Preprocessing's (mean, std)")
     train_images, train_labels = _check_arrays("training", train_images, train_labels, arch)
     stop_images, stop_labels = _check_arrays("early-stopping", stop_images, stop_labels, arch)
 
@@ -330,7 +335,7 @@ def train_model(
                 if geometric_augment:
                     x = geometric_augment_batch(x, rng)
                 if shift_augment:
-                    x = shift_augment_batch(x, rng, *pixel_mean_std, per_image=per_image)
+                    x = shift_augment_batch(x, rng, *(pixel_mean_std or (None, None)), per_image=per_image)
                 # Flips' and shifts' fill and the geometric warp move each image's mean and std. After
                 # shift augmentation this repeats its last step; kept so that the shipped weights
                 # stay reproducible bit for bit.

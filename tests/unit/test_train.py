@@ -123,7 +123,7 @@ def test_shift_augmentation_of_per_image_inputs_returns_standardised_images():
 
     pixels = np.random.default_rng(0).random((64, 1, 12, 12))
     images = standardize_per_image(pixels)
-    out = shift_augment_batch(images, np.random.default_rng(1), 0.45, 0.2, per_image=True)
+    out = shift_augment_batch(images, np.random.default_rng(1), per_image=True)  # no pixel mean / std needed
     assert out.shape == images.shape and out.dtype == np.float32
     np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
     np.testing.assert_allclose(out.std(axis=(1, 2, 3)), 1.0, atol=1e-4)
@@ -131,15 +131,16 @@ def test_shift_augmentation_of_per_image_inputs_returns_standardised_images():
     assert 0.6 < changed.mean() < 1.0  # a linear shift alone (brightness down, contrast down) is undone
     # Each image is stretched by its own range, whatever scale it came at: the same draws on the
     # pixels and on a dimmer, offset copy give the same augmented input.
-    from_pixels = shift_augment_batch(pixels, np.random.default_rng(1), 0.45, 0.2, per_image=True)
-    from_dimmer = shift_augment_batch(0.1 + 0.5 * pixels, np.random.default_rng(1), 0.45, 0.2, per_image=True)
+    from_pixels = shift_augment_batch(pixels, np.random.default_rng(1), per_image=True)
+    from_dimmer = shift_augment_batch(0.1 + 0.5 * pixels, np.random.default_rng(1), per_image=True)
     np.testing.assert_allclose(from_dimmer, from_pixels, atol=1e-4)
     np.testing.assert_allclose(from_pixels, out, atol=1e-4)
 
 
 def test_per_image_training_feeds_the_network_standardised_batches(trained, monkeypatch):
     """With per_image, every augmented batch reaches the network with mean 0 and std 1 per image
-    (flips and shifts fill with the image's minimum, which moves both), as the client's inputs do."""
+    (flips and shifts fill with the image's minimum, which moves both), as the client's inputs do.
+    Shift augmentation of per-image inputs needs no training pixel mean / std."""
     from medhe.data.preprocess import standardize_per_image
 
     seen = []
@@ -154,7 +155,8 @@ def test_per_image_training_feeds_the_network_standardised_batches(trained, monk
     train_x, train_y = trained["train"]
     inputs = standardize_per_image(train_x[:128])
     train_model(trained["arch"], inputs, train_y[:128], inputs[:32], train_y[:32], epochs=1, batch_size=64,
-                lr=1e-3, patience=0, seed=0, augment=True, max_shift=3, progress=False, per_image=True)
+                lr=1e-3, patience=0, seed=0, augment=True, max_shift=3, progress=False, per_image=True,
+                shift_augment=True)
     assert len(seen) == 2
     for batch in seen:
         np.testing.assert_allclose(batch.mean(axis=(1, 2, 3)), 0.0, atol=1e-5)
@@ -168,6 +170,10 @@ def test_shift_augmentation_needs_the_normalisation(trained):
     with pytest.raises(ConfigError, match="pixel_mean_std"):
         train_model(trained["arch"], x, np.array([0, 1, 0, 1]), x, np.array([0, 1, 0, 1]), epochs=1, batch_size=4,
                     lr=1e-3, patience=0, seed=0, augment=False, progress=False, shift_augment=True)
+    from medhe.train.loop import shift_augment_batch
+
+    with pytest.raises(ConfigError, match="pixel mean and std"):
+        shift_augment_batch(x, np.random.default_rng(0))
 
 
 def test_train_model_rejects_unpreprocessed_images(trained):
