@@ -26,6 +26,10 @@ LUMA_WEIGHTS_RGB = (0.299, 0.587, 0.114)
 
 UINT8_MAX = 255.0
 UINT16_MAX = 65535.0
+# Bits a 16-bit container may hold: X-ray and MRI detectors store 10, 12 or 14 significant bits
+# (8-bit exports are saved as 16-bit too). Dividing such data by 65535 would hand the model an
+# image at 1/4 to 1/256 of its brightness (12-bit chest films: read as pneumonia whatever they show).
+STORED_BIT_DEPTHS = (8, 10, 12, 14, 16)
 
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
@@ -72,16 +76,20 @@ def minmax_to_01(values: np.ndarray, source: str = "<array>") -> np.ndarray:
 def image_to_gray01(array: np.ndarray, *, source: str = "<array>") -> np.ndarray:
     """Turn an in-memory 2-D image into float32 [0, 1].
 
-    uint8 is divided by 255 and uint16 by 65535 (scaled by bit depth, not min-max,
-    so brightness is comparable between images). Floating-point input is taken to
-    be in [0, 1] already and is only checked. `source` names the image in errors.
+    uint8 is divided by 255 and uint16 by 2^bits - 1 for the smallest stored bit depth
+    (8, 10, 12, 14 or 16) that holds its maximum, so 12-bit data in a 16-bit container
+    spans [0, 1] as an 8-bit export of it would (scaled by bit depth, not min-max, so
+    brightness is comparable between images of one depth). Floating-point input is
+    taken to be in [0, 1] already and is only checked. `source` names the image in errors.
     """
     array = np.asarray(array)
     _check_2d_nonempty(array, source)
     if array.dtype == np.uint8:
         return (array.astype(np.float32) / np.float32(UINT8_MAX)).astype(np.float32)
     if array.dtype == np.uint16:
-        return (array.astype(np.float32) / np.float32(UINT16_MAX)).astype(np.float32)
+        peak = int(array.max())
+        bits = next(depth for depth in STORED_BIT_DEPTHS if peak < 2**depth)
+        return (array.astype(np.float32) / np.float32(2**bits - 1)).astype(np.float32)
     if array.dtype == np.bool_:
         return array.astype(np.float32)
     if np.issubdtype(array.dtype, np.floating):
@@ -115,7 +123,7 @@ def _pil_to_gray01(image: Image.Image, source: str) -> np.ndarray:
     if mode == "LA":
         return image_to_gray01(np.asarray(image)[..., 0], source=source)
     if mode.startswith("I;16"):
-        # 16-bit grayscale: scale by the bit depth so brightness is comparable across files.
+        # 16-bit grayscale: scale by the stored bit depth so brightness is comparable across files.
         return image_to_gray01(np.asarray(image).astype(np.uint16), source=source)
     if mode == "I":
         values = np.asarray(image)
@@ -254,7 +262,8 @@ def load_image(path: str | os.PathLike[str]) -> np.ndarray:
     """Read an image file as a 2-D float32 grayscale array in [0, 1].
 
     PNG/JPEG/BMP/TIFF (Pillow): 8-bit divided by 255; 16-bit ('I;16', or 'I' with
-    values in [0, 65535]) divided by 65535 (bit depth, not min-max); RGB/RGBA/palette
+    values in [0, 65535]) divided by 2^bits - 1 for the smallest of 8, 10, 12, 14, 16
+    bits that holds the maximum (stored bit depth, not min-max); RGB/RGBA/palette
     to BT.601 luminance (alpha ignored); float ('F') kept if in [0, 1], else
     min-max normalised. EXIF orientation is applied. Multi-page files: first page.
 

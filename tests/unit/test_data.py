@@ -188,13 +188,22 @@ def test_png_16bit_scaled_by_bit_depth(tmp_path: Path, real_gray8: np.ndarray) -
         assert image.mode.startswith("I")  # really stored as 16-bit
     np.testing.assert_allclose(load_image(path), real_gray8 / 255.0, atol=1e-6)
 
-    # A dim 12-bit-in-16 image must stay dim: scaling is by bit depth, not min-max.
-    dim = real_gray8.astype(np.uint16) * 16
+    # 12-bit data in a 16-bit container (most X-ray detectors) spans [0, 1] as its 8-bit export
+    # would, not 1/16 of it: scaled by its stored bit depth, 4095.
+    twelve_bit = real_gray8.astype(np.uint16) * 16  # max 4080 < 4096
+    twelve_path = tmp_path / "slice16_12bit.png"
+    Image.fromarray(twelve_bit).save(twelve_path)
+    gray = load_image(twelve_path)
+    np.testing.assert_allclose(gray, twelve_bit / 4095.0, atol=1e-6)
+    np.testing.assert_allclose(gray, real_gray8 / 255.0, rtol=4e-3)  # 16/4095 against 1/255
+
+    # Still bit depth, not min-max: a 12-bit image using half its range stays half as bright.
+    dim = real_gray8.astype(np.uint16) * 8  # max 2040: above 10 bits, so read as 12
     dim_path = tmp_path / "slice16_dim.png"
     Image.fromarray(dim).save(dim_path)
     gray = load_image(dim_path)
-    np.testing.assert_allclose(gray, dim / 65535.0, atol=1e-6)
-    assert gray.max() < 0.07
+    np.testing.assert_allclose(gray, dim / 4095.0, atol=1e-6)
+    assert 0.45 < gray.max() < 0.5
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "P", "LA"])
@@ -356,6 +365,10 @@ def test_float_tiff_with_nan(tmp_path: Path, real_gray8: np.ndarray) -> None:
 def test_image_to_gray01() -> None:
     np.testing.assert_allclose(image_to_gray01(np.array([[0, 255]], dtype=np.uint8)), [[0, 1]])
     np.testing.assert_allclose(image_to_gray01(np.array([[0, 65535]], dtype=np.uint16)), [[0, 1]])
+    # uint16 is scaled by the smallest stored depth of 8, 10, 12, 14, 16 bits holding its maximum.
+    for peak, full in ((255, 255), (256, 1023), (1023, 1023), (4000, 4095), (4096, 16383), (20000, 65535)):
+        np.testing.assert_allclose(image_to_gray01(np.array([[0, peak]], dtype=np.uint16)), [[0, peak / full]],
+                                   rtol=1e-6, err_msg=str(peak))
     assert image_to_gray01(np.array([[0.25]], dtype=np.float64)).dtype == np.float32
     with pytest.raises(ImageLoadError, match="scan-7.*NaN"):
         image_to_gray01(np.array([[0.5, np.nan]]), source="scan-7")

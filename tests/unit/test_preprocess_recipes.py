@@ -263,3 +263,34 @@ def test_the_shipped_br35h_model_diagnoses_a_dimmer_export_of_a_scan_alike() -> 
     # A real change of input: by the training set's mean and std the dimmer scans are far apart.
     dataset_rule = Preprocessing(**{**card.preprocessing.to_dict(), "normalization": "dataset"})
     assert np.abs(dataset_rule.apply_batch(dimmer) - dataset_rule.apply_batch(scans)).mean() > 0.3
+
+
+def test_the_shipped_pneumoniamnist_model_reads_a_12_bit_png_as_its_8_bit_export(tmp_path, pneumoniamnist_npz) -> None:
+    """Chest detectors store 12 bits, often in a 16-bit PNG. PneumoniaMNIST normalises by the
+    training set's mean and std, so the file must reach it as bright as the 8-bit films it learnt
+    from: held-out val films saved both ways get the same logits."""
+    import torch
+
+    from medhe.data.images import load_image
+    from medhe.nn.io import load_model, resolve_model_dir
+
+    model, card = load_model(resolve_model_dir("pneumoniamnist"))
+    assert card.preprocessing.normalization == "dataset"
+    with np.load(pneumoniamnist_npz) as data:
+        films = data["val_images"][::10]  # 53 held-out films, uint8
+    eight_bit, twelve_bit = [], []
+    for i, film in enumerate(films):
+        Image.fromarray(film).save(tmp_path / f"film{i}_8.png")
+        stored = np.round(film.astype(np.float64) * 4095 / 255).astype(np.uint16)
+        Image.fromarray(stored).save(tmp_path / f"film{i}_12.png")
+        eight_bit.append(load_image(tmp_path / f"film{i}_8.png"))
+        twelve_bit.append(load_image(tmp_path / f"film{i}_12.png"))
+    with torch.no_grad():
+        logits = model(torch.tensor(card.preprocessing.apply_batch(eight_bit))).numpy()
+        logits_12 = model(torch.tensor(card.preprocessing.apply_batch(twelve_bit))).numpy()
+        # What dividing by 65535 would give: 1/16 of the brightness.
+        logits_dark = model(torch.tensor(card.preprocessing.apply_batch([g * 4095 / 65535 for g in twelve_bit]))).numpy()
+    np.testing.assert_allclose(logits_12, logits, atol=0.05)  # rounding to 12 bits only
+    np.testing.assert_array_equal(logits_12.argmax(1), logits.argmax(1))
+    assert (logits.argmax(1) == 0).sum() >= 5  # some films are read as normal (14 measured) ...
+    assert (logits_dark.argmax(1) == 0).sum() == 0  # ... none of them at 1/16 brightness
