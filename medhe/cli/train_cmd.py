@@ -137,13 +137,20 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "evaluate", help="evaluate a model on a data split and write a JSON report",
         description="Br35H models: --split train|val|test of the stored grouped split. "
-                    "MedMNIST models: --data-file PATH.npz --split val (or train).",
+                    "MedMNIST models: --data-file PATH.npz --split val (or train, or test). "
+                    "Images from elsewhere: --image-dir DIR with one subfolder per class "
+                    "(e.g. normal/ and pneumonia/), read and preprocessed as a diagnosis would.",
     )
     p.add_argument("--model", required=True, metavar="DIR|NAME",
                    help="model directory or shipped model name (br35h, pneumoniamnist)")
     p.add_argument("--data-file", type=Path, default=None, metavar="PATH.npz", help="MedMNIST npz")
     p.add_argument("--split", default=None,
                    help="split to evaluate (default: the model's held-out report split)")
+    p.add_argument("--image-dir", type=Path, default=None, metavar="DIR",
+                   help="evaluate on the images (PNG, JPEG, TIFF, DICOM) under DIR, one subfolder per class "
+                        "named as the model's classes (case-insensitive), instead of a stored split")
+    p.add_argument("--class-dirs", nargs="+", default=None, metavar="NAME",
+                   help="with --image-dir: the subfolder of each class, in class order (e.g. no yes)")
     p.add_argument("--report", type=Path, default=None, metavar="OUT.json", help="write the report here")
     p.add_argument("--encrypted", action="store_true",
                    help="run encrypted inference (CKKS, 128-bit) and add agreement, max_abs_logit_error "
@@ -177,6 +184,24 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--limit goes with --encrypted")
     if args.compare and not args.corruptions:
         raise ConfigError("--compare goes with --corruptions")
+    if args.class_dirs and args.image_dir is None:
+        raise ConfigError("--class-dirs goes with --image-dir")
+    if args.image_dir is not None:
+        from medhe.train.evaluate import evaluate_folder
+
+        if args.split or args.data_file or args.corruptions:
+            raise ConfigError("--image-dir replaces --split and --data-file, and --corruptions needs a stored split")
+        if args.mode != "latency":
+            raise ConfigError("--image-dir runs encrypted in latency mode only")
+        report = evaluate_folder(args.model, args.image_dir, tuple(args.class_dirs or ()) or None,
+                                 encrypted=args.encrypted, limit=args.limit, backend=args.backend,
+                                 encrypted_model=args.encrypted_model, progress=args.progress)
+        print(format_report_table(report))
+        if report["dataset"]["skipped"]:
+            print(f"skipped {len(report['dataset']['skipped'])} unreadable file(s), listed in the report; "
+                  f"first: {report['dataset']['skipped'][0]['reason']}")
+        _write_report(report, args.report)
+        return 0
     if args.corruptions:
         from medhe.train.robustness import evaluate_corruptions, format_corruption_table
 

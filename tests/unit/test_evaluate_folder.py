@@ -1,0 +1,112 @@
+"""`medhe evaluate --image-dir`: labelled images from elsewhere, read and preprocessed as a diagnosis would."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medhe.errors import ConfigError, DataError
+
+
+@pytest.fixture(scope="module")
+def test_files():
+    from medhe.data.br35h import br35h_split_files
+
+    files = br35h_split_files("test")
+    negatives = [item for item in files if item[1] == 0][::25]
+    positives = [item for item in files if item[1] == 1][::25]
+    return negatives + positives
+
+
+def _folder(root: Path, files, names=("no", "yes")) -> Path:
+    for path, label in files:
+        target = root / names[label] / "nested" / path.name  # subfolders are searched recursively
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    return root
+
+
+def test_a_folder_is_scored_as_the_same_files_run_through_the_model(tmp_path, test_files):
+    """Held-out Br35H test scans laid out as no/ and yes/ (the data set's own layout): the report
+    equals scoring the same files by hand with the model's preprocessing; an unreadable file is
+    listed, not fatal."""
+    import torch
+
+    from medhe.data.images import load_image
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.train.evaluate import evaluate_folder
+    from medhe.train.loop import softmax_positive
+    from medhe.train.metrics import binary_report
+
+    root = _folder(tmp_path / "scans", test_files)
+    (root / "yes" / "notes.png").write_bytes(b"not an image")
+    (root / "yes" / "README.txt").write_text("ignored: not an image suffix")
+    report = evaluate_folder("br35h", root, ("no", "yes"), progress=False)
+
+    model, card = load_model(resolve_model_dir("br35h"))
+    labels = np.array([label for _, label in test_files])
+    with torch.no_grad():
+        logits = model(torch.tensor(card.preprocessing.apply_batch([load_image(p) for p, _ in test_files])))
+    expected = binary_report(labels, softmax_positive(logits.numpy()))
+    assert report["n"] == len(test_files) == expected["n"]
+    assert report["accuracy"] == pytest.approx(expected["accuracy"])
+    assert report["auc"] == pytest.approx(expected["auc"])
+    assert report["confusion_matrix"] == expected["confusion_matrix"]
+    assert report["dataset"]["n_per_class"] == {"no tumor": int((labels == 0).sum()), "tumor": int((labels == 1).sum())}
+    assert [Path(item["file"]).name for item in report["dataset"]["skipped"]] == ["notes.png"]
+    assert report["split"] == "folder" and report["held_out"] is None
+
+
+def test_folder_errors_name_what_was_expected(tmp_path, test_files):
+    from medhe.train.evaluate import evaluate_folder
+
+    root = _folder(tmp_path / "scans", test_files[:2] + test_files[-2:])
+    with pytest.raises(DataError, match=r"no subfolder 'no tumor'.*\['no', 'yes'\].*--class-dirs"):
+        evaluate_folder("br35h", root, progress=False)  # the class names are not the folder names
+    with pytest.raises(ConfigError, match="2 folder names"):
+        evaluate_folder("br35h", root, ("no",), progress=False)
+    with pytest.raises(DataError, match="not a folder"):
+        evaluate_folder("br35h", root / "missing", ("no", "yes"), progress=False)
+    shutil.rmtree(root / "yes")
+    (root / "yes").mkdir()
+    Image.new("L", (4, 4)).save(root / "yes" / "blank.png")
+    (root / "yes" / "blank.png").write_bytes(b"truncated")
+    with pytest.raises(DataError, match="every class needs at least one readable image"):
+        evaluate_folder("br35h", root, ("no", "yes"), progress=False)
+
+
+def test_the_cli_writes_the_folder_report(tmp_path, test_files, capsys):
+    from medhe.cli.main import main
+
+    root = _folder(tmp_path / "scans", test_files, names=("No_Tumor", "TUMOR"))  # matched case-insensitively
+    out = tmp_path / "report.json"
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--report", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == len(test_files) and report["dataset"]["class_dirs"] == ["no tumor", "tumor"]
+    assert "accuracy" in capsys.readouterr().out
+    # The encrypted path (clear backend here; the HE tiers cover CKKS), both classes within the limit.
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--encrypted", "--backend", "clear",
+                 "--limit", "4", "--report", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    assert report["encrypted"] is True and report["n"] == 4 and report["agreement"] == 1.0
+    assert sorted(np.asarray(report["confusion_matrix"]).sum(axis=1).tolist()) == [2, 2]
+    assert main(["evaluate", "--model", "br35h", "--class-dirs", "no", "yes"]) != 0
+    assert "--class-dirs goes with --image-dir" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--split", "test"]) != 0
+    assert "replaces --split" in capsys.readouterr().err
+
+
+def test_folder_classes_come_in_turns_so_a_limit_runs_both(tmp_path, test_files):
+    from medhe.nn.io import load_model, resolve_model_dir
+    from medhe.train.evaluate import load_image_folder
+
+    root = _folder(tmp_path / "scans", test_files)
+    _, card = load_model(resolve_model_dir("br35h"))
+    images, labels, _ = load_image_folder(root, card, ("no", "yes"), progress=False)
+    assert labels[:4].tolist() == [0, 1, 0, 1]
+    assert all(image.shape == (card.preprocessing.image_size,) * 2 for image in images)  # kept small
