@@ -258,20 +258,34 @@ def evaluate_folder(model: str | Path, root: str | Path, class_dirs: tuple[str, 
                     encrypted: bool = False, limit: int | None = None, backend: str = "seal",
                     encrypted_model: bool = False, progress: bool = True) -> dict:
     """evaluate_plaintext (or evaluate_encrypted) on a folder of labelled images from elsewhere."""
-    if encrypted_model and not encrypted:
-        raise ConfigError("--encrypted-model goes with --encrypted")
+    _check_encrypted_model(encrypted, "latency", encrypted_model)
     model_dir = resolve_model_dir(model)
     _, card = load_model(model_dir)
     images, labels, info = load_image_folder(root, card, class_dirs, progress=progress)
+    report = _report_on(model_dir, images, labels, encrypted=encrypted, mode="latency", limit=limit,
+                        backend=backend, encrypted_model=encrypted_model)
+    return _with_data(report, info, "folder", None,
+                      "images from a folder: whether the model ever saw them is for the caller to know")
+
+
+def _check_encrypted_model(encrypted: bool, mode: str, encrypted_model: bool) -> None:
+    if encrypted_model and (not encrypted or mode != "latency"):
+        raise ConfigError("--encrypted-model goes with --encrypted in latency mode")
+
+
+def _report_on(model_dir: Path, images, labels, *, encrypted: bool, mode: str, limit: int | None, backend: str,
+               encrypted_model: bool) -> dict:
+    """The plaintext, encrypted (latency) or encrypted batch (throughput) report on these images."""
+    if encrypted and mode == "throughput":
+        return evaluate_encrypted_batch(model_dir, images, labels, limit=limit, backend=backend)
     if encrypted:
-        report = evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend,
-                                    encrypted_model=encrypted_model)
-    else:
-        report = evaluate_plaintext(model_dir, images, labels)
-    report["dataset"] = info
-    report["split"] = "folder"
-    report["held_out"] = None
-    report["held_out_note"] = "images from a folder: whether the model ever saw them is for the caller to know"
+        return evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend,
+                                  encrypted_model=encrypted_model)
+    return evaluate_plaintext(model_dir, images, labels)
+
+
+def _with_data(report: dict, info: dict, split: str, held_out: bool | None, note: str) -> dict:
+    report.update({"dataset": info, "split": split, "held_out": held_out, "held_out_note": note})
     return report
 
 
@@ -284,21 +298,10 @@ def evaluate_split(model: str | Path, split: str | None = None, data_file: str |
     if split is None:
         split = "val" if data_file is not None else (card.dataset or {}).get("report_split", "test")
     images, labels, info = _load_eval_data(card, split, data_file)
-    if encrypted_model and (not encrypted or mode != "latency"):
-        raise ConfigError("--encrypted-model goes with --encrypted in latency mode")
-    if encrypted and mode == "throughput":
-        report = evaluate_encrypted_batch(model_dir, images, labels, limit=limit, backend=backend)
-    elif encrypted:
-        report = evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend,
-                                    encrypted_model=encrypted_model)
-    else:
-        report = evaluate_plaintext(model_dir, images, labels)
-    held_out, note = _held_out(card, split, info.get("data_file_sha256"))
-    report["dataset"] = info
-    report["split"] = split
-    report["held_out"] = held_out
-    report["held_out_note"] = note
-    return report
+    _check_encrypted_model(encrypted, mode, encrypted_model)
+    report = _report_on(model_dir, images, labels, encrypted=encrypted, mode=mode, limit=limit, backend=backend,
+                        encrypted_model=encrypted_model)
+    return _with_data(report, info, split, *_held_out(card, split, info.get("data_file_sha256")))
 
 
 def demo_test_files(n_per_class: int = 3) -> list[tuple[Path, int]]:
