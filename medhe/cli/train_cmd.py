@@ -151,7 +151,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         "named as the model's classes (case-insensitive), instead of a stored split")
     p.add_argument("--class-dirs", nargs="+", default=None, metavar="NAME",
                    help="with --image-dir: the subfolder of each class, in class order (e.g. no yes)")
-    p.add_argument("--report", type=Path, default=None, metavar="OUT.json", help="write the report here")
+    p.add_argument("--report", type=Path, default=None, metavar="OUT.json",
+                   help="write the report here, and beside it OUT.roc.png and OUT.confusion.png "
+                        "(with --corruptions: OUT.corruptions.png)")
+    p.add_argument("--no-plots", dest="plots", action="store_false", help="with --report: no PNGs")
     p.add_argument("--encrypted", action="store_true",
                    help="run encrypted inference (CKKS, 128-bit) and add agreement, max_abs_logit_error "
                         "and server_latency_s_median to the report")
@@ -186,21 +189,19 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--compare goes with --corruptions")
     if args.class_dirs and args.image_dir is None:
         raise ConfigError("--class-dirs goes with --image-dir")
-    if args.image_dir is not None:
+    if args.image_dir is not None and (args.split or args.data_file):
+        raise ConfigError("--image-dir replaces --split and --data-file")
+    if args.image_dir is not None and not args.corruptions:
         from medhe.train.evaluate import evaluate_folder
 
-        if args.split or args.data_file or args.corruptions:
-            raise ConfigError("--image-dir replaces --split and --data-file, and --corruptions needs a stored split")
         if args.mode != "latency":
             raise ConfigError("--image-dir runs encrypted in latency mode only")
         report = evaluate_folder(args.model, args.image_dir, tuple(args.class_dirs or ()) or None,
                                  encrypted=args.encrypted, limit=args.limit, backend=args.backend,
                                  encrypted_model=args.encrypted_model, progress=args.progress)
         print(format_report_table(report))
-        if report["dataset"]["skipped"]:
-            print(f"skipped {len(report['dataset']['skipped'])} unreadable file(s), listed in the report; "
-                  f"first: {report['dataset']['skipped'][0]['reason']}")
-        _write_report(report, args.report)
+        _print_skipped(report)
+        _write_report(report, args.report, args.plots)
         return 0
     if args.corruptions:
         from medhe.train.robustness import evaluate_corruptions, format_corruption_table
@@ -211,23 +212,45 @@ def cmd_evaluate(args) -> int:
             raise ConfigError(f"--corruption-size must be 8..4096 pixels, got {args.corruption_size}")
         report = evaluate_corruptions(args.model, split=args.split, data_file=args.data_file,
                                       compare=tuple(args.compare), size_px=args.corruption_size,
+                                      image_dir=args.image_dir, class_dirs=tuple(args.class_dirs or ()) or None,
                                       progress=args.progress)
         print(format_corruption_table(report))
-        _write_report(report, args.report)
+        _print_skipped(report)
+        _write_report(report, args.report, args.plots)
         return 0
     report = evaluate_split(args.model, split=args.split, data_file=args.data_file,
                             encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode,
                             encrypted_model=args.encrypted_model)
     print(format_report_table(report))
-    _write_report(report, args.report)
+    _write_report(report, args.report, args.plots)
     return 0
 
 
-def _write_report(report: dict, path: Path | None) -> None:
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, sort_keys=True))
-        print(f"wrote {path}")
+def _print_skipped(report: dict) -> None:
+    skipped = report["dataset"].get("skipped")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable file(s), listed in the report; first: {skipped[0]['reason']}")
+
+
+def _write_report(report: dict, path: Path | None, plots: bool = False) -> None:
+    """The JSON report at `path` and, with `plots`, its PNGs beside it (OUT.roc.png, ...)."""
+    if path is None:
+        return
+    from medhe.train.metrics import data_title, save_corruption_png, save_report_plots
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    print(f"wrote {path}")
+    if not plots:
+        return
+    stem = path.with_suffix("")
+    if "models" in report:  # a --corruptions report
+        written = [save_corruption_png(stem.with_name(stem.name + ".corruptions.png"), report)]
+    else:
+        title = data_title(report) + (" (encrypted)" if report["encrypted"] else "")
+        written = save_report_plots(report, stem, title)
+    for png in written:
+        print(f"wrote {png}")
 
 
 # ----------------------------------------------------------------------------- demo

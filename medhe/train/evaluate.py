@@ -32,6 +32,7 @@ def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
     report = binary_report(labels, prob)
     report.update({
         "encrypted": False,
+        "per_image": per_image(labels, prob),
         "model_dir": str(Path(model_dir).resolve()),
         "model_dataset": card.dataset,
         "class_names": card.class_names,
@@ -39,6 +40,13 @@ def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
         "seconds": round(time.perf_counter() - start, 3),
     })
     return report
+
+
+def per_image(labels, prob_positive) -> dict:
+    """Each image's label and P(positive), in evaluation order: what the ROC and confusion plots
+    (and a reader looking for the misread images) are drawn from."""
+    return {"label": np.asarray(labels).reshape(-1).astype(int).tolist(),
+            "prob_positive": [round(float(p), 6) for p in np.asarray(prob_positive).reshape(-1)]}
 
 
 def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, limit: int | None = None,
@@ -70,9 +78,11 @@ def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, li
         server_s += time.perf_counter() - t0
         logits.append(client.decrypt_batch(result))
     logits = np.concatenate(logits)
-    report = binary_report(labels[:count], softmax_positive(logits))
+    prob = softmax_positive(logits)
+    report = binary_report(labels[:count], prob)
     report.update({
         "encrypted": True, "mode": "throughput", "backend": backend,
+        "per_image": per_image(labels[:count], prob),
         "agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
         "max_abs_logit_error": float(np.abs(logits - reference).max()),
         "server_s_total": server_s, "server_s_per_image": server_s / count,
@@ -108,11 +118,13 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
     session = LocalSession(plan, backend=backend, encrypted_model=encrypted_model)
     results = session.diagnose_many(inputs, progress=progress)
     logits = np.stack([r.logits for r in results])
-    report = binary_report(labels[:count], softmax_positive(logits))
+    prob = softmax_positive(logits)
+    report = binary_report(labels[:count], prob)
     summary = summarize(results, reference, labels[:count])
     report.update({
         "encrypted": True,
         "mode": "latency",
+        "per_image": per_image(labels[:count], prob),
         "weights": "encrypted" if encrypted_model else "plain",
         "backend": backend,
         "agreement": summary["agreement"],
@@ -209,7 +221,8 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
 
     Subfolders are matched to the model's class names case-insensitively (spaces may be
     underscores), or to `class_dirs` given in class order (e.g. ("no", "yes") for Br35H's layout).
-    A file that does not read as an image is skipped and listed in the info, not fatal.
+    A file that does not read as an image is skipped and listed in the info, not fatal; the info's
+    "files" are the images read, relative to `root`, in the order of the returned images.
     """
     from tqdm.auto import tqdm
 
@@ -235,7 +248,7 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
                           and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES])
     # Classes taken in turns, so that --encrypted --limit N runs both classes.
     files = [item for turn in itertools.zip_longest(*per_class) for item in turn if item is not None]
-    images, labels, skipped = [], [], []
+    images, labels, kept, skipped = [], [], [], []
     for path, label in tqdm(files, desc="reading images", unit="img", disable=not progress):
         try:
             # Kept at the model's size only: a folder of full-resolution films would not fit in memory.
@@ -244,13 +257,14 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
             skipped.append({"file": str(path), "reason": str(exc)})
             continue
         labels.append(label)
+        kept.append(path.relative_to(root).as_posix())
     labels_array = np.asarray(labels, dtype=np.int64)
     counts = {card.class_names[label]: int((labels_array == label).sum()) for label in range(len(names))}
     if not all(counts.values()):
         raise DataError(f"{root}: every class needs at least one readable image; read {counts}"
                         + (f", skipped {len(skipped)} (first: {skipped[0]['reason']})" if skipped else ""))
     info = {"name": "image folder", "root": str(root.resolve()), "class_dirs": names, "n_per_class": counts,
-            "skipped": skipped}
+            "files": kept, "skipped": skipped}
     return images, labels_array, info
 
 
@@ -262,8 +276,10 @@ def evaluate_folder(model: str | Path, root: str | Path, class_dirs: tuple[str, 
     model_dir = resolve_model_dir(model)
     _, card = load_model(model_dir)
     images, labels, info = load_image_folder(root, card, class_dirs, progress=progress)
+    files = info.pop("files")
     report = _report_on(model_dir, images, labels, encrypted=encrypted, mode="latency", limit=limit,
                         backend=backend, encrypted_model=encrypted_model)
+    report["per_image"]["file"] = files[:report["n"]]
     return _with_data(report, info, "folder", None,
                       "images from a folder: whether the model ever saw them is for the caller to know")
 

@@ -151,3 +151,54 @@ def save_confusion_png(path: str | Path, labels, pred, class_names, title: str =
         return _save(fig, path)
     finally:
         plt.close(fig)
+
+
+def data_title(report: dict) -> str:
+    """What an evaluation ran on, for plot titles: "<data set> / <split>", or the folder's name."""
+    data = report.get("dataset", {})
+    if report.get("split") == "folder":
+        return f"folder {Path(data.get('root', '?')).name}"
+    return f"{data.get('name', '?')} / {report.get('split', '?')}"
+
+
+def save_report_plots(report: dict, path_stem: str | Path, title: str) -> list[Path]:
+    """ROC and confusion-matrix PNGs of an evaluation report (from its per-image labels and
+    probabilities), written as <stem>.roc.png and <stem>.confusion.png; the ROC is left out when
+    the report holds one class only (an encrypted run with a small --limit, say)."""
+    labels = np.asarray(report["per_image"]["label"], dtype=np.int64)
+    prob = np.asarray(report["per_image"]["prob_positive"], dtype=np.float64)
+    stem = Path(path_stem)
+    written = []
+    if len(np.unique(labels)) == 2:
+        written.append(save_roc_png(stem.with_name(stem.name + ".roc.png"), labels, prob, title=f"ROC: {title}"))
+    pred = (prob >= report.get("threshold", 0.5)).astype(np.int64)
+    written.append(save_confusion_png(stem.with_name(stem.name + ".confusion.png"), labels, pred,
+                                      report["class_names"], title=f"Confusion: {title}"))
+    return written
+
+
+def save_corruption_png(path: str | Path, report: dict) -> Path:
+    """Balanced error per corruption (mean over its severities) for each model of a
+    `medhe evaluate --corruptions` report, with each model's clean balanced error as a line."""
+    names = list(report["corruptions"])
+    keys = sorted(report["models"], key=lambda key: key != "model")  # the model first (JSON sorts keys)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(names) * max(1, len(keys)) + 1.6), dpi=100)
+    try:
+        height = 0.8 / len(keys)
+        positions = np.arange(len(names))
+        for index, key in enumerate(keys):
+            result = report["models"][key]
+            values = [result["corruptions"][name]["balanced_error"] for name in names]
+            bars = ax.barh(positions + (index - (len(keys) - 1) / 2) * height, values, height=height,
+                           label=f"{key} ({Path(result['model_dir']).name}): "
+                                 f"mean {result['mean']['balanced_error']:.3f}")
+            ax.axvline(result["clean"]["balanced_error"], color=bars.patches[0].get_facecolor(), ls="--", lw=1)
+        ax.set_yticks(positions, labels=names)
+        ax.invert_yaxis()
+        ax.set_xlabel("balanced error (mean over 5 severities; dashed: clean)")
+        ax.set_title(f"Corruptions on {data_title(report)} (n = {report['n']})")
+        ax.legend(loc="best", fontsize=8)
+        return _save(fig, path)
+    finally:
+        plt.close(fig)

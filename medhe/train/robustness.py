@@ -40,19 +40,28 @@ def _mean(values) -> float:
 
 def evaluate_corruptions(model: str | Path, split: str | None = None, data_file: str | Path | None = None, *,
                          compare: tuple[str | Path, ...] = (), size_px: int = CORRUPTION_SIZE_PX, seed: int = 0,
+                         image_dir: str | Path | None = None, class_dirs: tuple[str, ...] | None = None,
                          progress: bool = True) -> dict:
     """Clean and corrupted accuracy, AUC and balanced error of `model` (and each `compare` model,
-    which must be trained on the same data set) on a held-out split."""
-    from medhe.train.evaluate import _held_out, _load_eval_data
+    which must be trained on the same data set) on a held-out split, or on the labelled images
+    under `image_dir` (one subfolder per class, read as `medhe evaluate --image-dir` reads them)."""
+    from medhe.train.evaluate import _held_out, _load_eval_data, load_image_folder
 
     model_dir = resolve_model_dir(model)
     primary = load_model(model_dir)
-    if split is None:
-        split = "val" if data_file is not None else (primary[1].dataset or {}).get("report_split", "test")
-    images, labels, info = _load_eval_data(primary[1], split, data_file)
-    held_out, note = _held_out(primary[1], split, info.get("data_file_sha256"))
-    if held_out is False:
-        raise ConfigError(f"--corruptions reports on held-out data only; {note}")
+    if image_dir is not None:
+        if split is not None or data_file is not None:
+            raise ConfigError("an image folder replaces --split and --data-file")
+        images, labels, info = load_image_folder(image_dir, primary[1], class_dirs, progress=progress)
+        del info["files"]
+        split, held_out = "folder", None
+    else:
+        if split is None:
+            split = "val" if data_file is not None else (primary[1].dataset or {}).get("report_split", "test")
+        images, labels, info = _load_eval_data(primary[1], split, data_file)
+        held_out, note = _held_out(primary[1], split, info.get("data_file_sha256"))
+        if held_out is False:
+            raise ConfigError(f"--corruptions reports on held-out data only; {note}")
     models = {"model": (model_dir, *primary)}
     for index, other in enumerate(compare):
         other_dir = resolve_model_dir(other)
@@ -60,7 +69,8 @@ def evaluate_corruptions(model: str | Path, split: str | None = None, data_file:
         if (other_card.dataset or {}).get("name") != (primary[1].dataset or {}).get("name"):
             raise ConfigError(f"--compare {other}: trained on {(other_card.dataset or {}).get('name')!r}, "
                               f"not {(primary[1].dataset or {}).get('name')!r} like --model")
-        other_held_out, other_note = _held_out(other_card, split, info.get("data_file_sha256"))
+        other_held_out, other_note = (None, "") if image_dir is not None else _held_out(
+            other_card, split, info.get("data_file_sha256"))
         if other_held_out is False:
             raise ConfigError(f"--compare {other}: {other_note}")
         models[f"compare_{index + 1}"] = (other_dir, other_model, other_card)

@@ -110,3 +110,66 @@ def test_folder_classes_come_in_turns_so_a_limit_runs_both(tmp_path, test_files)
     images, labels, _ = load_image_folder(root, card, ("no", "yes"), progress=False)
     assert labels[:4].tolist() == [0, 1, 0, 1]
     assert all(image.shape == (card.preprocessing.image_size,) * 2 for image in images)  # kept small
+
+
+def test_the_report_lists_each_file_and_its_plots_are_drawn_from_it(tmp_path, test_files, capsys):
+    """Per-image labels and probabilities (with the file names for a folder) reproduce the report's
+    figures, and the ROC / confusion PNGs are written beside the JSON unless --no-plots."""
+    from PIL import Image as PILImage
+
+    from medhe.cli.main import main
+    from medhe.train.metrics import binary_report
+
+    root = _folder(tmp_path / "scans", test_files)
+    out = tmp_path / "external.json"
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "no", "yes",
+                 "--report", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    rows = report["per_image"]
+    assert len(rows["file"]) == len(rows["label"]) == len(rows["prob_positive"]) == report["n"]
+    by_name = {Path(path).name: label for path, label in test_files}
+    assert [by_name[Path(f).name] for f in rows["file"]] == rows["label"]  # each file beside its own label
+    assert all(f.split("/")[0] in ("no", "yes") for f in rows["file"])  # relative to the folder
+    again = binary_report(rows["label"], rows["prob_positive"])
+    assert again["confusion_matrix"] == report["confusion_matrix"]
+    assert again["auc"] == pytest.approx(report["auc"], abs=1e-6)
+    printed = capsys.readouterr().out
+    for png in (tmp_path / "external.roc.png", tmp_path / "external.confusion.png"):
+        assert f"wrote {png}" in printed
+        with PILImage.open(png) as image:
+            assert image.format == "PNG" and min(image.size) >= 300
+    # One class only (an encrypted run of one image): no ROC, still a confusion matrix.
+    single = tmp_path / "one.json"
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "no", "yes",
+                 "--encrypted", "--backend", "clear", "--limit", "1", "--report", str(single), "--no-progress"]) == 0
+    assert not (tmp_path / "one.roc.png").exists() and (tmp_path / "one.confusion.png").is_file()
+    bare = tmp_path / "bare.json"
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "no", "yes",
+                 "--report", str(bare), "--no-plots", "--no-progress"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("bare*")) == ["bare.json"]
+
+
+def test_corruptions_run_on_a_folder_and_are_plotted(tmp_path, test_files, capsys):
+    """--corruptions --image-dir: the clean row equals the folder's own evaluation, the corruptions
+    change what the model says, and the bar chart is written beside the report."""
+    from medhe.cli.main import main
+    from medhe.data.corruptions import CHEST_XRAY_CORRUPTIONS
+    from medhe.train.evaluate import evaluate_folder
+
+    root = _folder(tmp_path / "scans", test_files)
+    out = tmp_path / "robust.json"
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "no", "yes",
+                 "--corruptions", "--corruption-size", "64", "--report", str(out), "--no-progress"]) == 0
+    report = json.loads(out.read_text())
+    plain = evaluate_folder("br35h", root, ("no", "yes"), progress=False)
+    clean = report["models"]["model"]["clean"]
+    assert report["split"] == "folder" and report["held_out"] is None and report["n"] == plain["n"]
+    assert clean["accuracy"] == pytest.approx(plain["accuracy"]) and clean["auc"] == pytest.approx(plain["auc"])
+    assert "files" not in report["dataset"] and report["dataset"]["n_per_class"] == plain["dataset"]["n_per_class"]
+    corrupted = report["models"]["model"]["corruptions"]
+    assert set(corrupted) == {c.name for c in CHEST_XRAY_CORRUPTIONS}
+    assert any(level["accuracy"] != clean["accuracy"] for entry in corrupted.values() for level in entry["severities"])
+    assert (tmp_path / "robust.corruptions.png").is_file()
+    assert f"wrote {tmp_path / 'robust.corruptions.png'}" in capsys.readouterr().out
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--corruptions", "--data-file", "x.npz"]) != 0
+    assert "replaces --split and --data-file" in capsys.readouterr().err
