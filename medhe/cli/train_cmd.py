@@ -150,7 +150,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluate on the images (PNG, JPEG, TIFF, DICOM) under DIR, one subfolder per class "
                         "named as the model's classes (case-insensitive), instead of a stored split")
     p.add_argument("--class-dirs", nargs="+", default=None, metavar="NAME",
-                   help="with --image-dir: the subfolder of each class, in class order (e.g. no yes)")
+                   help="with --image-dir: the subfolder of each class, in class order (e.g. no yes); "
+                        "comma-separated subfolders make one class (e.g. notumor glioma,meningioma,pituitary)")
     p.add_argument("--report", type=Path, default=None, metavar="OUT.json",
                    help="write the report here, and beside it OUT.roc.png and OUT.confusion.png "
                         "(with --corruptions: OUT.corruptions.png)")

@@ -220,7 +220,8 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
     by the model's own recipe (bit depth, DICOM windowing, crop rule and filter as for a diagnosis).
 
     Subfolders are matched to the model's class names case-insensitively (spaces may be
-    underscores), or to `class_dirs` given in class order (e.g. ("no", "yes") for Br35H's layout).
+    underscores), or to `class_dirs` given in class order (e.g. ("no", "yes") for Br35H's layout);
+    an entry may name several subfolders, comma-separated, that together make one class.
     A file that does not read as an image is skipped and listed in the info, not fatal; the info's
     "files" are the images read, relative to `root`, in the order of the returned images.
     """
@@ -238,14 +239,18 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
         raise DataError(f"{root}: not a folder; expected one subfolder per class named {names}")
     subfolders = {child.name.casefold(): child for child in root.iterdir() if child.is_dir()}
     per_class: list[list[tuple[Path, int]]] = []
-    for label, name in enumerate(names):
-        folder = subfolders.get(name.casefold()) or subfolders.get(name.casefold().replace(" ", "_"))
-        if folder is None:
-            raise DataError(f"{root}: no subfolder {name!r} for class {card.class_names[label]!r} (found "
-                            f"{sorted(child.name for child in subfolders.values())}); name them with --class-dirs")
-        per_class.append([(path, label) for path in sorted(folder.rglob("*"))
-                          if path.is_file() and not path.name.startswith(".")
-                          and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES])
+    for label, entry in enumerate(names):
+        members = []
+        # "glioma,meningioma,pituitary": several subfolders make one class (a 4-class MRI layout).
+        for name in (part.strip() for part in entry.split(",")):
+            folder = subfolders.get(name.casefold()) or subfolders.get(name.casefold().replace(" ", "_"))
+            if folder is None:
+                raise DataError(f"{root}: no subfolder {name!r} for class {card.class_names[label]!r} (found "
+                                f"{sorted(child.name for child in subfolders.values())}); name them with --class-dirs")
+            members += [(path, label) for path in sorted(folder.rglob("*"))
+                        if path.is_file() and not path.name.startswith(".")
+                        and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES]
+        per_class.append(members)
     # Classes taken in turns, so that --encrypted --limit N runs both classes.
     files = [item for turn in itertools.zip_longest(*per_class) for item in turn if item is not None]
     images, labels, kept, skipped = [], [], [], []

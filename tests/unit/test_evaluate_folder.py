@@ -173,3 +173,29 @@ def test_corruptions_run_on_a_folder_and_are_plotted(tmp_path, test_files, capsy
     assert f"wrote {tmp_path / 'robust.corruptions.png'}" in capsys.readouterr().out
     assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--corruptions", "--data-file", "x.npz"]) != 0
     assert "replaces --split and --data-file" in capsys.readouterr().err
+
+
+def test_several_subfolders_can_make_one_class(tmp_path, test_files):
+    """A four-class MRI layout (notumor/, glioma/, pituitary/, ...) scores as tumor / no tumor with
+    comma-separated --class-dirs: the same files give the same figures as the two-folder layout."""
+    from medhe.cli.main import main
+    from medhe.train.evaluate import evaluate_folder
+
+    negatives = [item for item in test_files if item[1] == 0]
+    positives = [item for item in test_files if item[1] == 1]
+    root = tmp_path / "four_class"
+    _folder(root, negatives, names=("notumor", "unused"))
+    _folder(root, positives[::2], names=("unused", "glioma"))
+    _folder(root, positives[1::2], names=("unused", "Pituitary"))
+    (root / "meningioma").mkdir()  # a class folder left out of --class-dirs is not read
+    Image.new("L", (8, 8)).save(root / "meningioma" / "x.png")
+    merged = evaluate_folder("br35h", root, ("notumor", "glioma, pituitary"), progress=False)
+    plain = evaluate_folder("br35h", _folder(tmp_path / "two", test_files), ("no", "yes"), progress=False)
+    assert merged["dataset"]["n_per_class"] == plain["dataset"]["n_per_class"]
+    assert merged["confusion_matrix"] == plain["confusion_matrix"]
+    assert merged["auc"] == pytest.approx(plain["auc"])
+    assert {f.split("/")[0] for f in merged["per_image"]["file"]} == {"notumor", "glioma", "Pituitary"}
+    with pytest.raises(DataError, match="no subfolder 'meningeoma'"):
+        evaluate_folder("br35h", root, ("notumor", "glioma,meningeoma"), progress=False)
+    assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "notumor",
+                 "glioma,pituitary", "--no-progress"]) == 0
