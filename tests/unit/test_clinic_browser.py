@@ -189,8 +189,9 @@ def test_the_clinic_page_diagnoses_dicom_and_png_like_the_cli(tmp_path, browser)
                 Image.open(png).rotate(90 * (index + 1)).save(folder / f"study{index}.png")
             (folder / "notes.txt").write_text("not an image")
             browser.find_element(By.ID, "folder").send_keys(str(folder))
-            _wait_for(lambda: {"studies/study0.png", "studies/study1.png"} <= set(rows()), "the folder's rows", 300)
-            assert not any("notes" in name for name in rows())
+            names = _wait_for(lambda: (lambda shown: shown if {"studies/study0.png", "studies/study1.png"} <= shown
+                                       else None)(set(rows())), "the folder's rows", 300)
+            assert not any("notes" in name for name in names)
             _wait_for(lambda: all(rows()[f"studies/study{i}.png"].find_elements(By.TAG_NAME, "td")[1].text == "done"
                                   for i in range(2)), "the folder's diagnoses", 300)
 
@@ -200,7 +201,7 @@ def test_the_clinic_page_diagnoses_dicom_and_png_like_the_cli(tmp_path, browser)
                 return [r.find_elements(By.TAG_NAME, "td")[0].text
                         for r in browser.find_elements(By.CSS_SELECTOR, "#studies tbody tr")]
 
-            arrival = shown_names()
+            arrival = _wait_for(shown_names, "the rows' names")  # re-read if the table re-renders meanwhile
             header = browser.find_element(By.CSS_SELECTOR, "th button[data-key='name']")
             header.click()
             ascending = sorted(arrival)
