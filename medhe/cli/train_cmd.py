@@ -190,6 +190,7 @@ def cmd_evaluate(args) -> int:
         raise ConfigError("--compare goes with --corruptions")
     if args.class_dirs and args.image_dir is None:
         raise ConfigError("--class-dirs goes with --image-dir")
+    class_dirs = tuple(args.class_dirs) if args.class_dirs else None
     if args.image_dir is not None and (args.split or args.data_file):
         raise ConfigError("--image-dir replaces --split and --data-file")
     if args.image_dir is not None and not args.corruptions:
@@ -197,7 +198,7 @@ def cmd_evaluate(args) -> int:
 
         if args.mode != "latency":
             raise ConfigError("--image-dir runs encrypted in latency mode only")
-        report = evaluate_folder(args.model, args.image_dir, tuple(args.class_dirs or ()) or None,
+        report = evaluate_folder(args.model, args.image_dir, class_dirs,
                                  encrypted=args.encrypted, limit=args.limit, backend=args.backend,
                                  encrypted_model=args.encrypted_model, progress=args.progress)
         print(format_report_table(report))
@@ -213,7 +214,7 @@ def cmd_evaluate(args) -> int:
             raise ConfigError(f"--corruption-size must be 8..4096 pixels, got {args.corruption_size}")
         report = evaluate_corruptions(args.model, split=args.split, data_file=args.data_file,
                                       compare=tuple(args.compare), size_px=args.corruption_size,
-                                      image_dir=args.image_dir, class_dirs=tuple(args.class_dirs or ()) or None,
+                                      image_dir=args.image_dir, class_dirs=class_dirs,
                                       progress=args.progress)
         print(format_corruption_table(report))
         _print_skipped(report)
