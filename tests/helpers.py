@@ -33,9 +33,9 @@ def trace_torch(seq: nn.Sequential, input_shape):
 
 def compile_torch(seq: nn.Sequential, input_shape, **options):
     ops = trace_torch(seq, input_shape)
+    preprocessing = options.pop("preprocessing", {"image_size": input_shape[-1], "mean": 0.0, "std": 1.0})
     return compile_ops(ops, tuple(input_shape), class_names=[str(i) for i in range(10)],
-                       preprocessing={"image_size": input_shape[-1], "mean": 0.0, "std": 1.0},
-                       digest_of_model="test", **options)
+                       preprocessing=preprocessing, digest_of_model="test", **options)
 
 
 def pack(plan, x: np.ndarray) -> np.ndarray:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -211,9 +212,11 @@ def cmd_encrypt(args) -> int:
     client = _client(args, spec)
     out = _output_file(args.out)
     start = time.perf_counter()
-    data = client.encrypt_image(args.image)
+    model_input = client.preprocess(args.image)
+    data = client.encrypt_input(model_input)
     out.write_bytes(data)
     print(f"{args.image} -> {out} ({len(data) / 2**20:.2f} MiB) in {time.perf_counter() - start:.3f} s")
+    _warn_if_atypical(str(args.image), client.check_input(model_input))
     return 0
 
 
@@ -264,7 +267,19 @@ def cmd_diagnose(args) -> int:
         r = session.diagnose_image(image)
         print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
               f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
+        _warn_if_atypical(str(image), r.input_check)
     return 0
+
+
+def _warn_if_atypical(image: str, check: dict | None) -> None:
+    """A warning on stderr (the table on stdout stays one line per image) for an image the client's
+    input check found unlike the model's training images."""
+    from tqdm import tqdm
+
+    if check is not None and not check["typical"]:
+        tqdm.write(f"warning: {image} is unlike the model's training images (input distance "
+                   f"{check['distance']:.0f} > {check['threshold']:.0f}); check modality, orientation and "
+                   f"inversion: the diagnosis may not hold", file=sys.stderr)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".tiff")
@@ -328,6 +343,7 @@ def _diagnose_remote(args) -> int:
         for r in results:
             tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.preprocess_s:>8.3f}"
                        f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
+            _warn_if_atypical(r.image, r.input_check)
     finally:
         remote.close()
     return 0

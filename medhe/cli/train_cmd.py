@@ -327,7 +327,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def add_fit_input_profile_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "fit-input-profile",
+        help="add an input profile (flags inputs unlike the training images) to a trained model",
+        description="Fit the statistics the clinic's client compares each input with (medhe.data.input_check) "
+                    "from the training data the model's card names, under its training augmentations, and "
+                    "write them into its model.json; the weights are not touched. `medhe train` does this "
+                    "for every new model.",
+    )
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--data-file", type=Path, help="the MedMNIST npz the model was trained on (PneumoniaMNIST)")
+    p.set_defaults(func=cmd_fit_input_profile)
+    return p
+
+
+def cmd_fit_input_profile(args) -> int:
+    from medhe.nn.modeldir import resolve_model_dir
+    from medhe.train.input_profile import add_profile_to_model
+
+    add_profile_to_model(resolve_model_dir(args.model), data_file=args.data_file,
+                         log=lambda line: print(line, flush=True))
+    return 0
+
+
 def register(subparsers) -> None:
     add_train_parser(subparsers)
+    add_fit_input_profile_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_demo_parser(subparsers)

@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from medhe.data.images import image_to_gray01
+from medhe.data.input_check import InputProfile
 from medhe.errors import DataError
 
 MAX_IMAGE_SIZE_PX = 4096
@@ -174,6 +175,8 @@ class Preprocessing:
 
     mean and std are of resized training pixels in [0, 1] (see fit_preprocessing); with per_image
     they are recorded only (and undo nothing: a per_image input has no fixed pixel scale).
+    input_profile (optional, models since 2026-12-03) tells inputs unlike the training images
+    (medhe.data.input_check); it changes no input.
     """
 
     image_size: int
@@ -182,8 +185,12 @@ class Preprocessing:
     crop: str = LEGACY_CROP
     resize_filter: str = LEGACY_RESIZE_FILTER
     normalization: str = LEGACY_NORMALIZATION
+    input_profile: InputProfile | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        if self.input_profile is not None and not isinstance(self.input_profile, InputProfile):
+            raise DataError(f"Preprocessing.input_profile must be an InputProfile or None, "
+                            f"got {type(self.input_profile).__name__}.")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int):
             raise DataError(
                 f"Preprocessing.image_size must be an int, got {type(self.image_size).__name__}."
@@ -217,8 +224,21 @@ class Preprocessing:
         _check_choice(self.normalization, NORMALIZATIONS, "Preprocessing.normalization")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"image_size": self.image_size, "mean": self.mean, "std": self.std,
-                "crop": self.crop, "resize_filter": self.resize_filter, "normalization": self.normalization}
+        doc = {"image_size": self.image_size, "mean": self.mean, "std": self.std,
+               "crop": self.crop, "resize_filter": self.resize_filter, "normalization": self.normalization}
+        if self.input_profile is not None:
+            doc["input_profile"] = self.input_profile.to_dict()
+        return doc
+
+    def with_input_profile(self, profile: InputProfile | None) -> Preprocessing:
+        return replace(self, input_profile=profile)
+
+    def check_input(self, model_input: np.ndarray) -> dict | None:
+        """{"distance", "threshold", "typical"} of one model input (C, S, S) as apply() made it, or
+        None for a model without an input profile."""
+        if self.input_profile is None:
+            return None
+        return self.input_profile.check(np.asarray(model_input)[np.newaxis])[0]
 
     def geometry(self) -> dict[str, Any]:
         """image_size, crop, resize_filter: the keyword arguments of load_br35h for this recipe."""
@@ -234,7 +254,7 @@ class Preprocessing:
         required = {"image_size", "mean", "std"}
         # Model cards written before crop rules existed lack these: they mean "stretch, bilinear,
         # dataset" (normalization came later than crop and resize_filter, with the same default rule).
-        optional = {"crop", "resize_filter", "normalization"}
+        optional = {"crop", "resize_filter", "normalization", "input_profile"}
         missing = sorted(required - set(d))
         extra = sorted(set(d) - required - optional)
         if missing or extra:
@@ -244,7 +264,8 @@ class Preprocessing:
             )
         return cls(image_size=d["image_size"], mean=d["mean"], std=d["std"],
                    crop=d.get("crop", LEGACY_CROP), resize_filter=d.get("resize_filter", LEGACY_RESIZE_FILTER),
-                   normalization=d.get("normalization", LEGACY_NORMALIZATION))
+                   normalization=d.get("normalization", LEGACY_NORMALIZATION),
+                   input_profile=InputProfile.from_dict(d["input_profile"]) if d.get("input_profile") else None)
 
     def resize(self, gray01: np.ndarray) -> np.ndarray:
         """2-D [0, 1] image -> float32 (image_size, image_size): this recipe's crop, then its filter."""

@@ -152,12 +152,22 @@ class Client:
     def preprocess(self, image) -> np.ndarray:
         """A file path or a 2-D grayscale array in [0, 1] -> the model input (C, H, W)."""
         from medhe.data.images import image_to_gray01, load_image
+
+        gray = load_image(image) if isinstance(image, (str, Path)) else image_to_gray01(np.asarray(image))
+        return self._recipe().apply(gray)
+
+    def _recipe(self):
         from medhe.data.preprocess import Preprocessing
 
         if self._preprocessing is None:
             self._preprocessing = Preprocessing.from_dict(self.spec.preprocessing)
-        gray = load_image(image) if isinstance(image, (str, Path)) else image_to_gray01(np.asarray(image))
-        return self._preprocessing.apply(gray)
+        return self._preprocessing
+
+    def check_input(self, model_input: np.ndarray) -> dict | None:
+        """Is a preprocessed input like the model's training images? {"distance", "threshold",
+        "typical"} from the spec's input profile (medhe.data.input_check), computed here on the
+        plaintext before encryption; None when the model has no profile."""
+        return self._recipe().check_input(model_input)
 
     def pack(self, model_input: np.ndarray) -> np.ndarray:
         """Place a preprocessed input (C, H, W) into the slot vector, copies included."""

@@ -26,6 +26,7 @@ class EncryptedResult:
     decrypt_s: float
     upload_bytes: int
     download_bytes: int
+    input_check: dict | None = None  # Client.check_input: is the input like the training images?
 
 
 @dataclass
@@ -66,7 +67,8 @@ class LocalSession:
         logits = self.client.decrypt_logits(result)
         label, probs = self.client.diagnosis(logits)
         t3 = time.perf_counter()
-        return EncryptedResult(logits, label, probs, t1 - t0, t2 - t1, t3 - t2, len(message), len(result))
+        return EncryptedResult(logits, label, probs, t1 - t0, t2 - t1, t3 - t2, len(message), len(result),
+                               self.client.check_input(model_input))
 
     def diagnose_image(self, image) -> EncryptedResult:
         return self.diagnose_input(self.client.preprocess(image))

@@ -51,6 +51,7 @@ class RemoteResult:
     decrypt_s: float
     upload_bytes: int
     preprocess_s: float = 0.0  # reading the file, crop and resize (in batches: the whole folder's, per image)
+    input_check: dict | None = None  # Client.check_input: is the input like the training images?
 
 
 class RemoteClient:
@@ -246,7 +247,8 @@ class RemoteClient:
         size, logits, timings = self._exchange("/v1/diagnose", lambda: client.encrypt_input(model_input),
                                                client.decrypt_logits, on_step=step)
         label, probabilities = client.diagnosis(logits)
-        return RemoteResult(name, label, probabilities, logits, *timings, size)
+        return RemoteResult(name, label, probabilities, logits, *timings, size,
+                            input_check=client.check_input(model_input))
 
     def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False,
                        max_in_flight: int = 2, slots_per_batch: int | None = None,
@@ -288,7 +290,8 @@ class RemoteClient:
                     done[0] += 1
                     on_batch(done[0], len(starts))
             return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
-                                 size // len(chunk), preprocess_s) for offset, row in enumerate(logits)]
+                                 size // len(chunk), preprocess_s, client.check_input(inputs[start + offset]))
+                    for offset, row in enumerate(logits)]
 
         with ThreadPoolExecutor(max_workers=in_flight) as pool:
             return [result for batch in pool.map(one_batch, starts) for result in batch]

@@ -135,6 +135,11 @@ def check_study_name(name: str) -> None:
         raise ClinicError(400, "bad_name", "a study needs its file name (at most 512 characters, one line)")
 
 
+def _typical_cell(check: dict | None) -> str:
+    """yes / no from the client's input check; empty for a model without an input profile."""
+    return "" if not check else ("yes" if check["typical"] else "no")
+
+
 def _csv_cell(value) -> str:
     """A spreadsheet cell that a file name cannot turn into a formula."""
     text = "" if value is None else str(value)
@@ -271,6 +276,7 @@ class ClinicApp:
         metadata = describe_image_bytes(data, name)
         preprocessing = Preprocessing.from_dict(spec.preprocessing)
         model_input = preprocessing.apply(load_image_bytes(data, name))
+        input_check = preprocessing.check_input(model_input)
         preview = preview_png(model_input, preprocessing)
         task = self._new_task("study", model, name)
         task.metadata, task.preview = metadata, preview
@@ -291,7 +297,7 @@ class ClinicApp:
                            "probabilities": dict(zip(spec.class_names, map(float, result.probabilities))),
                            "logits": [float(v) for v in result.logits], "spec_digest": spec.digest(),
                            "key_id": self.remote.client(model).key_id, "weights": weights,
-                           "ciphertext_bytes": result.upload_bytes}
+                           "ciphertext_bytes": result.upload_bytes, "input_check": input_check}
 
         self._run(task, work)
         return task.to_dict()
@@ -335,7 +341,7 @@ class ClinicApp:
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["file", "model", "spec_digest", "state", "label", "probability", "probabilities",
-                         *[f"{step}_s" for step in STUDY_STEPS], "total_s", "error"])
+                         "input_typical", *[f"{step}_s" for step in STUDY_STEPS], "total_s", "error"])
         for task in self.tasks():
             if task["kind"] != "study":
                 continue
@@ -344,6 +350,7 @@ class ClinicApp:
             writer.writerow([_csv_cell(task["name"]), task["model"], result.get("spec_digest", ""), task["state"],
                              _csv_cell(result.get("label", "")),
                              f"{result['probability']:.6f}" if result else "", probabilities,
+                             _typical_cell(result.get("input_check")),
                              *[f"{timings[s]:.4f}" if s in timings else "" for s in STUDY_STEPS],
                              f"{sum(timings.values()):.4f}" if result else "",
                              _csv_cell((task["error"] or {}).get("message", ""))])

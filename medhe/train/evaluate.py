@@ -39,6 +39,30 @@ def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
         "activation": card.arch.activation,
         "seconds": round(time.perf_counter() - start, 3),
     })
+    return add_input_check(report, card, inputs)
+
+
+def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
+    """Add what the clinic's input check says of these images (None without a profile): how many
+    it flags as unlike the training images, the accuracy on the typical and on the flagged ones,
+    and per image `input_typical` beside its label and probability."""
+    profile = card.preprocessing.input_profile
+    if profile is None:
+        report["input_check"] = None
+        return report
+    typical = np.array([check["typical"] for check in profile.check(inputs)], dtype=bool)
+    labels = np.asarray(report["per_image"]["label"])
+    correct = (np.asarray(report["per_image"]["prob_positive"]) >= 0.5).astype(int) == labels
+
+    def accuracy(mask):
+        return round(float(correct[mask].mean()), 4) if mask.any() else None
+
+    report["input_check"] = {
+        "threshold": profile.threshold, "flagged": int((~typical).sum()), "n": int(typical.size),
+        "flagged_fraction": round(float((~typical).mean()), 4),
+        "accuracy_typical": accuracy(typical), "accuracy_flagged": accuracy(~typical),
+    }
+    report["per_image"]["input_typical"] = typical.tolist()
     return report
 
 
@@ -92,7 +116,7 @@ def evaluate_encrypted_batch(model_dir: str | Path, images_gray01, labels, *, li
         "model_dir": str(Path(model_dir).resolve()), "model_dataset": card.dataset,
         "class_names": card.class_names,
     })
-    return report
+    return add_input_check(report, card, inputs)
 
 
 def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: int | None = None,
@@ -146,7 +170,7 @@ def evaluate_encrypted(model_dir: str | Path, images_gray01, labels, *, limit: i
         "model_dataset": card.dataset,
         "class_names": card.class_names,
     })
-    return report
+    return add_input_check(report, card, inputs)
 
 
 def _held_out(card: ModelCard, split: str, data_sha256: str | None) -> tuple[bool | None, str]:
@@ -360,6 +384,11 @@ def format_report_table(report: dict) -> str:
         ("ECE (15 bins)", fmt(report.get("ece"))),
         ("confusion", f"TN {cm[0][0]}  FP {cm[0][1]}  FN {cm[1][0]}  TP {cm[1][1]}"),
     ]
+    check = report.get("input_check")
+    if check:
+        rows.append(("atypical inputs", f"{check['flagged']} of {check['n']} flagged as unlike the training images "
+                                        f"(accuracy {fmt(check['accuracy_typical'])} on the rest, "
+                                        f"{fmt(check['accuracy_flagged'])} on the flagged)"))
     if report.get("encrypted"):
         rows += [
             ("agreement", fmt(report.get("agreement"))),

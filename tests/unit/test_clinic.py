@@ -341,3 +341,31 @@ def test_the_preview_of_a_per_image_input_spans_black_to_white() -> None:
     preview = shown(scan)
     assert preview.shape == (16, 16) and preview.min() == 0 and preview.max() == 255
     np.testing.assert_array_equal(shown(1.5 * scan), preview)
+
+
+def test_an_image_unlike_the_training_ones_is_marked_on_the_result_and_in_the_csv(tmp_path):
+    """The clinic checks each study against the spec's input profile before encrypting: the
+    result says whether it is typical and the CSV has an input_typical column."""
+    from medhe.data.input_check import fit_input_profile
+
+    recipe = Preprocessing(image_size=INPUT_PX, mean=0.0, std=1.0)
+    rng = np.random.default_rng(1)
+    noise = [rng.integers(0, 256, (30, 40)).astype(np.float32) / 255 for _ in range(300)]
+    profile = fit_input_profile(recipe.apply_batch(noise[:200]), recipe.apply_batch(noise[200:]))
+    seq = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.Flatten(), nn.Linear(2 * INPUT_PX**2, 2)).double()
+    plan = compile_torch(seq, (1, INPUT_PX, INPUT_PX), preprocessing=recipe.with_input_profile(profile).to_dict())
+    data = tmp_path / "srv"
+    tokens = TokenStore(data)
+    server = create_app([host_plan(data, "tiny", plan, backend="clear")], data_dir=data, tokens=tokens)
+    remote = RemoteClient("http://testserver", token=tokens.add("clinic-a", "clinic"), backend="clear",
+                          key_home=tmp_path / "keys", transport=TestClient(server)._transport)
+    page = TestClient(create_clinic_app(ClinicApp(remote, access_token=ACCESS_TOKEN), allowed_hosts=("testserver",)),
+                      headers=AUTH)
+    gradient = io.BytesIO()
+    Image.fromarray(np.tile(np.linspace(0, 255, 40), (30, 1)).astype(np.uint8)).save(gradient, format="PNG")
+    tasks = [_wait(page, page.post(f"/api/studies?model=tiny&name={name}", content=body, headers=POST).json()["id"])
+             for name, body in (("noise.png", _png_bytes()), ("gradient.png", gradient.getvalue()))]
+    assert [t["state"] for t in tasks] == ["done", "done"]
+    assert [t["result"]["input_check"]["typical"] for t in tasks] == [True, False]
+    rows = list(csv.DictReader(io.StringIO(page.get("/api/studies.csv").text)))
+    assert [(r["file"], r["input_typical"]) for r in rows] == [("noise.png", "yes"), ("gradient.png", "no")]

@@ -160,6 +160,9 @@ def test_the_clinic_page_diagnoses_dicom_and_png_like_the_cli(tmp_path, browser)
                 steps = browser.find_element(By.ID, "steps").text
                 assert len(re.findall(r"\d+\.\d+ s", steps)) == 5, steps
                 assert "never left this computer" in browser.find_element(By.ID, "privacy").text
+                # pydicom's MR_small is a 64x64 crop unlike Br35H's slices: the page warns; the Br35H scan passes.
+                warnings = [w.text for w in browser.find_elements(By.ID, "input-warning")]
+                assert bool(warnings) == (image is dicom) and all("unlike the images" in w for w in warnings)
                 assert browser.find_element(By.ID, "preview").get_attribute("src").startswith("data:image/png")
             rows()[dicom.name].click()
             metadata = browser.find_element(By.ID, "metadata").text

@@ -347,3 +347,12 @@ def test_cli_train_writes_a_model_directory(tmp_path, capsys, pneumoniamnist_npz
     assert card.dataset["n"] == {"train": 360, "stop": 40, "report": 100}
     assert len(card.dataset["data_file_sha256"]) == 64
     assert card.metrics["split"] == "val" and "train_seconds" in card.metrics
+    # The input profile: fitted on the 360 training images, its threshold on the 40 stop images;
+    # `medhe fit-input-profile` on the same data recomputes it exactly.
+    profile = card.preprocessing.input_profile
+    assert (profile.n_fit, profile.n_threshold) == (360, 40)
+    assert 0.0 <= metrics["input_profile"]["report_flagged_fraction"] <= 1.0
+    assert main(["fit-input-profile", "--model", str(out), "--data-file", str(small)]) == 0
+    refitted = load_model(out)[1].preprocessing.input_profile
+    assert refitted.threshold == profile.threshold
+    np.testing.assert_array_equal(refitted.mean, profile.mean)

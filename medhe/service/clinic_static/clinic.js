@@ -320,8 +320,8 @@ function renderTable() {
     row.append(
       el("td", { textContent: task.name }),
       el("td", { textContent: statusText(task), class: task.state === "failed" ? "failed" : "" }),
-      el("td", { textContent: task.result ? task.result.label : (task.error ? task.error.message : "") ,
-        class: task.error ? "failed" : "" }),
+      el("td", { textContent: task.result ? task.result.label + (atypical(task) ? " (atypical image)" : "")
+        : (task.error ? task.error.message : ""), class: task.error ? "failed" : "" }),
       el("td", { textContent: task.result ? task.result.probability.toFixed(3) : "", class: "num" }),
       el("td", { textContent: task.result ? seconds(total(task)) : "", class: "num" }),
       el("td", { textContent: task.model }),
@@ -379,6 +379,10 @@ function renderStudy() {
   renderResult(task, model);
 }
 
+function atypical(task) {
+  return Boolean(task.result && task.result.input_check && !task.result.input_check.typical);
+}
+
 function renderResult(task, model) {
   const box = $("result");
   box.replaceChildren();
@@ -395,6 +399,12 @@ function renderResult(task, model) {
     el("span", { class: "hint", textContent: Object.entries(r.probabilities).map(([k, v]) => `${k} ${v.toFixed(3)}`).join(" · ") }),
   );
   box.append(verdict);
+  if (atypical(task)) {
+    box.append(el("p", { class: "warning", id: "input-warning", role: "alert", textContent:
+      "This image is unlike the images the model was trained on (input distance " +
+      `${r.input_check.distance.toFixed(0)}, above ${r.input_check.threshold.toFixed(0)}). ` +
+      "Check that it is the right kind of scan, the right way up and not inverted: the diagnosis may not hold." }));
+  }
   box.append(el("p", { class: "hint", textContent: `Model ${task.model}, digest ${r.spec_digest.slice(0, 16)}; total ${seconds(total(task))} s.` }));
   const privacy = el("div", { class: "privacy", id: "privacy" });
   const list = el("ul");
