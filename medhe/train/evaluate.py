@@ -263,6 +263,7 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
         raise DataError(f"{root}: not a folder; expected one subfolder per class named {names}")
     subfolders = {child.name.casefold(): child for child in root.iterdir() if child.is_dir()}
     per_class: list[list[tuple[Path, int]]] = []
+    used: dict[Path, str] = {}  # subfolder -> the class it was given to
     for label, entry in enumerate(names):
         members = []
         # "glioma,meningioma,pituitary": several subfolders make one class (a 4-class MRI layout).
@@ -271,6 +272,10 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
             if folder is None:
                 raise DataError(f"{root}: no subfolder {name!r} for class {card.class_names[label]!r} (found "
                                 f"{sorted(child.name for child in subfolders.values())}); name them with --class-dirs")
+            if folder in used:
+                raise DataError(f"{root}: the subfolder {folder.name!r} is named twice in --class-dirs (for class "
+                                f"{used[folder]!r} and {card.class_names[label]!r}); its images would be counted twice")
+            used[folder] = card.class_names[label]
             members += [(path, label) for path in sorted(folder.rglob("*"))
                         if path.is_file() and not path.name.startswith(".")
                         and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES]
@@ -283,7 +288,7 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
             # Kept at the model's size only: a folder of full-resolution films would not fit in memory.
             images.append(card.preprocessing.resize(load_image(path)))
         except ImageLoadError as exc:
-            skipped.append({"file": str(path), "reason": str(exc)})
+            skipped.append({"file": path.relative_to(root).as_posix(), "reason": str(exc)})
             continue
         labels.append(label)
         kept.append(path.relative_to(root).as_posix())

@@ -58,7 +58,7 @@ def test_a_folder_is_scored_as_the_same_files_run_through_the_model(tmp_path, te
     assert report["auc"] == pytest.approx(expected["auc"])
     assert report["confusion_matrix"] == expected["confusion_matrix"]
     assert report["dataset"]["n_per_class"] == {"no tumor": int((labels == 0).sum()), "tumor": int((labels == 1).sum())}
-    assert [Path(item["file"]).name for item in report["dataset"]["skipped"]] == ["notes.png"]
+    assert [item["file"] for item in report["dataset"]["skipped"]] == ["yes/notes.png"]  # as per_image names files
     assert report["split"] == "folder" and report["held_out"] is None
 
 
@@ -197,5 +197,9 @@ def test_several_subfolders_can_make_one_class(tmp_path, test_files):
     assert {f.split("/")[0] for f in merged["per_image"]["file"]} == {"notumor", "glioma", "Pituitary"}
     with pytest.raises(DataError, match="no subfolder 'meningeoma'"):
         evaluate_folder("br35h", root, ("notumor", "glioma,meningeoma"), progress=False)
+    # A subfolder named twice (in one class or in both) would count its images twice.
+    for twice in (("notumor", "glioma,Glioma"), ("notumor,glioma", "glioma")):
+        with pytest.raises(DataError, match="'glioma' is named twice"):
+            evaluate_folder("br35h", root, twice, progress=False)
     assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--class-dirs", "notumor",
                  "glioma,pituitary", "--no-progress"]) == 0
