@@ -323,6 +323,12 @@ def cmd_demo(args) -> int:
               f"{r.decrypt_s:>9.3f} {names[model_label]:<10} {m.server_s:>9.3f}")
     print(f"encrypted = plaintext on {agree}/{len(files)} (weights in clear on the server) and "
           f"{agree_model}/{len(files)} (encrypted model); {correct}/{len(files)} correct")
+    # The clinic's input check, before encrypting: the test scans pass, an inverted copy does not.
+    typical = sum(session.client.check_input(x)["typical"] for x in inputs)
+    inverted = session.client.check_input(card.preprocessing.apply(1.0 - load_image(files[0][0])))
+    print(f"input check on the clinic: {typical}/{len(files)} test scans like the training images; "
+          f"{Path(files[0][0]).name} inverted: {'typical' if inverted['typical'] else 'flagged'} "
+          f"(distance {inverted['distance']:.0f}, threshold {inverted['threshold']:.0f})")
     sys.stdout.flush()
     return 0
 

@@ -153,3 +153,17 @@ def test_keygen_refuses_to_replace_a_key_and_keeps_the_directory_private(tmp_pat
                             timeout=600)
     assert forced.returncode == 0, forced.stderr
     assert (tmp_path / "keys" / "secret.key").read_bytes() != key
+
+
+def test_the_demo_runs_every_role_and_agrees_with_plaintext(tmp_path):
+    """`medhe demo` (README's main job) on the clear backend: six held-out Br35H scans, encrypted
+    labels equal to plaintext in both modes, and the input check passes the scans but flags an
+    inverted one. (CI runs it on real 128-bit keys from the README's first command.)"""
+    done = medhe("demo", "--backend", "clear", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    rows = [line for line in lines if line.startswith(("no/", "yes/"))]
+    assert sorted(row.split("/")[0] for row in rows) == ["no"] * 3 + ["yes"] * 3  # both classes
+    assert "encrypted = plaintext on 6/6 (weights in clear on the server) and 6/6 (encrypted model)" in done.stdout
+    assert lines[-1].startswith("input check on the clinic: 6/6 test scans like the training images")
+    assert "inverted: flagged" in lines[-1]
