@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -67,6 +68,11 @@ def cmd_batch_encrypt(args) -> int:
     print(f"{manifest['images']} images in {len(manifest['batches'])} batches -> {args.out} "
           f"({size / 2**20:.0f} MiB, key id {client.key_id[:16]}) in {time.perf_counter() - start:.1f} s; "
           f"image index {args.index or default_index_path(args.out)} (keep it: it names the files)")
+    atypical = [str(image) for image, flag in zip(images, manifest["input_typical"]) if flag is False]
+    if atypical:
+        print(f"warning: {len(atypical)} of {len(images)} images are unlike the model's training images (first: "
+              f"{atypical[0]}); check modality, orientation and inversion: their diagnoses may not hold "
+              f"(input_typical in the decrypted rows)", file=sys.stderr)
     return 0
 
 
@@ -106,15 +112,18 @@ def cmd_batch_decrypt(args) -> int:
         out = _output_file(args.csv)
         with out.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["image", "label"] + [f"p_{name}" for name in spec.class_names])
+            writer.writerow(["image", "label"] + [f"p_{name}" for name in spec.class_names] + ["input_typical"])
             for row in rows:
-                writer.writerow([row["image"], row["label"]] + [f"{p:.6f}" for p in row["probabilities"].values()])
+                typical = {True: "yes", False: "no"}.get(row["input_typical"], "")
+                writer.writerow([row["image"], row["label"]] + [f"{p:.6f}" for p in row["probabilities"].values()]
+                                + [typical])
         counts = {name: sum(r["label"] == name for r in rows) for name in spec.class_names}
         print(f"{len(rows)} diagnoses -> {out} ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
     else:
         for row in rows:
             print(json.dumps({"image": row["image"], "label": row["label"],
-                              "probabilities": {k: round(v, 6) for k, v in row["probabilities"].items()}}))
+                              "probabilities": {k: round(v, 6) for k, v in row["probabilities"].items()},
+                              "input_typical": row["input_typical"]}))
     return 0
 
 

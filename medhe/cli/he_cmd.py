@@ -213,10 +213,10 @@ def cmd_encrypt(args) -> int:
     out = _output_file(args.out)
     start = time.perf_counter()
     model_input = client.preprocess(args.image)
+    _warn_if_atypical(str(args.image), client.check_input(model_input))
     data = client.encrypt_input(model_input)
     out.write_bytes(data)
     print(f"{args.image} -> {out} ({len(data) / 2**20:.2f} MiB) in {time.perf_counter() - start:.3f} s")
-    _warn_if_atypical(str(args.image), client.check_input(model_input))
     return 0
 
 

@@ -48,6 +48,15 @@ COVARIANCE_RIDGE = 1e-3
 MAX_FEATURES = 256
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def flagged_fraction(profile: InputProfile, model_inputs: np.ndarray) -> float:
+    """The fraction of the inputs the profile flags as unlike the training images."""
+    return float(np.mean(profile.distances(model_inputs) > profile.threshold))
+
+
 def input_features(model_inputs: np.ndarray) -> np.ndarray:
     """(n, len(FEATURE_NAMES)) float64 statistics of (n, 1, S, S) or (n, S, S) model inputs."""
     values = np.asarray(model_inputs, dtype=np.float64)
@@ -83,7 +92,7 @@ def input_features(model_inputs: np.ndarray) -> np.ndarray:
     return np.column_stack([mean, std, percentiles, regions, edge_strength, mirror, spread_rows, spread_cols])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # numpy fields: compared through to_dict(), see __eq__
 class InputProfile:
     """Where training inputs lie in feature space: feature means and scales, the inverse of their
     ridge-regularised correlation matrix, and the distance above which an input is flagged."""
@@ -108,12 +117,24 @@ class InputProfile:
             object.__setattr__(self, name, array)
         if not (self.scale > 0).all():
             raise DataError("input profile scale: every feature scale must be > 0")
-        if not (isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold > 0):
+        # Positive definite: otherwise distances could be 0 or negative and every input would pass.
+        if not np.allclose(self.precision, self.precision.T) or np.linalg.eigvalsh(self.precision).min() <= 0:
+            raise DataError("input profile precision must be a symmetric positive definite matrix")
+        if not (_is_number(self.threshold) and math.isfinite(self.threshold) and self.threshold > 0):
             raise DataError(f"input profile threshold must be a finite number > 0, got {self.threshold!r}")
-        if not (isinstance(self.quantile, (int, float)) and 0.5 <= self.quantile < 1.0):
+        if not (_is_number(self.quantile) and 0.5 <= self.quantile < 1.0):
             raise DataError(f"input profile quantile must lie in [0.5, 1), got {self.quantile!r}")
+        for name in ("n_fit", "n_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise DataError(f"input profile {name} must be a count (an int >= 0), got {value!r}")
         object.__setattr__(self, "threshold", float(self.threshold))
         object.__setattr__(self, "quantile", float(self.quantile))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, InputProfile) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # mutable-looking numpy fields: not hashable
 
     def distances(self, model_inputs: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance of each input from the training inputs (feature space)."""
@@ -153,8 +174,8 @@ class InputProfile:
                        scale=np.asarray(doc["scale"], dtype=np.float64),
                        precision=np.asarray(doc["precision"], dtype=np.float64),
                        threshold=doc["threshold"], quantile=doc["quantile"],
-                       n_fit=int(doc["n_fit"]), n_threshold=int(doc["n_threshold"]))
-        except (KeyError, TypeError, ValueError) as exc:
+                       n_fit=doc["n_fit"], n_threshold=doc["n_threshold"])
+        except (KeyError, TypeError, ValueError, OverflowError, np.linalg.LinAlgError) as exc:
             raise DataError(f"malformed input profile: {exc!r}") from exc
 
 

@@ -265,7 +265,7 @@ class Preprocessing:
         return cls(image_size=d["image_size"], mean=d["mean"], std=d["std"],
                    crop=d.get("crop", LEGACY_CROP), resize_filter=d.get("resize_filter", LEGACY_RESIZE_FILTER),
                    normalization=d.get("normalization", LEGACY_NORMALIZATION),
-                   input_profile=InputProfile.from_dict(d["input_profile"]) if d.get("input_profile") else None)
+                   input_profile=None if d.get("input_profile") is None else InputProfile.from_dict(d["input_profile"]))
 
     def resize(self, gray01: np.ndarray) -> np.ndarray:
         """2-D [0, 1] image -> float32 (image_size, image_size): this recipe's crop, then its filter."""

@@ -92,6 +92,14 @@ class ClientSpec:
             raise PlanError(f"malformed client spec: {exc!r}") from exc
         if "spec_digest" in doc and doc["spec_digest"] != spec.digest():
             raise PlanError("client spec digest mismatch: the spec was changed or corrupted")
+        # The recipe (and its input profile) is validated now, before a clinic pins the spec or makes keys.
+        from medhe.data.preprocess import Preprocessing
+        from medhe.errors import DataError
+
+        try:
+            Preprocessing.from_dict(spec.preprocessing)
+        except DataError as exc:
+            raise PlanError(f"malformed client spec preprocessing: {exc}") from exc
         return spec
 
     def save(self, path: str | Path) -> Path:

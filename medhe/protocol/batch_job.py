@@ -75,7 +75,9 @@ def encrypt_job(client, images: Sequence, job_dir: str | Path, *, images_per_bat
                 workers: int | None = None, index_path: str | Path | None = None,
                 on_batch: Callable[[int, int], None] | None = None) -> dict:
     """Preprocess and encrypt `images` (paths or arrays) into a new job directory. Returns the job
-    manifest. `on_batch(done, total)` is called after each batch (for a progress bar)."""
+    manifest plus `input_typical`: per image, the client's input check (None without a profile),
+    kept on the clinic's side in the index, never in the job directory. `on_batch(done, total)` is
+    called after each batch (for a progress bar)."""
     spec = client.spec
     if spec.mode != "throughput":
         raise ConfigError("a batch job needs a throughput-mode client spec (`medhe compile --throughput`)")
@@ -96,6 +98,8 @@ def encrypt_job(client, images: Sequence, job_dir: str | Path, *, images_per_bat
     if index_path.exists() or index_path.is_symlink():
         raise ConfigError(f"{index_path} exists; an index is written once (nothing is overwritten)")
     inputs = np.stack([client.preprocess(image) for image in images])
+    checks = [client.check_input(x) for x in inputs]
+    typical = [None if check is None else check["typical"] for check in checks]
     job_id = secrets.token_hex(16)
     starts = list(range(0, len(inputs), per_batch))
     batches = [{"name": f"batch-{number:04d}", "count": int(min(per_batch, len(inputs) - start))}
@@ -104,7 +108,7 @@ def encrypt_job(client, images: Sequence, job_dir: str | Path, *, images_per_bat
     index = {"format": INDEX_FORMAT, "format_version": JOB_FORMAT_VERSION, "job_id": job_id,
              "spec_digest": spec.digest(), "key_id": client.key_id,
              "images": [str(image) if isinstance(image, (str, Path)) else f"#{i}" for i, image in enumerate(images)],
-             "batches": batches}
+             "input_typical": typical, "batches": batches}
     _atomic_write(index_path, json.dumps(index, indent=1).encode())
     job_dir.mkdir(parents=True, exist_ok=True)
     for number, (entry, start) in enumerate(zip(batches, starts), 1):
@@ -118,7 +122,7 @@ def encrypt_job(client, images: Sequence, job_dir: str | Path, *, images_per_bat
                 "batches": batches}
     # Written last: a directory without job.json is an unfinished encryption, never run.
     _atomic_write(job_dir / JOB_FILE, json.dumps(manifest, indent=1).encode())
-    return manifest
+    return {**manifest, "input_typical": typical}
 
 
 # --- both sides: the manifest ---------------------------------------------------------------------
@@ -347,13 +351,14 @@ def _run_on_ray(tasks: list[tuple], address: str, on_batch) -> list[dict]:
 
 # --- clinic: decrypt ----------------------------------------------------------------------------
 def decrypt_job(client, job_dir: str | Path, *, index_path: str | Path | None = None) -> list[dict]:
-    """Per image, in the order encrypted: name, label, probabilities, logits. Without an index
+    """Per image, in the order encrypted: name, label, probabilities, logits and input_typical
+    (the input check at encryption; None without a profile or an index). Without an index
     (or with none at the default place) images are named by batch and position."""
     job_dir = Path(job_dir)
     job = read_job(job_dir, slot_count=client.spec.slot_count)
     if job["spec_digest"] != client.spec.digest() or job["key_id"] != client.key_id:
         raise InvalidMessage("this job was not encrypted with this client spec and key (spec or key id differ)")
-    names = None
+    names, typical = None, None
     path = Path(index_path) if index_path else default_index_path(job_dir)
     if index_path or path.is_file():
         index = _read_json(path, "batch job index")
@@ -362,6 +367,10 @@ def decrypt_job(client, job_dir: str | Path, *, index_path: str | Path | None = 
                 or not isinstance(images, list) or len(images) != job["images"]:
             raise InvalidMessage(f"{path} is not the index of this job (another job's, or damaged)")
         names = [str(name) for name in images]
+        typical = index.get("input_typical")  # absent in indexes written before the input check
+        if typical is not None and (not isinstance(typical, list) or len(typical) != job["images"]
+                                    or any(flag not in (True, False, None) for flag in typical)):
+            raise InvalidMessage(f"{path}: input_typical must list true, false or null per image")
     results = job_dir / RESULTS_DIR
     missing = [e["name"] for e in job["batches"] if not (results / f"{e['name']}.result").is_file()]
     if missing:
@@ -378,6 +387,6 @@ def decrypt_job(client, job_dir: str | Path, *, index_path: str | Path | None = 
             name = names[position] if names else f"{entry['name']}#{offset}"
             rows.append({"image": name, "batch": entry["name"], "label": label,
                          "probabilities": dict(zip(client.spec.class_names, probabilities.tolist())),
-                         "logits": row.tolist()})
+                         "logits": row.tolist(), "input_typical": typical[position] if typical else None})
             position += 1
     return rows

@@ -59,6 +59,7 @@ class LocalSession:
             self.server.register_encrypted_model(model)
 
     def diagnose_input(self, model_input: np.ndarray) -> EncryptedResult:
+        input_check = self.client.check_input(model_input)  # on the plaintext, before encrypting
         t0 = time.perf_counter()
         message = self.client.encrypt_input(model_input)
         t1 = time.perf_counter()
@@ -68,7 +69,7 @@ class LocalSession:
         label, probs = self.client.diagnosis(logits)
         t3 = time.perf_counter()
         return EncryptedResult(logits, label, probs, t1 - t0, t2 - t1, t3 - t2, len(message), len(result),
-                               self.client.check_input(model_input))
+                               input_check)
 
     def diagnose_image(self, image) -> EncryptedResult:
         return self.diagnose_input(self.client.preprocess(image))

@@ -242,13 +242,13 @@ class RemoteClient:
                        on_step=None) -> RemoteResult:
         """A preprocessed model input (C, H, W), as `Client.preprocess` made it, in latency mode."""
         client = self.client(model)
+        input_check = client.check_input(model_input)  # on the plaintext, before encrypting
         step = on_step or (lambda _: None)
         step("encrypt")
         size, logits, timings = self._exchange("/v1/diagnose", lambda: client.encrypt_input(model_input),
                                                client.decrypt_logits, on_step=step)
         label, probabilities = client.diagnosis(logits)
-        return RemoteResult(name, label, probabilities, logits, *timings, size,
-                            input_check=client.check_input(model_input))
+        return RemoteResult(name, label, probabilities, logits, *timings, size, input_check=input_check)
 
     def diagnose_batch(self, images: list, model: str, *, accept_new: bool = False,
                        max_in_flight: int = 2, slots_per_batch: int | None = None,
@@ -273,6 +273,7 @@ class RemoteClient:
         per_batch = min(slots_per_batch or client.spec.slot_count, client.spec.slot_count)
         t0 = time.perf_counter()
         inputs = np.stack([client.preprocess(image) for image in images])
+        checks = [client.check_input(x) for x in inputs]  # on the plaintext, before encrypting
         preprocess_s = (time.perf_counter() - t0) / len(images)
         starts = list(range(0, len(inputs), per_batch))
         in_flight = min(max_in_flight, len(starts))
@@ -290,7 +291,7 @@ class RemoteClient:
                     done[0] += 1
                     on_batch(done[0], len(starts))
             return [RemoteResult(str(images[start + offset]), *client.diagnosis(row), row, *per_image,
-                                 size // len(chunk), preprocess_s, client.check_input(inputs[start + offset]))
+                                 size // len(chunk), preprocess_s, checks[start + offset])
                     for offset, row in enumerate(logits)]
 
         with ThreadPoolExecutor(max_workers=in_flight) as pool:

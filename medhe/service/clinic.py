@@ -276,7 +276,6 @@ class ClinicApp:
         metadata = describe_image_bytes(data, name)
         preprocessing = Preprocessing.from_dict(spec.preprocessing)
         model_input = preprocessing.apply(load_image_bytes(data, name))
-        input_check = preprocessing.check_input(model_input)
         preview = preview_png(model_input, preprocessing)
         task = self._new_task("study", model, name)
         task.metadata, task.preview = metadata, preview
@@ -297,7 +296,7 @@ class ClinicApp:
                            "probabilities": dict(zip(spec.class_names, map(float, result.probabilities))),
                            "logits": [float(v) for v in result.logits], "spec_digest": spec.digest(),
                            "key_id": self.remote.client(model).key_id, "weights": weights,
-                           "ciphertext_bytes": result.upload_bytes, "input_check": input_check}
+                           "ciphertext_bytes": result.upload_bytes, "input_check": result.input_check}
 
         self._run(task, work)
         return task.to_dict()

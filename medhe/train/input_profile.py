@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medhe.data.input_check import FLAG_QUANTILE, InputProfile, fit_input_profile
+from medhe.data.input_check import FLAG_QUANTILE, InputProfile, fit_input_profile, flagged_fraction
 from medhe.data.preprocess import standardize_per_image
 from medhe.train.datasets import PreparedData
 from medhe.train.loop import augment_batch, geometric_augment_batch, shift_augment_batch
@@ -40,6 +40,16 @@ def fit_profile(data: PreparedData, settings: dict, seed: int = PROFILE_SEED,
     return fit_input_profile(augmented_inputs(data, settings, seed), data.stop_images, quantile)
 
 
+def describe_profile(profile: InputProfile, data: PreparedData, log=print) -> dict:
+    """The profile's threshold and counts, and the fraction of the report split it flags (a
+    measurement: nothing is chosen on it); logged in one line."""
+    flagged = flagged_fraction(profile, data.report_images)
+    log(f"input profile: threshold {profile.threshold:.1f} (the {profile.quantile:.0%} quantile of "
+        f"{profile.n_threshold} early-stopping images); flags {flagged:.1%} of the {data.card['report_split']} images")
+    return {"threshold": profile.threshold, "quantile": profile.quantile, "n_fit": profile.n_fit,
+            "n_threshold": profile.n_threshold, "report_flagged_fraction": round(flagged, 4)}
+
+
 def add_profile_to_model(model_dir, data_file=None, log=print) -> InputProfile:
     """Fit the input profile of a trained model from the data set its card names, with its
     recorded training settings, and write it into its model.json (weights untouched).
@@ -66,21 +76,27 @@ def add_profile_to_model(model_dir, data_file=None, log=print) -> InputProfile:
     metrics_file = model_dir / METRICS_JSON
     settings = dict(DATASET_DEFAULTS[dataset])
     if metrics_file.is_file():
-        settings.update(json.loads(metrics_file.read_text()).get("training", {}))
+        try:
+            settings.update(json.loads(metrics_file.read_text()).get("training", {}))
+        except (ValueError, AttributeError) as exc:
+            raise DataError(f"{metrics_file} is not a readable metrics.json (its training settings are "
+                            f"needed): {exc}") from exc
     data = prepare_dataset(dataset, data_file=data_file, image_size=recipe.image_size, crop=recipe.crop,
                            resize_filter=recipe.resize_filter, normalization=recipe.normalization)
+    trained_sha256 = (doc.get("dataset") or {}).get("data_file_sha256")
+    if trained_sha256 and data.card.get("data_file_sha256") != trained_sha256:
+        raise DataError(f"{model_dir} was trained on a data file with sha256 {trained_sha256[:16]}...; this one "
+                        f"is {str(data.card.get('data_file_sha256'))[:16]}...: not the training data (another --data-file?)")
     if abs(data.preprocessing.mean - recipe.mean) > 1e-6 or abs(data.preprocessing.std - recipe.std) > 1e-6:
         raise DataError(f"{model_dir} was trained on pixels of mean {recipe.mean:.6f}, std {recipe.std:.6f}; "
                         f"this {dataset} data gives {data.preprocessing.mean:.6f}, {data.preprocessing.std:.6f}: "
                         f"not the training data (another --data-file?)")
     profile = fit_profile(data, settings)
-    flagged = float(np.mean([not check["typical"] for check in profile.check(data.report_images)]))
+    describe_profile(profile, data, log)
     doc["preprocessing"] = recipe.with_input_profile(profile).to_dict()
     target = model_dir / MODEL_JSON
     part = target.with_name(target.name + ".part")
     part.write_text(json.dumps(doc, indent=2, sort_keys=True))
     part.replace(target)
-    log(f"{target}: input profile threshold {profile.threshold:.1f} (the {profile.quantile:.0%} quantile of "
-        f"{profile.n_threshold} early-stopping images); flags {flagged:.1%} of the "
-        f"{data.card['report_split']} images")
+    log(f"wrote the input profile into {target} (weights unchanged)")
     return profile

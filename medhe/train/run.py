@@ -23,7 +23,7 @@ from medhe.errors import ConfigError
 from medhe.nn.io import ModelCard, save_model
 from medhe.nn.model import ArchConfig
 from medhe.train.datasets import DATASETS, PreparedData, prepare_br35h_random_split, prepare_dataset
-from medhe.train.input_profile import fit_profile
+from medhe.train.input_profile import describe_profile, fit_profile
 from medhe.train.loop import predict_logits, softmax_positive, train_model
 from medhe.train.metrics import binary_report, save_confusion_png, save_roc_png
 from medhe.train.thresholds import BOOTSTRAP_RESAMPLES, THRESHOLD_RULES, bootstrap_youden_cut, fold_decision_cut
@@ -275,12 +275,7 @@ def run_training(options: TrainOptions, log: Callable[[str], None] = print) -> d
 
     profile = fit_profile(data, settings)
     data.preprocessing = data.preprocessing.with_input_profile(profile)
-    flagged = [not check["typical"] for check in profile.check(data.report_images)]
-    metrics["input_profile"] = {"threshold": profile.threshold, "quantile": profile.quantile,
-                                "n_fit": profile.n_fit, "n_threshold": profile.n_threshold,
-                                "report_flagged_fraction": round(float(np.mean(flagged)), 4)}
-    log(f"input profile: threshold {profile.threshold:.1f} (the {profile.quantile:.0%} quantile of the "
-        f"early-stopping images); flags {np.mean(flagged):.1%} of the {data.card['report_split']} images")
+    metrics["input_profile"] = describe_profile(profile, data, log)
 
     out = Path(options.out)
     card_metrics = {"split": data.card["report_split"], **_summary(report)}

@@ -61,6 +61,7 @@ def test_cli_job_round_trip_equals_the_plaintext_model_and_resumes(setup, tmp_pa
                  "--workers", "1")
     assert done.returncode == 0, done.stderr
     assert f"{IMAGES} images in 3 batches" in done.stdout
+    warned = done.stderr
     manifest = json.loads((job / "job.json").read_text())
     assert [b["count"] for b in manifest["batches"]] == [4, 4, 2]
     # The job directory (what the server gets) holds no image name; the index beside it does.
@@ -92,6 +93,13 @@ def test_cli_job_round_trip_equals_the_plaintext_model_and_resumes(setup, tmp_pa
     np.testing.assert_allclose(np.array([r["logits"] for r in rows]), expected, atol=1e-6)
     assert [r["label"] for r in rows] == [spec.class_names[i] for i in expected.argmax(1)]
     assert [line.split(",")[1] for line in lines[1:]] == [r["label"] for r in rows]
+    # The input check ran at encryption: kept in the clinic's index (never in the job directory),
+    # warned about, and given back per image (noise images are unlike chest films: most are flagged).
+    typical = [client.check_input(client.preprocess(p))["typical"] for p in images]
+    assert f"warning: {typical.count(False)} of {IMAGES} images are unlike the model's training images" in warned
+    assert [r["input_typical"] for r in rows] == typical == index["input_typical"] and not all(typical)
+    assert [line.split(",")[-1] for line in lines[1:]] == ["yes" if t else "no" for t in typical]
+    assert not any(b"input_typical" in path.read_bytes() for path in job.rglob("*") if path.is_file())
 
     # Resume: a lost result is made again, the others are kept as they are.
     kept = (job / "results" / "batch-0000.result").read_bytes()

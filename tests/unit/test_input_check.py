@@ -59,22 +59,47 @@ def test_the_profile_round_trips_through_json_and_scores_alike(heads):
     assert again.threshold == profile.threshold
 
 
-@pytest.mark.parametrize("change", [
-    {"format_version": 2},
-    {"format": "something-else"},
-    {"feature_names": list(FEATURE_NAMES[:-1]) + ["renamed"]},
-    {"mean": [0.0] * (len(FEATURE_NAMES) - 1)},
-    {"mean": [float("nan")] * len(FEATURE_NAMES)},
-    {"precision": [[1.0]]},
-    {"scale": [0.0] * len(FEATURE_NAMES)},
-    {"threshold": -1.0},
-    {"threshold": "large"},
-    {"quantile": 1.5},
-], ids=lambda change: next(iter(change)))
-def test_a_malformed_profile_is_refused_naming_what_is_wrong(heads, change):
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 2}, "expected medhe-input-profile version 1"),
+    ({"format": "something-else"}, "expected medhe-input-profile"),
+    ({"feature_names": list(FEATURE_NAMES[:-1]) + ["renamed"]}, "refit it with `medhe fit-input-profile`"),
+    ({"mean": [0.0] * (len(FEATURE_NAMES) - 1)}, "mean: expected finite numbers shaped"),
+    ({"mean": [float("nan")] * len(FEATURE_NAMES)}, "mean: expected finite numbers"),
+    ({"precision": [[1.0]]}, "precision: expected finite numbers shaped"),
+    ({"precision": [[0.0] * len(FEATURE_NAMES)] * len(FEATURE_NAMES)}, "positive definite"),
+    ({"scale": [0.0] * len(FEATURE_NAMES)}, "scale must be > 0"),
+    ({"threshold": -1.0}, "threshold must be a finite number > 0"),
+    ({"threshold": True}, "threshold must be a finite number > 0"),
+    ({"threshold": "large"}, "threshold must be a finite number > 0"),
+    ({"quantile": 1.5}, r"quantile must lie in \[0.5, 1\)"),
+    ({"n_fit": float("inf")}, "n_fit must be a count"),
+    ({"n_threshold": "many"}, "n_threshold must be a count"),
+], ids=lambda value: next(iter(value)) if isinstance(value, dict) else None)
+def test_a_malformed_profile_is_refused_naming_what_is_wrong(heads, change, message):
     doc = {**heads[0].to_dict(), **change}
-    with pytest.raises(DataError, match="input profile|medhe-input-profile"):
+    with pytest.raises(DataError, match=message):
         InputProfile.from_dict(doc)
+
+
+def test_an_empty_profile_in_a_recipe_is_refused_not_ignored():
+    with pytest.raises(DataError, match="must be a JSON object|expected medhe-input-profile"):
+        Preprocessing.from_dict({"image_size": 28, "mean": 0.2, "std": 0.2, "input_profile": {}})
+
+
+def test_a_client_spec_with_a_bad_profile_is_refused_when_loaded(heads):
+    """A spec whose profile is malformed (its digest recomputed to match) is refused by
+    ClientSpec.from_dict, before a clinic pins it or makes keys."""
+    from medhe.compiler import compile_model
+    from medhe.nn.io import resolve_model_dir
+    from medhe.plan.client_spec import ClientSpec
+
+    spec = compile_model(resolve_model_dir("br35h")).client_spec()
+    doc = json.loads(json.dumps(spec.to_dict()))
+    doc["preprocessing"]["input_profile"]["precision"] = [[0.0] * len(FEATURE_NAMES)] * len(FEATURE_NAMES)
+    tampered = ClientSpec(**{**spec.__dict__, "preprocessing": doc["preprocessing"]})
+    with pytest.raises(PlanError, match="preprocessing: input profile precision"):
+        ClientSpec.from_dict(tampered.card())
+    assert InputProfile.from_dict(heads[0].to_dict()) == heads[0]
 
 
 def test_features_refuse_nan_and_wrong_shapes():
@@ -209,6 +234,37 @@ def test_evaluate_reports_the_flagged_images_and_their_accuracy():
     check, typical = report["input_check"], np.array(report["per_image"]["input_typical"])
     assert check["n"] == len(images) and check["flagged"] == int((~typical).sum())
     assert typical[len(scans):].mean() <= 0.05 and typical[:len(scans)].mean() >= 0.9
-    correct = (np.array(report["per_image"]["prob_positive"]) >= 0.5) == np.concatenate([labels, labels])
-    assert check["accuracy_flagged"] == pytest.approx(correct[~typical].mean(), abs=1e-4)
+    # The accuracy on the flagged images is that of a report on those images alone.
+    flagged = [image for image, keep in zip(images, typical) if not keep]
+    alone = evaluate_plaintext("br35h", flagged, np.concatenate([labels, labels])[~typical])
+    assert check["accuracy_flagged"] == pytest.approx(alone["accuracy"], abs=1e-4)
+    assert alone["input_check"]["flagged"] == len(flagged)
     assert f"{check['flagged']} of {check['n']} flagged" in format_report_table(report)
+
+
+def test_remote_diagnoses_carry_the_check_in_latency_and_throughput_mode(tmp_path):
+    """Over HTTP (clear backend): RemoteClient.diagnose and diagnose_batch (one image per batch
+    too) give each result the client's input check of that image."""
+    from fastapi.testclient import TestClient
+
+    from medhe.compiler import compile_model
+    from medhe.compiler.batch import compile_batch
+    from medhe.nn.io import resolve_model_dir
+    from medhe.protocol.remote import RemoteClient
+    from medhe.service.app import create_app
+    from medhe.service.hosting import host_plan
+
+    model_dir = resolve_model_dir("br35h")
+    data = tmp_path / "srv"
+    app = create_app([host_plan(data, "br35h", compile_model(model_dir), backend="clear"),
+                      host_plan(data, "br35h-batch", compile_batch(model_dir), backend="clear")], data_dir=data)
+    remote = RemoteClient("http://testserver", key_home=tmp_path / "clinic", backend="clear",
+                          transport=TestClient(app)._transport)
+    scans = _br35h_test_scans(step=150)
+    images = scans + [1.0 - scan for scan in scans]
+    expected = [True] * len(scans) + [False] * len(scans)
+    assert [remote.diagnose(image, "br35h").input_check["typical"] for image in images] == expected
+    for per_batch in (None, 1):
+        results = remote.diagnose_batch(images, "br35h-batch", slots_per_batch=per_batch)
+        assert [r.input_check["typical"] for r in results] == expected
+    remote.close()

@@ -351,8 +351,17 @@ def test_cli_train_writes_a_model_directory(tmp_path, capsys, pneumoniamnist_npz
     # `medhe fit-input-profile` on the same data recomputes it exactly.
     profile = card.preprocessing.input_profile
     assert (profile.n_fit, profile.n_threshold) == (360, 40)
-    assert 0.0 <= metrics["input_profile"]["report_flagged_fraction"] <= 1.0
+    from medhe.data.input_check import flagged_fraction
+    from medhe.data.medmnist import load_medmnist_npz
+
+    val_images, _ = load_medmnist_npz(small, "val")
+    assert metrics["input_profile"]["report_flagged_fraction"] == round(
+        flagged_fraction(profile, card.preprocessing.apply_batch(val_images)), 4)
     assert main(["fit-input-profile", "--model", str(out), "--data-file", str(small)]) == 0
     refitted = load_model(out)[1].preprocessing.input_profile
     assert refitted.threshold == profile.threshold
     np.testing.assert_array_equal(refitted.mean, profile.mean)
+    # Another data file than the one the card names is refused.
+    capsys.readouterr()
+    assert main(["fit-input-profile", "--model", str(out), "--data-file", str(pneumoniamnist_npz)]) == 2
+    assert "not the training data" in capsys.readouterr().err
