@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from medhe.data.corruptions import CHEST_XRAY_CORRUPTIONS, CORRUPTION_SIZE_PX, SEVERITIES, corrupted_sets
+from medhe.data.input_check import flagged_fraction
 from medhe.errors import ConfigError
 from medhe.nn.io import load_model, resolve_model_dir
 from medhe.train.loop import predict_logits, softmax_positive
@@ -31,7 +32,10 @@ def scores_from_probability(labels, prob_positive) -> dict:
 def _scores(model, card, images_gray01, labels) -> dict:
     inputs = card.preprocessing.apply_batch(images_gray01)
     scores = scores_from_probability(labels, softmax_positive(predict_logits(model, inputs)))
-    return {key: scores[key] for key in ("accuracy", "auc", "balanced_error")}
+    out = {key: scores[key] for key in ("accuracy", "auc", "balanced_error")}
+    if card.preprocessing.input_profile is not None:  # what the clinic's input check would flag
+        out["flagged_fraction"] = flagged_fraction(card.preprocessing.input_profile, inputs)
+    return out
 
 
 def _mean(values) -> float:
@@ -89,11 +93,12 @@ def evaluate_corruptions(model: str | Path, split: str | None = None, data_file:
             results[key]["corruptions"].setdefault(name, {"severities": []})["severities"].append(
                 {"severity": severity, **_scores(m, card, corrupted, labels)})
     for result in results.values():
+        metrics = [m for m in ("accuracy", "auc", "balanced_error", "flagged_fraction") if m in result["clean"]]
         for entry in result["corruptions"].values():
-            for metric in ("accuracy", "auc", "balanced_error"):
+            for metric in metrics:
                 entry[metric] = _mean(level[metric] for level in entry["severities"])
         result["mean"] = {metric: _mean(entry[metric] for entry in result["corruptions"].values())
-                          for metric in ("accuracy", "auc", "balanced_error")}
+                          for metric in metrics}
     report = {"split": split, "dataset": info, "held_out": held_out, "n": int(labels.size),
               "corruption_size_px": size_px, "seed": seed, "severities": SEVERITIES,
               "corruptions": [c.name for c in CHEST_XRAY_CORRUPTIONS],
@@ -125,6 +130,10 @@ def format_corruption_table(report: dict) -> str:
     for name in report["corruptions"]:
         lines.append(row(name, [report["models"][k]["corruptions"][name] for k in keys]))
     lines.append(row("mean (corrupted)", [report["models"][k]["mean"] for k in keys]))
+    for key in keys:
+        if "flagged_fraction" in report["models"][key]["clean"]:
+            lines.append(f"{key}'s input check flags {report['models'][key]['clean']['flagged_fraction']:.1%} of the "
+                         f"clean images and {report['models'][key]['mean']['flagged_fraction']:.1%} of the corrupted")
     if "note" in report:
         lines.append(f"note: {report['note']}")
     for key, reduction in report.get("mean_balanced_error_reduction_vs_compare", {}).items():

@@ -114,6 +114,17 @@ def test_evaluate_corruptions_cli_reports_each_corruption_and_the_mean(tmp_path)
     levels = [level for entry in model["corruptions"].values() for level in entry["severities"]]
     assert any(level["accuracy"] != model["clean"]["accuracy"] for level in levels)
     assert all(0 <= level["balanced_error"] <= 1 for level in levels)
+    # What the clinic's input check flags, per set: the fraction of those images it marks atypical.
+    from medhe.data.input_check import flagged_fraction
+    from medhe.nn.io import load_model, resolve_model_dir
+
+    card = load_model(resolve_model_dir("pneumoniamnist"))[1]
+    with np.load(small) as archive:
+        clean_inputs = card.preprocessing.apply_batch(archive["val_images"])
+    assert model["clean"]["flagged_fraction"] == flagged_fraction(card.preprocessing.input_profile, clean_inputs)
+    assert model["mean"]["flagged_fraction"] == pytest.approx(
+        np.mean([np.mean([lv["flagged_fraction"] for lv in e["severities"]]) for e in model["corruptions"].values()]))
+    assert f"model's input check flags {model['clean']['flagged_fraction']:.1%} of the clean images" in done.stdout
 
 
 def test_corruptions_refuse_the_training_split(tmp_path) -> None:
