@@ -324,11 +324,14 @@ def cmd_demo(args) -> int:
     print(f"encrypted = plaintext on {agree}/{len(files)} (weights in clear on the server) and "
           f"{agree_model}/{len(files)} (encrypted model); {correct}/{len(files)} correct")
     # The clinic's input check, before encrypting: the test scans pass, an inverted copy does not.
-    typical = sum(session.client.check_input(x)["typical"] for x in inputs)
-    inverted = session.client.check_input(card.preprocessing.apply(1.0 - load_image(files[0][0])))
-    print(f"input check on the clinic: {typical}/{len(files)} test scans like the training images; "
-          f"{Path(files[0][0]).name} inverted: {'typical' if inverted['typical'] else 'flagged'} "
-          f"(distance {inverted['distance']:.0f}, threshold {inverted['threshold']:.0f})")
+    if card.preprocessing.input_profile is None:
+        print(f"input check: {model_dir.name} has no input profile (add one with `medhe fit-input-profile`)")
+    else:
+        typical = sum(session.client.check_input(x)["typical"] for x in inputs)
+        inverted = session.client.check_input(card.preprocessing.apply(1.0 - load_image(files[0][0])))
+        print(f"input check on the clinic: {typical}/{len(files)} test scans like the training images; "
+              f"{Path(files[0][0]).name} inverted: {'typical' if inverted['typical'] else 'flagged'} "
+              f"(distance {inverted['distance']:.0f}, threshold {inverted['threshold']:.0f})")
     sys.stdout.flush()
     return 0
 

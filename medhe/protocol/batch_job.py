@@ -369,7 +369,7 @@ def decrypt_job(client, job_dir: str | Path, *, index_path: str | Path | None = 
         names = [str(name) for name in images]
         typical = index.get("input_typical")  # absent in indexes written before the input check
         if typical is not None and (not isinstance(typical, list) or len(typical) != job["images"]
-                                    or any(flag not in (True, False, None) for flag in typical)):
+                                    or any(not (flag is None or isinstance(flag, bool)) for flag in typical)):
             raise InvalidMessage(f"{path}: input_typical must list true, false or null per image")
     results = job_dir / RESULTS_DIR
     missing = [e["name"] for e in job["batches"] if not (results / f"{e['name']}.result").is_file()]

@@ -273,8 +273,8 @@ class RemoteClient:
         per_batch = min(slots_per_batch or client.spec.slot_count, client.spec.slot_count)
         t0 = time.perf_counter()
         inputs = np.stack([client.preprocess(image) for image in images])
-        checks = [client.check_input(x) for x in inputs]  # on the plaintext, before encrypting
         preprocess_s = (time.perf_counter() - t0) / len(images)
+        checks = [client.check_input(x) for x in inputs]  # on the plaintext, before encrypting
         starts = list(range(0, len(inputs), per_batch))
         in_flight = min(max_in_flight, len(starts))
         workers = max(1, helper_count() // in_flight)  # encryption helpers shared out among the batches

@@ -272,10 +272,11 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
             if folder is None:
                 raise DataError(f"{root}: no subfolder {name!r} for class {card.class_names[label]!r} (found "
                                 f"{sorted(child.name for child in subfolders.values())}); name them with --class-dirs")
-            if folder in used:
+            if folder.resolve() in used:  # resolved: two names linking to one folder count too
                 raise DataError(f"{root}: the subfolder {folder.name!r} is named twice in --class-dirs (for class "
-                                f"{used[folder]!r} and {card.class_names[label]!r}); its images would be counted twice")
-            used[folder] = card.class_names[label]
+                                f"{used[folder.resolve()]!r} and {card.class_names[label]!r}); its images would "
+                                f"be counted twice")
+            used[folder.resolve()] = card.class_names[label]
             members += [(path, label) for path in sorted(folder.rglob("*"))
                         if path.is_file() and not path.name.startswith(".")
                         and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES]

@@ -85,8 +85,9 @@ def add_profile_to_model(model_dir, data_file=None, log=print) -> InputProfile:
                            resize_filter=recipe.resize_filter, normalization=recipe.normalization)
     trained_sha256 = (doc.get("dataset") or {}).get("data_file_sha256")
     if trained_sha256 and data.card.get("data_file_sha256") != trained_sha256:
-        raise DataError(f"{model_dir} was trained on a data file with sha256 {trained_sha256[:16]}...; this one "
-                        f"is {str(data.card.get('data_file_sha256'))[:16]}...: not the training data (another --data-file?)")
+        raise DataError(f"{model_dir} was trained on a data file with sha256 {trained_sha256[:16]}...; this one's "
+                        f"sha256 is {str(data.card.get('data_file_sha256'))[:16]}...: not the training data "
+                        f"(another --data-file?)")
     if abs(data.preprocessing.mean - recipe.mean) > 1e-6 or abs(data.preprocessing.std - recipe.std) > 1e-6:
         raise DataError(f"{model_dir} was trained on pixels of mean {recipe.mean:.6f}, std {recipe.std:.6f}; "
                         f"this {dataset} data gives {data.preprocessing.mean:.6f}, {data.preprocessing.std:.6f}: "

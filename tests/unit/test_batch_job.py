@@ -125,6 +125,16 @@ def test_cli_job_round_trip_equals_the_plaintext_model_and_resumes(setup, tmp_pa
     encrypt_job(client, images[:IMAGES], other, images_per_batch=PER_BATCH, workers=1)
     with pytest.raises(InvalidMessage, match="not the index of this job"):
         decrypt_job(client, job, index_path=tmp_path / "other.index.json")
+    # An index written before the input check (no input_typical) still names the images; a
+    # damaged one (numbers, text, another length) is refused.
+    index_file = tmp_path / "job.index.json"
+    saved = json.loads(index_file.read_text())
+    index_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "input_typical"}))
+    assert [r["input_typical"] for r in decrypt_job(client, job)] == [None] * IMAGES
+    for damaged in ([1] * IMAGES, ["yes"] * IMAGES, [True] * (IMAGES - 1), "yes"):
+        index_file.write_text(json.dumps({**saved, "input_typical": damaged}))
+        with pytest.raises(InvalidMessage, match="input_typical must list true, false or null"):
+            decrypt_job(client, job)
 
 
 def test_bad_jobs_are_refused_with_a_clear_error(setup, tmp_path):

@@ -167,3 +167,18 @@ def test_the_demo_runs_every_role_and_agrees_with_plaintext(tmp_path):
     assert "encrypted = plaintext on 6/6 (weights in clear on the server) and 6/6 (encrypted model)" in done.stdout
     assert lines[-1].startswith("input check on the clinic: 6/6 test scans like the training images")
     assert "inverted: flagged" in lines[-1]
+
+
+def test_the_demo_says_when_a_model_has_no_input_profile(tmp_path):
+    """A Br35H model trained before input profiles existed still runs the demo, which says so."""
+    import shutil
+
+    model = tmp_path / "old-br35h"
+    shutil.copytree(resolve_model_dir("br35h"), model)
+    doc = json.loads((model / "model.json").read_text())
+    del doc["preprocessing"]["input_profile"]
+    (model / "model.json").write_text(json.dumps(doc))
+    done = medhe("demo", "--model", str(model), "--backend", "clear", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "encrypted = plaintext on 6/6" in done.stdout
+    assert done.stdout.splitlines()[-1] == "input check: old-br35h has no input profile (add one with `medhe fit-input-profile`)"

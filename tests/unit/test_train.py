@@ -364,4 +364,4 @@ def test_cli_train_writes_a_model_directory(tmp_path, capsys, pneumoniamnist_npz
     # Another data file than the one the card names is refused.
     capsys.readouterr()
     assert main(["fit-input-profile", "--model", str(out), "--data-file", str(pneumoniamnist_npz)]) == 2
-    assert "not the training data" in capsys.readouterr().err
+    assert "this one's sha256 is" in capsys.readouterr().err  # refused by the file's hash, before its pixels
