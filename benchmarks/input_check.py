@@ -48,7 +48,7 @@ def row(model_name: str, name: str, model, card, images, labels) -> dict:
     from medhe.train.loop import predict_logits, softmax_positive
 
     inputs = card.preprocessing.apply_batch(images)
-    typical = np.array([check["typical"] for check in card.preprocessing.input_profile.check(inputs)])
+    typical = card.preprocessing.input_profile.typical(inputs)
     out = {"model": model_name, "set": name, "n": len(images), "flagged_fraction": float((~typical).mean()),
            "accuracy": None, "accuracy_typical": None, "accuracy_flagged": None}
     if labels is not None:

@@ -103,6 +103,7 @@ def cmd_batch_run(args) -> int:
 
 
 def cmd_batch_decrypt(args) -> int:
+    from medhe.data.input_check import typical_cell
     from medhe.protocol.batch_job import decrypt_job
 
     spec = _batch_spec(args)
@@ -114,9 +115,8 @@ def cmd_batch_decrypt(args) -> int:
             writer = csv.writer(f)
             writer.writerow(["image", "label"] + [f"p_{name}" for name in spec.class_names] + ["input_typical"])
             for row in rows:
-                typical = {True: "yes", False: "no"}.get(row["input_typical"], "")
                 writer.writerow([row["image"], row["label"]] + [f"{p:.6f}" for p in row["probabilities"].values()]
-                                + [typical])
+                                + [typical_cell(row["input_typical"])])
         counts = {name: sum(r["label"] == name for r in rows) for name in spec.class_names}
         print(f"{len(rows)} diagnoses -> {out} ({', '.join(f'{n}: {c}' for n, c in counts.items())})")
     else:

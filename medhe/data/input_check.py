@@ -54,7 +54,12 @@ def _is_number(value: Any) -> bool:
 
 def flagged_fraction(profile: InputProfile, model_inputs: np.ndarray) -> float:
     """The fraction of the inputs the profile flags as unlike the training images."""
-    return float(np.mean(profile.distances(model_inputs) > profile.threshold))
+    return float(np.mean(~profile.typical(model_inputs)))
+
+
+def typical_cell(typical: bool | None) -> str:
+    """An input_typical CSV cell: yes / no, empty where no check was made (no profile)."""
+    return "" if typical is None else ("yes" if typical else "no")
 
 
 def input_features(model_inputs: np.ndarray) -> np.ndarray:
@@ -144,6 +149,10 @@ class InputProfile:
                             f"{features.shape[1]}")
         z = (features - self.mean) / self.scale
         return np.einsum("ni,ij,nj->n", z, self.precision, z)
+
+    def typical(self, model_inputs: np.ndarray) -> np.ndarray:
+        """Per input, True when it is within the threshold (like the training images)."""
+        return self.distances(model_inputs) <= self.threshold
 
     def check(self, model_inputs: np.ndarray) -> list[dict]:
         """One {"distance", "threshold", "typical"} per input."""

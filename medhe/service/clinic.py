@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from fastapi import Request
 
+from medhe.data.input_check import typical_cell
 from medhe.errors import (ConfigError, ImageLoadError, MedHEError, MissingKeyError, ModelChangedError,
                           RemoteError)
 from medhe.plan import ClientSpec
@@ -133,11 +134,6 @@ class Task:
 def check_study_name(name: str) -> None:
     if not name or len(name) > 512 or any(ch in name for ch in "\x00\r\n"):
         raise ClinicError(400, "bad_name", "a study needs its file name (at most 512 characters, one line)")
-
-
-def _typical_cell(check: dict | None) -> str:
-    """yes / no from the client's input check; empty for a model without an input profile."""
-    return "" if not check else ("yes" if check["typical"] else "no")
 
 
 def _csv_cell(value) -> str:
@@ -349,7 +345,7 @@ class ClinicApp:
             writer.writerow([_csv_cell(task["name"]), task["model"], result.get("spec_digest", ""), task["state"],
                              _csv_cell(result.get("label", "")),
                              f"{result['probability']:.6f}" if result else "", probabilities,
-                             _typical_cell(result.get("input_check")),
+                             typical_cell((result.get("input_check") or {}).get("typical")),
                              *[f"{timings[s]:.4f}" if s in timings else "" for s in STUDY_STEPS],
                              f"{sum(timings.values()):.4f}" if result else "",
                              _csv_cell((task["error"] or {}).get("message", ""))])

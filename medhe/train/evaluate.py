@@ -50,7 +50,7 @@ def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
     if profile is None:
         report["input_check"] = None
         return report
-    typical = np.array([check["typical"] for check in profile.check(inputs)], dtype=bool)
+    typical = profile.typical(inputs)
     labels = np.asarray(report["per_image"]["label"])
     correct = (np.asarray(report["per_image"]["prob_positive"]) >= 0.5).astype(int) == labels
 
