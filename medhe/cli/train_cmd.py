@@ -59,6 +59,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                          help="weight the loss so each class counts equally "
                               f"(default: {default('class_balanced')})")
     balance.add_argument("--no-class-balanced", dest="class_balanced", action="store_const", const=False)
+    p.add_argument("--ema-decay", type=float, default=None, metavar="D",
+                   help="keep (and early-stop on) an exponential moving average of the weights, updated "
+                        f"every step with decay D in [0, 1); 0 = off (default: {default('ema_decay')})")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
                    help="youden: the decision threshold maximising sensitivity + specificity on the "
                         "early-stopping split, folded into the output layer's bias so every decision "
@@ -116,7 +119,7 @@ def cmd_train(args) -> int:
         dataset=args.dataset, out=args.out, data_file=args.data_file, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
         shift_augment=args.shift_augment, geometric_augment=args.geometric_augment,
-        class_balanced=args.class_balanced, threshold_rule=args.threshold_rule,
+        class_balanced=args.class_balanced, threshold_rule=args.threshold_rule, ema_decay=args.ema_decay,
         conv_channels=args.conv_channels, pool_sizes=args.pool_sizes, hidden_units=args.hidden_units, seed=args.seed,
         image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
         normalization=args.normalization, activation=args.activation,

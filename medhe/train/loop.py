@@ -265,6 +265,7 @@ def train_model(
     geometric_augment: bool = False,
     class_balanced: bool = False,
     per_image: bool = False,
+    ema_decay: float = 0.0,
 ) -> tuple[HECNN, dict]:
     """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
 
@@ -273,12 +274,17 @@ def train_model(
     ``stop_metric`` end the run (0 disables early stopping but still restores the best epoch).
     ``per_image``: the inputs are standardised per image (Preprocessing normalization "per_image");
     each augmented batch is standardised again, as the client would standardise such an image.
+    ``ema_decay`` > 0: an exponential moving average of the weights and batch-norm statistics,
+    updated after every optimizer step (w_avg <- d * w_avg + (1 - d) * w), is what early stopping
+    scores and what is returned; 0 (the default) keeps the raw weights.
     """
     if epochs < 1 or batch_size < 2 or lr <= 0 or patience < 0:
         raise ConfigError(
             f"need epochs >= 1, batch_size >= 2, lr > 0, patience >= 0; got epochs={epochs}, "
             f"batch_size={batch_size}, lr={lr}, patience={patience}"
         )
+    if not 0.0 <= ema_decay < 1.0:
+        raise ConfigError(f"ema_decay must be in [0, 1), got {ema_decay}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if stop_metric not in STOP_METRICS:
@@ -300,6 +306,12 @@ def train_model(
         steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
         scheduler = _make_scheduler(optimizer, schedule, epochs * steps_per_epoch)
         weights = class_weights(train_labels, arch.num_classes) if class_balanced else None
+        # The average's polynomial coefficients stay above project_curvature's floor: the feasible set
+        # {a >= max(m, |b| / 2s)} is convex, so a mean of feasible points is feasible.
+        averaged = (torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True)
+            if ema_decay else None)
+        scored = model if averaged is None else averaged.module
         loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
 
         history: dict = {
@@ -307,7 +319,7 @@ def train_model(
             "schedule": schedule, "weight_decay": weight_decay, "augment": bool(augment),
             "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
             "shift_augment": bool(shift_augment), "geometric_augment": bool(geometric_augment),
-            "class_balanced": bool(class_balanced), "per_image": bool(per_image),
+            "class_balanced": bool(class_balanced), "per_image": bool(per_image), "ema_decay": ema_decay,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
             "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
@@ -356,11 +368,13 @@ def train_model(
                     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
                 optimizer.step()
                 project_curvature(model)
+                if averaged is not None:
+                    averaged.update_parameters(model)
                 scheduler.step()
                 total_loss += loss.item() * idx.size
                 total_correct += int((logits.argmax(1) == yb).sum())
                 seen += idx.size
-            stop = _evaluate(model, stop_images, stop_labels, weights)
+            stop = _evaluate(scored, stop_images, stop_labels, weights)
             record = {
                 "epoch": epoch,
                 "lr_end": float(optimizer.param_groups[0]["lr"]),
@@ -374,7 +388,7 @@ def train_model(
             history["epochs"].append(record)
             if _is_better(stop, best, stop_metric):
                 best, best_epoch, since_best = stop, epoch, 0
-                best_state = copy.deepcopy(model.state_dict())
+                best_state = copy.deepcopy(scored.state_dict())
             else:
                 since_best += 1
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", stop_auc=f"{stop['auc'] or 0:.4f}",

@@ -56,14 +56,14 @@ CONFUSION_PNG = "confusion.png"
 DATASET_DEFAULTS = {
     "br35h": {"epochs": 160, "batch_size": 64, "lr": 3e-3, "patience": 40, "augment": True,
               "vertical_flip": True, "max_shift": 2, "shift_augment": True, "geometric_augment": False,
-              "class_balanced": False, "threshold_rule": "youden"},
+              "class_balanced": False, "threshold_rule": "youden", "ema_decay": 0.0},
     "pneumoniamnist": {"epochs": 30, "batch_size": 64, "lr": 3e-3, "patience": 8, "augment": False,
                        "vertical_flip": False, "max_shift": 1, "shift_augment": True, "geometric_augment": False,
-                       "class_balanced": True, "threshold_rule": "youden"},
+                       "class_balanced": True, "threshold_rule": "youden", "ema_decay": 0.0},
 }
 # Settings a TrainOptions field overrides when given.
 OVERRIDABLE = ("epochs", "batch_size", "lr", "patience", "augment", "shift_augment", "geometric_augment",
-               "class_balanced", "threshold_rule")
+               "class_balanced", "threshold_rule", "ema_decay")
 STOP_METRIC = "loss"
 
 
@@ -81,6 +81,7 @@ class TrainOptions:
     geometric_augment: bool | None = None
     class_balanced: bool | None = None
     threshold_rule: str | None = None
+    ema_decay: float | None = None
     conv_channels: tuple[int, ...] | None = None
     pool_sizes: tuple[int, ...] | None = None
     hidden_units: int | None = None
@@ -103,7 +104,7 @@ class TrainOptions:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr),
                             ("--patience", self.patience), ("--image-size", self.image_size),
                             ("--crop", self.crop), ("--resize-filter", self.resize_filter),
-                            ("--normalization", self.normalization)):
+                            ("--normalization", self.normalization), ("--ema-decay", self.ema_decay)):
             if value is not None:
                 parts += [flag, str(value)]
         if self.augment is False:
@@ -159,7 +160,7 @@ def _train_and_report(arch: ArchConfig, data: PreparedData, settings: dict, prog
         progress=progress, stop_metric=settings["stop_metric"],
         vertical_flip=settings["vertical_flip"], max_shift=settings["max_shift"],
         shift_augment=settings["shift_augment"], geometric_augment=settings["geometric_augment"],
-        class_balanced=settings["class_balanced"],
+        class_balanced=settings["class_balanced"], ema_decay=settings["ema_decay"],
         pixel_mean_std=(data.preprocessing.mean, data.preprocessing.std),
         per_image=data.preprocessing.normalization == "per_image",
     )
