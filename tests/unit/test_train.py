@@ -176,6 +176,56 @@ def test_shift_augmentation_needs_the_normalisation(trained):
         shift_augment_batch(x, np.random.default_rng(0))
 
 
+def test_ema_returns_the_moving_average_of_the_steps_weights(trained, monkeypatch):
+    """--ema-decay: the model returned is d-weighted average of the weights after each step (and of
+    the batch-norm statistics), computed here by hand from the same seeded run's raw trajectory."""
+    from medhe.errors import ConfigError
+    from medhe.nn.layers import PolyAct
+    from medhe.train import loop
+    from medhe.train.run import TrainOptions
+
+    train_x, train_y = trained["train"]
+    val_x, val_y = trained["val"]
+    steps: list[dict] = []
+    original_project = loop.project_curvature
+
+    def recording_project(model):  # runs right after every optimizer step
+        original_project(model)
+        if not isinstance(model, torch.optim.swa_utils.AveragedModel):
+            steps.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+
+    monkeypatch.setattr(loop, "project_curvature", recording_project)
+    decay = 0.8
+    kwargs = dict(epochs=1, batch_size=64, lr=3e-3, patience=0, seed=3, augment=True, progress=False)
+    averaged, history = train_model(trained["arch"], train_x[:320], train_y[:320], val_x, val_y,
+                                    ema_decay=decay, **kwargs)
+    assert len(steps) == 5 and history["ema_decay"] == decay
+    expected = {key: value.double() for key, value in steps[0].items()}
+    for state in steps[1:]:
+        expected = {key: decay * expected[key] + (1 - decay) * value.double() for key, value in state.items()}
+    got = averaged.state_dict()
+    for key, value in expected.items():
+        if "num_batches_tracked" not in key:
+            torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
+    raw, raw_history = train_model(trained["arch"], train_x[:320], train_y[:320], val_x, val_y, **kwargs)
+    for key, value in raw.state_dict().items():  # the raw run ends at the last step's weights
+        assert torch.equal(value, steps[-1][key]) or "num_batches_tracked" in key, key
+    assert raw_history["ema_decay"] == 0.0
+    assert not torch.allclose(got["layers.0.weight"], raw.state_dict()["layers.0.weight"])
+    # Early stopping scored the average: its recorded stop loss is the returned model's.
+    assert history["epochs"][0]["stop_loss"] == pytest.approx(loop._evaluate(averaged, val_x, val_y)["loss"])
+    for module in averaged.modules():  # the average stays above the compiler's curvature floor
+        if isinstance(module, PolyAct):
+            a, b = (float(value) for value in module.coef.detach()[:2])
+            assert a >= max(PolyAct.MIN_CURVATURE, abs(b) / (2 * PolyAct.MAX_SQUARE_SHIFT)) - 1e-7
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match="ema_decay"):
+            train_model(trained["arch"], train_x[:64], train_y[:64], val_x, val_y, ema_decay=bad, **kwargs)
+    options = TrainOptions(dataset="br35h", out=Path("m"), ema_decay=0.995)
+    assert "--ema-decay 0.995" in options.as_command() and options.settings()["ema_decay"] == 0.995
+    assert TrainOptions(dataset="br35h", out=Path("m")).settings()["ema_decay"] == 0.0
+
+
 def test_train_model_rejects_unpreprocessed_images(trained):
     from medhe.errors import ConfigError
 
