@@ -262,10 +262,10 @@ def cmd_diagnose(args) -> int:
     if args.encrypted_model:
         print(f"model encrypted under the client's public key in {session.model_encrypt_s:.1f} s "
               f"({session.encrypted_model_bytes / 2**20:.0f} MiB); the server holds no weight in clear")
-    print(f"{'image':<40}{'label':<12}{'prob':>7}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
+    print(f"{'image':<40}{'label':<12}{'P(label)':>9}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
     for image in args.images:
         r = session.diagnose_image(image)
-        print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.encrypt_s:>11.3f}"
+        print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.encrypt_s:>11.3f}"
               f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
         _warn_if_atypical(str(image), r.input_check)
     return 0
@@ -328,7 +328,7 @@ def _diagnose_remote(args) -> int:
         print(f"model {model} (spec {client.spec.digest()[:16]}, weights {card.get('weights')} on the server), "
               f"key id {client.key_id}, ready in {time.perf_counter() - start:.1f} s; keys in {remote.key_home}")
         # server s: the whole request (upload, queue, evaluation, download); eval s: the evaluation alone.
-        print(f"{'image':<40}{'label':<12}{'prob':>7}{'prep s':>8}{'encrypt s':>11}{'server s':>10}{'eval s':>9}"
+        print(f"{'image':<40}{'label':<12}{'P(label)':>9}{'prep s':>8}{'encrypt s':>11}{'server s':>10}{'eval s':>9}"
               f"{'decrypt s':>11}{'  (per image, amortized over the batch)' if args.batch else ''}")
         if args.batch:
             batches = (len(images) + client.spec.slot_count - 1) // client.spec.slot_count
@@ -341,7 +341,7 @@ def _diagnose_remote(args) -> int:
                        for image in tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None,
                                          leave=False))
         for r in results:
-            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>7.3f}{r.preprocess_s:>8.3f}"
+            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.preprocess_s:>8.3f}"
                        f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
             _warn_if_atypical(r.image, r.input_check)
     finally:

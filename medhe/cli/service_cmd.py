@@ -193,7 +193,9 @@ def register(subparsers) -> None:
                         "POST /v1/diagnose-batch)")
     p.add_argument("--plan", nargs="+", metavar="DIR", help="compiled plan directories (from `medhe compile`)")
     p.add_argument("--encrypted-model", nargs="+", metavar="DIR",
-                   help="encrypted-model directories (from `medhe encrypt-model`): the server never sees the weights")
+                   help="[NAME=]DIR, encrypted-model mode: the architecture from `medhe compile --architecture` "
+                        "(each clinic's encrypted weights then arrive by POST /v1/encrypted-model), or a "
+                        "directory from `medhe encrypt-model`; the server never sees the weights")
     add_backend_argument(p)
     p.add_argument("--data-dir", default="medhe-server",
                    help="where keys, encrypted models, tokens and plans are kept (default: ./medhe-server)")

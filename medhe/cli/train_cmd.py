@@ -163,7 +163,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="run encrypted inference (CKKS, 128-bit) and add agreement, max_abs_logit_error "
                         "and server_latency_s_median to the report")
     p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="with --encrypted: only the first N images (about 1 s each)")
+                   help="with --encrypted: only N images, the classes taken in turns (the first of each "
+                        "class, then the second, ...; about 1 s each); the report's per_image names them")
     p.add_argument("--backend", choices=("seal", "clear"), default="seal",
                    help="with --encrypted: seal (real CKKS, default) or clear (no encryption, debugging)")
     p.add_argument("--mode", choices=("latency", "throughput"), default="latency",
@@ -225,7 +226,7 @@ def cmd_evaluate(args) -> int:
         return 0
     report = evaluate_split(args.model, split=args.split, data_file=args.data_file,
                             encrypted=args.encrypted, limit=args.limit, backend=args.backend, mode=args.mode,
-                            encrypted_model=args.encrypted_model)
+                            encrypted_model=args.encrypted_model, progress=args.progress)
     print(format_report_table(report))
     _write_report(report, args.report, args.plots)
     return 0

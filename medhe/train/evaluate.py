@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from pathlib import Path
 
@@ -64,6 +63,18 @@ def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
     }
     report["per_image"]["input_typical"] = typical.tolist()
     return report
+
+
+def classes_in_turns(labels) -> np.ndarray:
+    """Indices taking the classes in turns (the first image of each class, then the second of each,
+    ...; each class in its own order, the larger class's rest at the end): the first N of them are
+    what `--limit N` evaluates, so that a short encrypted run scores both classes."""
+    labels = np.asarray(labels).reshape(-1)
+    rank_in_class = np.zeros(labels.size, dtype=np.int64)
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank_in_class[members] = np.arange(members.size)
+    return np.lexsort((labels, rank_in_class))
 
 
 def per_image(labels, prob_positive) -> dict:
@@ -281,8 +292,7 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
                         if path.is_file() and not path.name.startswith(".")
                         and path.suffix.lower() in IMAGE_FOLDER_SUFFIXES]
         per_class.append(members)
-    # Classes taken in turns, so that --encrypted --limit N runs both classes.
-    files = [item for turn in itertools.zip_longest(*per_class) for item in turn if item is not None]
+    files = [item for members in per_class for item in members]
     images, labels, kept, skipped = [], [], [], []
     for path, label in tqdm(files, desc="reading images", unit="img", disable=not progress):
         try:
@@ -293,7 +303,10 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
             continue
         labels.append(label)
         kept.append(path.relative_to(root).as_posix())
-    labels_array = np.asarray(labels, dtype=np.int64)
+    # Classes taken in turns over the readable images, so that --encrypted --limit N runs both classes.
+    order = classes_in_turns(np.asarray(labels, dtype=np.int64))
+    images, kept = [images[i] for i in order], [kept[i] for i in order]
+    labels_array = np.asarray(labels, dtype=np.int64)[order]
     counts = {card.class_names[label]: int((labels_array == label).sum()) for label in range(len(names))}
     if not all(counts.values()):
         raise DataError(f"{root}: every class needs at least one readable image; read {counts}"
@@ -313,7 +326,7 @@ def evaluate_folder(model: str | Path, root: str | Path, class_dirs: tuple[str, 
     images, labels, info = load_image_folder(root, card, class_dirs, progress=progress)
     files = info.pop("files")
     report = _report_on(model_dir, images, labels, encrypted=encrypted, mode="latency", limit=limit,
-                        backend=backend, encrypted_model=encrypted_model)
+                        backend=backend, encrypted_model=encrypted_model, progress=progress)
     report["per_image"]["file"] = files[:report["n"]]
     return _with_data(report, info, "folder", None,
                       "images from a folder: whether the model ever saw them is for the caller to know")
@@ -325,13 +338,13 @@ def _check_encrypted_model(encrypted: bool, mode: str, encrypted_model: bool) ->
 
 
 def _report_on(model_dir: Path, images, labels, *, encrypted: bool, mode: str, limit: int | None, backend: str,
-               encrypted_model: bool) -> dict:
+               encrypted_model: bool, progress: bool = True) -> dict:
     """The plaintext, encrypted (latency) or encrypted batch (throughput) report on these images."""
     if encrypted and mode == "throughput":
         return evaluate_encrypted_batch(model_dir, images, labels, limit=limit, backend=backend)
     if encrypted:
         return evaluate_encrypted(model_dir, images, labels, limit=limit, backend=backend,
-                                  encrypted_model=encrypted_model)
+                                  encrypted_model=encrypted_model, progress=progress)
     return evaluate_plaintext(model_dir, images, labels)
 
 
@@ -342,16 +355,26 @@ def _with_data(report: dict, info: dict, split: str, held_out: bool | None, note
 
 def evaluate_split(model: str | Path, split: str | None = None, data_file: str | Path | None = None, *,
                    encrypted: bool = False, limit: int | None = None, backend: str = "seal",
-                   mode: str = "latency", encrypted_model: bool = False) -> dict:
-    """evaluate_plaintext (or evaluate_encrypted) on a named split; the library side of `medhe evaluate`."""
+                   mode: str = "latency", encrypted_model: bool = False, progress: bool = True) -> dict:
+    """evaluate_plaintext (or evaluate_encrypted) on a named split; the library side of `medhe evaluate`.
+    With `limit` (encrypted only), the first `limit` images of classes_in_turns; per_image then
+    has each one's `index` in the split."""
     model_dir = resolve_model_dir(model)
     _, card = load_model(model_dir)
     if split is None:
         split = "val" if data_file is not None else (card.dataset or {}).get("report_split", "test")
     images, labels, info = _load_eval_data(card, split, data_file)
     _check_encrypted_model(encrypted, mode, encrypted_model)
-    report = _report_on(model_dir, images, labels, encrypted=encrypted, mode=mode, limit=limit, backend=backend,
-                        encrypted_model=encrypted_model)
+    picked = None
+    if encrypted and limit is not None:
+        if limit < 1:
+            raise ConfigError(f"--limit must be at least 1, got {limit}")
+        picked = classes_in_turns(labels)[:limit]
+        images, labels = images[picked], labels[picked]
+    report = _report_on(model_dir, images, labels, encrypted=encrypted, mode=mode, limit=None, backend=backend,
+                        encrypted_model=encrypted_model, progress=progress)
+    if picked is not None:
+        report["per_image"]["index"] = picked.astype(int).tolist()
     return _with_data(report, info, split, *_held_out(card, split, info.get("data_file_sha256")))
 
 
@@ -381,7 +404,9 @@ def format_report_table(report: dict) -> str:
         ("data", f"{report.get('dataset', {}).get('name', '?')} / {report.get('split', '?')}"
                  + ("" if report.get("held_out") else "  (NOT held out)" if report.get("held_out") is False
                     else "  (held-out status unknown)")),
-        ("encrypted", str(report.get("encrypted"))),
+        ("encrypted", str(report.get("encrypted")) + ("  (backend clear: the same steps on plain numbers, "
+                                                      "nothing encrypted)" if report.get("backend") == "clear"
+                                                      else "")),
         ("n", fmt(report.get("n"))),
         ("accuracy", fmt(report.get("accuracy"))),
         ("AUC", fmt(report.get("auc"))),

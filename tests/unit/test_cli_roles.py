@@ -107,6 +107,27 @@ def test_evaluate_encrypted_report(tmp_path, pneumoniamnist_npz, mode):
         assert 0.0 <= report[key] <= 1.0
     if mode == "latency":
         assert report["server_latency_s_median"] > 0
+    # --limit takes the classes in turns and names each image's place in the split.
+    from medhe.data.medmnist import load_medmnist_npz
+
+    _, val_labels = load_medmnist_npz(pneumoniamnist_npz, "val")
+    index = report["per_image"]["index"]
+    assert len(set(index)) == 40 and report["per_image"]["label"] == val_labels[index].tolist()
+    assert report["per_image"]["label"][:6] == [0, 1, 0, 1, 0, 1]
+    assert index[:2] == [int(np.flatnonzero(val_labels == 0)[0]), int(np.flatnonzero(val_labels == 1)[0])]
+    assert "backend clear" in done.stdout and "nothing encrypted" in done.stdout
+
+
+def test_evaluate_limit_without_progress_bar(tmp_path, capsys):
+    """`--no-progress` reaches the encrypted evaluation of a stored split too (no tqdm bar on stderr)."""
+    from medhe.cli.main import main
+
+    assert main(["evaluate", "--model", "br35h", "--split", "test", "--encrypted", "--backend", "clear",
+                 "--limit", "4", "--no-progress", "--report", str(tmp_path / "r.json")]) == 0
+    captured = capsys.readouterr()
+    assert "encrypted inference" not in captured.err, captured.err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["per_image"]["label"] == [0, 1, 0, 1] and (tmp_path / "r.roc.png").is_file()
 
 
 def test_cli_path_mistakes_and_private_models_get_clear_errors(tmp_path):

@@ -110,6 +110,21 @@ def test_folder_classes_come_in_turns_so_a_limit_runs_both(tmp_path, test_files)
     images, labels, _ = load_image_folder(root, card, ("no", "yes"), progress=False)
     assert labels[:4].tolist() == [0, 1, 0, 1]
     assert all(image.shape == (card.preprocessing.image_size,) * 2 for image in images)  # kept small
+    # Unreadable files are dropped before the turns are taken: still one of each class in turn.
+    (root / "yes" / "000_broken.png").write_bytes(b"not a png")
+    images, labels, info = load_image_folder(root, card, ("no", "yes"), progress=False)
+    assert labels[:4].tolist() == [0, 1, 0, 1] and [row["file"] for row in info["skipped"]] == ["yes/000_broken.png"]
+    assert [name.split("/")[0] for name in info["files"][:4]] == ["no", "yes", "no", "yes"]
+
+
+def test_classes_in_turns():
+    from medhe.train.evaluate import classes_in_turns
+
+    labels = np.array([1, 1, 1, 0, 1, 0])
+    order = classes_in_turns(labels)
+    assert order.tolist() == [3, 0, 5, 1, 2, 4]  # 0 1 0 1, then the rest of class 1 in its order
+    assert sorted(order.tolist()) == list(range(labels.size))
+    assert classes_in_turns(np.array([], dtype=np.int64)).size == 0
 
 
 def test_the_report_lists_each_file_and_its_plots_are_drawn_from_it(tmp_path, test_files, capsys):

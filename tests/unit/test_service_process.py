@@ -295,7 +295,7 @@ def test_encrypted_model_mode_over_http_from_the_command_line(setting):
     assert f" {label} " in second.stdout.splitlines()[-1] + " ", second.stdout
     # Per-step timings: preprocessing, encryption, the request, the server's evaluation, decryption.
     columns = second.stdout.splitlines()[-2].split()
-    assert columns == ["image", "label", "prob", "prep", "s", "encrypt", "s", "server", "s", "eval", "s", "decrypt", "s"]
+    assert columns == ["image", "label", "P(label)", "prep", "s", "encrypt", "s", "server", "s", "eval", "s", "decrypt", "s"]
     prep_s, encrypt_s, server_s, eval_s, decrypt_s = map(float, second.stdout.splitlines()[-1].split()[-5:])
     assert 0 < eval_s <= server_s and min(prep_s, encrypt_s, decrypt_s) >= 0
     assert not (setting["data"] / "models" / "tiny" / "plan" / "arrays.npz").exists()
