@@ -307,7 +307,8 @@ def train_model(
         scheduler = _make_scheduler(optimizer, schedule, epochs * steps_per_epoch)
         weights = class_weights(train_labels, arch.num_classes) if class_balanced else None
         # The average's polynomial coefficients stay above project_curvature's floor: the feasible set
-        # {a >= max(m, |b| / 2s)} is convex, so a mean of feasible points is feasible.
+        # {a >= max(m, |b| / 2s)} is convex, so a mean of feasible points is feasible. (The averaged
+        # int num_batches_tracked is truncated and meaningless; momentum BN never reads it, saving drops it.)
         averaged = (torch.optim.swa_utils.AveragedModel(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             if ema_decay else None)

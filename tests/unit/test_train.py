@@ -191,8 +191,7 @@ def test_ema_returns_the_moving_average_of_the_steps_weights(trained, monkeypatc
 
     def recording_project(model):  # runs right after every optimizer step
         original_project(model)
-        if not isinstance(model, torch.optim.swa_utils.AveragedModel):
-            steps.append({key: value.detach().clone() for key, value in model.state_dict().items()})
+        steps.append({key: value.detach().clone() for key, value in model.state_dict().items()})
 
     monkeypatch.setattr(loop, "project_curvature", recording_project)
     decay = 0.8
@@ -208,8 +207,14 @@ def test_ema_returns_the_moving_average_of_the_steps_weights(trained, monkeypatc
         if "num_batches_tracked" not in key:
             torch.testing.assert_close(got[key].double(), value, rtol=1e-5, atol=1e-6, msg=key)
     raw, raw_history = train_model(trained["arch"], train_x[:320], train_y[:320], val_x, val_y, **kwargs)
-    for key, value in raw.state_dict().items():  # the raw run ends at the last step's weights
-        assert torch.equal(value, steps[-1][key]) or "num_batches_tracked" in key, key
+    # Averaging leaves the raw trajectory alone: the run without EMA takes the same five steps, and
+    # ends at the weights the EMA run averaged last.
+    assert len(steps) == 10
+    for ema_step, raw_step in zip(steps[:5], steps[5:]):
+        for key, value in ema_step.items():
+            assert torch.equal(value, raw_step[key]), key
+    for key, value in raw.state_dict().items():
+        assert torch.equal(value, steps[4][key]) or "num_batches_tracked" in key, key
     assert raw_history["ema_decay"] == 0.0
     assert not torch.allclose(got["layers.0.weight"], raw.state_dict()["layers.0.weight"])
     # Early stopping scored the average: its recorded stop loss is the returned model's.
