@@ -5,8 +5,9 @@ and data defaults as the shipped model, only the architecture or seed differs; "
 shipped model itself), scored on the held-out report split (Br35H grouped test, PneumoniaMNIST val)
 clean and under the 13 MedMNIST-C corruptions x 5 severities, then compiled and run encrypted
 (CKKS, 128-bit) on `--limit` held-out images for the server's latency per image (one request at a
-time: one core). An ensemble's members run one after the other, so its latency is their sum and its
-probability their mean (medhe serves single models; the row shows what an ensemble would cost).
+time: one core). Here an ensemble's members run as separate plans, one after the other, so its
+latency is their sum and its probability their mean; medhe serves an ensemble as one plan (`medhe
+ensemble`, mean of the logits, the input's first rotations shared), measured by ensemble.py.
 Architectures that do not compile are rows with the compiler's reason.
 
 With `--seeds 0 1 2` every single-model candidate is trained once per seed ("default" is the

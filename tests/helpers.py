@@ -144,3 +144,20 @@ def shipped_model_logits(name: str, model_inputs: np.ndarray) -> np.ndarray:
     model, _ = load_model(resolve_model_dir(name))
     with torch.no_grad():
         return model.double().eval()(torch.tensor(np.asarray(model_inputs), dtype=torch.float64)).numpy()
+
+
+def client_and_both_servers(plan, backend: str):
+    """A client with its keys registered at two servers of `plan`: weights in clear, and weights
+    encrypted by the model owner under the client's public key. (client, plain, encrypted)."""
+    from medhe.protocol.client import Client
+    from medhe.protocol.owner import ModelOwner
+    from medhe.protocol.server import Server
+
+    client = Client(plan.client_spec(), backend=backend)
+    keys = client.evaluation_keys()
+    plain = Server(plan, backend=backend)
+    plain.register_keys(keys)
+    encrypted = Server(plan, backend=backend, encrypted_model=True)
+    encrypted.register_keys(keys)
+    encrypted.register_encrypted_model(ModelOwner(backend=backend).encrypt_model(plan, client.public_key()))
+    return client, plain, encrypted

@@ -86,9 +86,14 @@ def model_dir_secrets(model_dir: Path, plan=None) -> Secrets:
 
     from medhe.compiler.passes import optimize
     from medhe.compiler.trace import trace_model_dir
+    from medhe.nn.modeldir import ensemble_members
 
-    traced, _ = trace_model_dir(model_dir)
-    return secrets_of(load_file(str(Path(model_dir) / "weights.safetensors")), traced + optimize(traced), plan)
+    tensors, ops = {}, []
+    for number, member in enumerate(ensemble_members(model_dir) or [Path(model_dir)]):
+        traced, _ = trace_model_dir(member)
+        tensors.update({f"{number}.{key}": value for key, value in load_file(str(member / "weights.safetensors")).items()})
+        ops += traced + optimize(traced)
+    return secrets_of(tensors, ops, plan)
 
 
 def torch_secrets(seq, input_shape, plan=None) -> Secrets:

@@ -33,8 +33,9 @@ def _batch_spec(args):
 
         spec = compile_batch(resolve_model_dir(args.model)).client_spec()
     else:
+        single = [name for name in SHIPPED_MODELS if not name.endswith("-ensemble")]  # ensembles: latency mode
         raise ConfigError(f"give --spec (from `medhe compile --throughput`) or --model with a shipped model name "
-                          f"({', '.join(SHIPPED_MODELS)})")
+                          f"({', '.join(single)})")
     if spec.mode != "throughput":
         raise ConfigError("this client spec is for latency mode; compile with `medhe compile --throughput`")
     return spec

@@ -125,14 +125,16 @@ def _client(args, spec):
 
 # --- model owner ---------------------------------------------------------------------------------
 def cmd_compile(args) -> int:
-    from medhe.compiler import compile_model, format_report
+    from medhe.compiler import compile_ensemble, compile_model, format_report
     from medhe.nn.modeldir import resolve_model_dir
 
     if args.throughput:
         return _compile_throughput(args)
     budget = {} if args.max_key_mb is None else {"max_key_mb": None if args.max_key_mb == "none" else args.max_key_mb}
-    plan = compile_model(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree,
-                         log_scale_bits=args.log_scale_bits, max_galois_keys=args.max_galois_keys, **budget)
+    options = dict(poly_modulus_degree=args.poly_modulus_degree, log_scale_bits=args.log_scale_bits,
+                   max_galois_keys=args.max_galois_keys, **budget)
+    model_dirs = [resolve_model_dir(model) for model in args.model]
+    plan = compile_model(model_dirs[0], **options) if len(model_dirs) == 1 else compile_ensemble(model_dirs, **options)
     out = plan.save(args.out)
     spec_path = plan.client_spec().save(out)
     print(format_report(plan.report))
@@ -152,7 +154,9 @@ def _compile_throughput(args) -> int:
     if args.architecture or args.max_galois_keys is not None or args.max_key_mb is not None:
         raise ConfigError("--throughput plans have no rotation keys and no encrypted-model form: drop "
                           "--architecture, --max-galois-keys and --max-key-mb")
-    plan = compile_batch(resolve_model_dir(args.model), poly_modulus_degree=args.poly_modulus_degree)
+    if len(args.model) > 1:
+        raise ConfigError("--throughput compiles one model (ensembles are latency-mode plans); give one --model")
+    plan = compile_batch(resolve_model_dir(args.model[0]), poly_modulus_degree=args.poly_modulus_degree)
     out = plan.save(args.out)
     spec_path = plan.client_spec().save(out)
     r, p = plan.report, plan.params
@@ -363,7 +367,9 @@ def _key_budget(text: str) -> float | str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("compile", help="model owner: compile a trained model for encrypted inference")
-    p.add_argument("--model", required=True, help="model directory or shipped model name")
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+                   help="model directory or shipped model name; several: one ensemble plan that averages "
+                        "their logits (same input, classes, levels and output slots; see README 'Ensembles')")
     p.add_argument("--out", required=True, help="plan directory to write (server plan + public client_spec.json)")
     p.add_argument("--poly-modulus-degree", type=int, default=None, help="force N (default: smallest that fits)")
     p.add_argument("--log-scale-bits", type=int, default=None, help="force the CKKS scale (default: largest that fits)")

@@ -340,6 +340,32 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def add_ensemble_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "ensemble",
+        help="model owner: join trained models (e.g. one recipe, several seeds) into one ensemble model",
+        description="Copy the models into one ensemble directory. Every command that takes --model takes it: "
+                    "`medhe evaluate` scores the mean of the members' logits, `medhe compile` makes one plan "
+                    "that computes that mean on one ciphertext (latency mode; one key set; about members x "
+                    "the server time of one). The members must share the data set, preprocessing and classes.",
+    )
+    p.add_argument("--model", required=True, nargs="+", metavar="MODEL", help="two or more model directories "
+                   "or shipped model names")
+    p.add_argument("--out", required=True, type=Path, help="ensemble directory to write (new or empty)")
+    p.set_defaults(func=cmd_ensemble)
+    return p
+
+
+def cmd_ensemble(args) -> int:
+    from medhe.nn.io import save_ensemble
+    from medhe.nn.modeldir import resolve_model_dir
+
+    out = save_ensemble(args.out, [resolve_model_dir(model) for model in args.model])
+    print(f"ensemble of {len(args.model)} models written to {out}; score it with `medhe evaluate --model {out}` "
+          f"and compile it with `medhe compile --model {out} --out PLAN_DIR`")
+    return 0
+
+
 def add_fit_input_profile_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "fit-input-profile",
@@ -367,5 +393,6 @@ def cmd_fit_input_profile(args) -> int:
 def register(subparsers) -> None:
     add_train_parser(subparsers)
     add_fit_input_profile_parser(subparsers)
+    add_ensemble_parser(subparsers)
     add_evaluate_parser(subparsers)
     add_demo_parser(subparsers)

@@ -16,7 +16,8 @@ from medhe.compiler.compile import check_params_fit, model_digest
 from medhe.compiler.ir import Op, linear_sparse
 from medhe.compiler.passes import POOLS, WEIGHTED, naive_levels, optimize
 from medhe.compiler.trace import trace_model_dir
-from medhe.errors import PlanError
+from medhe.errors import ConfigError, PlanError
+from medhe.nn.modeldir import ensemble_members
 from medhe.params import CKKSParams, choose_params
 from medhe.plan.batch_plan import BatchPlan, BatchStep
 from medhe.plan.instructions import rescale_factors
@@ -56,6 +57,9 @@ def batch_steps(optimized: list[Op]) -> list[BatchStep]:
 def compile_batch(model_dir: str | Path, *, poly_modulus_degree: int | None = None,
                   insecure_for_tests: bool = False, params: CKKSParams | None = None) -> BatchPlan:
     model_dir = Path(model_dir)
+    if ensemble_members(model_dir) is not None:
+        raise ConfigError(f"{model_dir} is an ensemble: throughput mode compiles one model (ensembles run in "
+                          "latency mode)")
     traced, doc = trace_model_dir(model_dir)
     steps = batch_steps(optimize(traced))
     factors = rescale_factors([s.kind for s in steps])

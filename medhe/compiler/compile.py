@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -11,9 +12,10 @@ from medhe.compiler.layout import NeedMoreSlots, image_layout, next_power_of_two
 from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
 from medhe.compiler.trace import trace_model_dir
-from medhe.errors import PlanError
+from medhe.errors import ConfigError, PlanError
+from medhe.nn.modeldir import ensemble_members
 from medhe.params import MAX_LOG_Q_128, MAX_PRIME_BITS, CKKSParams, choose_params
-from medhe.plan import Plan, rescale_factors
+from medhe.plan import AddPlain, Branch, Linear, Plan, rescale_factors
 
 # A key budget may at most quadruple the rotations per image (beyond that, latency and
 # key-switching noise grow more than the keys are worth).
@@ -108,9 +110,6 @@ def compile_ops(
     many Galois keys (steps missing a key are made of several rotations; see medhe.compiler.keyset);
     with max_key_mb, as many as fit that size of evaluation keys (MB = 2**20 bytes); None: one key
     per rotation step. The default is DEFAULT_MAX_KEY_MB where it costs little (see above)."""
-    soft_budget = max_key_mb == DEFAULT_KEY_BUDGET and max_galois_keys is None
-    if max_key_mb == DEFAULT_KEY_BUDGET:
-        max_key_mb = DEFAULT_MAX_KEY_MB if soft_budget else None
     optimized = optimize(traced)
     depth = optimized_levels(optimized)
     n = params.slot_count if params else next_power_of_two(slots_needed(optimized, input_shape))
@@ -136,6 +135,32 @@ def compile_ops(
                 preprocessing, digest_of_model)
     if plan.multiplicative_depth != depth:
         raise PlanError(f"internal: lowering used {plan.multiplicative_depth} multiplications, the IR counts {depth}")
+    key_report = choose_key_set(plan, max_galois_keys=max_galois_keys, max_key_mb=max_key_mb)
+    plan.report = {
+        "layers": layer_table(traced, optimized, plan, owners),
+        "levels_before": naive_levels(traced),
+        "levels_after": depth,
+        "rescales": plan.depth,
+        "levels_available": params.levels,
+        **key_report,
+        "weight_operands": plan.weight_operand_count(),
+        "relinearizations": relinearizations(plan),
+        "params": params.to_dict(),
+        "security_bits": params.security_bits,
+        # For per-layer checks: after instruction i, optimised op k's output sits in this layout.
+        "checkpoints": [{"op": k, "instruction": i, "layout": lay.to_dict()} for k, i, lay in checkpoints],
+    }
+    return plan
+
+
+def choose_key_set(plan: Plan, *, max_galois_keys: int | None = None,
+                   max_key_mb: float | str | None = DEFAULT_KEY_BUDGET) -> dict:
+    """Set `plan.key_steps` for a key budget (see compile_ops) and return the report's key fields."""
+    params = plan.params
+    soft_budget = max_key_mb == DEFAULT_KEY_BUDGET and max_galois_keys is None
+    if max_key_mb == DEFAULT_KEY_BUDGET:
+        max_key_mb = DEFAULT_MAX_KEY_MB if soft_budget else None
+    plan.key_steps = ()
     rotations_one_key_per_step = plan.rotation_count()
     cost_one_key_per_step = plan.key_switching_cost()
     growth, key_budget_note = 0.0, None
@@ -164,12 +189,7 @@ def compile_ops(
             raise
         plan.key_steps, growth = (), 0.0
         key_budget_note = f"one key per rotation step: {exc}"
-    plan.report = {
-        "layers": layer_table(traced, optimized, plan, owners),
-        "levels_before": naive_levels(traced),
-        "levels_after": depth,
-        "rescales": plan.depth,
-        "levels_available": params.levels,
+    return {
         "rotations": plan.rotation_count(),
         "rotation_keys": len(plan.galois_steps()),
         "eval_key_bytes_bound": (len(plan.galois_steps()) + 1) * key_switching_key_bytes(params),
@@ -177,14 +197,7 @@ def compile_ops(
         "key_switching_growth": growth,
         "key_budget_note": key_budget_note,
         "rotation_steps": len(plan.rotation_steps()),
-        "weight_operands": plan.weight_operand_count(),
-        "relinearizations": relinearizations(plan),
-        "params": params.to_dict(),
-        "security_bits": params.security_bits,
-        # For per-layer checks: after instruction i, optimised op k's output sits in this layout.
-        "checkpoints": [{"op": k, "instruction": i, "layout": lay.to_dict()} for k, i, lay in checkpoints],
     }
-    return plan
 
 
 def relinearizations(plan: Plan) -> dict[str, int]:
@@ -197,8 +210,102 @@ def relinearizations(plan: Plan) -> dict[str, int]:
 
 
 def compile_model(model_dir: str | Path, **options) -> Plan:
-    """Compile a saved model directory (see compile_ops for the options)."""
+    """Compile a saved model directory (see compile_ops for the options); an ensemble directory
+    (`medhe ensemble`) gives one plan for all its members (compile_ensemble)."""
     model_dir = Path(model_dir)
+    members = ensemble_members(model_dir)
+    if members is not None:
+        return compile_ensemble(members, **options)
     traced, doc = trace_model_dir(model_dir)
     return compile_ops(traced, tuple(doc["input_shape"]), class_names=doc["class_names"],
                        preprocessing=doc["preprocessing"], digest_of_model=model_digest(model_dir), **options)
+
+
+def compile_ensemble(model_dirs, **options) -> Plan:
+    """One plan that averages the logits of several models (e.g. one recipe trained with different
+    seeds): each compiled as `compile_model` would (same options), then joined by `join_plans`."""
+    model_dirs = [Path(d) for d in model_dirs]
+    if len(model_dirs) < 2:
+        raise ConfigError(f"an ensemble needs at least two models, got {len(model_dirs)}")
+    budget = {key: options.pop(key) for key in ("max_galois_keys", "max_key_mb") if key in options}
+    # One key per step for each member: the key budget is chosen once, for the joined plan.
+    plans = [compile_model(d, max_galois_keys=None, max_key_mb=None, **options) for d in model_dirs]
+    return join_plans(plans, [str(d) for d in model_dirs], **budget)
+
+
+def join_plans(plans: list[Plan], names: list[str] | None = None, *, max_galois_keys: int | None = None,
+               max_key_mb: float | str | None = DEFAULT_KEY_BUDGET) -> Plan:
+    """An ensemble plan: the members run one after the other from the same input ciphertext (a
+    `branch` instruction between them; the first layer's rotations of the input are made once)
+    and their outputs are summed, each member's last layer scaled by 1/members, so the plan's
+    logits are the members' mean: no extra level, one key set, one client spec. The members must
+    agree on the parameters, input and output layouts, levels, classes and preprocessing; inside,
+    they may differ (e.g. in width). Their own key sets are dropped: the key budget (as in
+    compile_ops) is applied to the joined plan, whose rotations are every member's.
+
+    Each member keeps the decision cut folded into its own output bias, so the ensemble decides at
+    the mean of its members' cuts (on the logit difference)."""
+    names = names or [f"member {number + 1}" for number in range(len(plans))]
+    if len(plans) < 2:
+        raise ConfigError(f"an ensemble needs at least two models, got {len(plans)}")
+    if any(plan.members > 1 for plan in plans):
+        raise ConfigError("an ensemble's members must be single models")
+    first = plans[0]
+
+    def agreed(plan: Plan) -> dict:
+        return {"CKKS parameters": plan.params.to_dict(), "input shape": list(plan.input_shape),
+                "input layout": plan.input_layout.to_dict(), "output layout": plan.output_layout.to_dict(),
+                "class names": plan.class_names, "preprocessing": plan.preprocessing,
+                "rescales": plan.rescale_factors()}
+
+    reference = agreed(first)
+    for name, plan in zip(names[1:], plans[1:]):
+        differing = [what for what, value in agreed(plan).items() if value != reference[what]]
+        if differing:
+            raise PlanError(f"{name} cannot join an ensemble with {names[0]}: their {', '.join(differing)} "
+                            "differ (members need the same input, classes, levels and output slots)")
+    instructions = []
+    for number, plan in enumerate(plans):
+        member = _scaled_output(plan.instructions, 1.0 / len(plans))
+        if number:  # the later members' layers are named apart (per-layer timings are by name)
+            instructions.append(Branch(f"member {number + 1}"))
+            member = [dataclasses.replace(ins, layer=f"member {number + 1} {ins.layer}") for ins in member]
+        instructions += member
+    digest = hashlib.sha256("".join(plan.model_digest for plan in plans).encode()).hexdigest()
+    ensemble = Plan(first.params, first.input_shape, first.input_layout, first.output_layout, instructions,
+                    list(first.class_names), first.preprocessing, digest)
+    key_report = choose_key_set(ensemble, max_galois_keys=max_galois_keys, max_key_mb=max_key_mb)
+    scaled_from = _last_linear(first.instructions)
+    ensemble.report = {
+        **first.report,  # the per-layer table is the first member's (with one key per step)
+        # Per-layer checks: the first member's layers up to its (scaled) output layer.
+        "checkpoints": [point for point in first.report.get("checkpoints", []) if point["instruction"] < scaled_from],
+        **key_report,
+        "members": len(plans),
+        "member_model_digests": [plan.model_digest for plan in plans],
+        "reused_input_rotations": len(ensemble.reused_input_rotations()),
+        "weight_operands": ensemble.weight_operand_count(),
+        "relinearizations": relinearizations(ensemble),
+    }
+    return ensemble
+
+
+def _scaled_output(instructions, factor: float) -> list:
+    """The instructions with everything from the last linear layer on multiplied by `factor` (the
+    output is linear in those weights: only rotations and added vectors follow that layer)."""
+    last = _last_linear(instructions)
+    scaled = list(instructions[:last])
+    for ins in instructions[last:]:
+        if isinstance(ins, Linear):
+            ins = dataclasses.replace(ins, diagonals=ins.diagonals * factor,
+                                      bias=None if ins.bias is None else ins.bias * factor)
+        elif isinstance(ins, AddPlain):
+            ins = dataclasses.replace(ins, vector=ins.vector * factor)
+        elif ins.has_weights and ins.operand_names():
+            raise PlanError(f"internal: cannot scale the weights of a {ins.kind} instruction after the last linear layer")
+        scaled.append(ins)
+    return scaled
+
+
+def _last_linear(instructions) -> int:
+    return max(i for i, ins in enumerate(instructions) if isinstance(ins, Linear))

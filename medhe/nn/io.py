@@ -22,8 +22,10 @@ from medhe.data.preprocess import Preprocessing
 from medhe.errors import ModelFormatError, UnsupportedLayerError
 from medhe.nn.layers import PolyAct
 from medhe.nn.model import HECNN, ArchConfig
-from medhe.nn.modeldir import (MODEL_FORMAT, MODEL_FORMAT_VERSION, MODEL_JSON, SHIPPED_MODELS,  # noqa: F401
-                               WEIGHTS_FILE, read_model_json, resolve_model_dir, shipped_models_dir)
+from medhe.nn.modeldir import (ENSEMBLE_FORMAT, ENSEMBLE_FORMAT_VERSION, ENSEMBLE_JSON,  # noqa: F401
+                               MODEL_FORMAT, MODEL_FORMAT_VERSION, MODEL_JSON, SHIPPED_MODELS, WEIGHTS_FILE,
+                               check_ensemble_agreement, ensemble_members, read_model_json, resolve_model_dir,
+                               shipped_models_dir)
 
 SUPPORTED_LAYERS = ("Conv2d", "AvgPool2d", "BatchNorm2d", "BatchNorm1d", "PolyAct", "ReLU", "Flatten", "Linear")
 
@@ -106,9 +108,67 @@ def save_model(directory: str | Path, model: HECNN, card: ModelCard) -> Path:
     return directory
 
 
-def load_model(directory: str | Path) -> tuple[HECNN, ModelCard]:
-    """Rebuild the torch model (eval mode) and its card from a model directory."""
+def save_ensemble(directory: str | Path, member_dirs: list[str | Path]) -> Path:
+    """An ensemble directory: copies of the member model directories (member-1, member-2, ...) and
+    an ensemble.json naming them. Its plan averages the members' logits (medhe.compiler.compile_ensemble)."""
+    import shutil
+
+    directory, member_dirs = Path(directory), [Path(d) for d in member_dirs]
+    if len(member_dirs) < 2:
+        raise ModelFormatError(f"an ensemble needs at least two models, got {len(member_dirs)}")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise ModelFormatError(f"{directory} exists and is not an empty directory; choose a new directory for "
+                               "the ensemble")
+    check_ensemble_agreement(member_dirs, [read_model_json(d) for d in member_dirs])
+    names = [f"member-{number}" for number in range(1, len(member_dirs) + 1)]
+    created = not directory.exists()
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, member in zip(names, member_dirs):
+            shutil.copytree(member, directory / name)
+        doc = {"format": ENSEMBLE_FORMAT, "format_version": ENSEMBLE_FORMAT_VERSION, "members": names,
+               "combine": "mean of the members' logits"}
+        (directory / ENSEMBLE_JSON).write_text(json.dumps(doc, indent=2, sort_keys=True))
+        ensemble_members(directory)  # what was written reads back
+    except BaseException:  # no half-written ensemble left behind
+        for name in names:
+            shutil.rmtree(directory / name, ignore_errors=True)
+        (directory / ENSEMBLE_JSON).unlink(missing_ok=True)
+        if created:
+            directory.rmdir()
+        raise
+    return directory
+
+
+class MeanOfModels(nn.Module):
+    """An ensemble's plaintext model: the mean of its members' logits (what its plan computes)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
+def load_model(directory: str | Path) -> tuple[nn.Module, ModelCard]:
+    """Rebuild the torch model (eval mode) and its card from a model directory. An ensemble
+    directory gives `MeanOfModels` and its first member's card (the members share preprocessing,
+    classes and data set: `medhe ensemble` checks), with the ensemble's own metrics."""
     directory = Path(directory)
+    members = ensemble_members(directory)
+    if members is not None:
+        loaded = [_load_single(member) for member in members]
+        card = loaded[0][1]
+        metrics_file = directory / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        card = ModelCard(card.arch, card.preprocessing, card.class_names, card.dataset,
+                         {"members": [str(m) for m in members], **metrics})
+        return MeanOfModels([model for model, _ in loaded]).eval(), card
+    return _load_single(directory)
+
+
+def _load_single(directory: Path) -> tuple[HECNN, ModelCard]:
     doc = read_model_json(directory)
     arch = ArchConfig.from_dict(doc["arch"])
     card = ModelCard(

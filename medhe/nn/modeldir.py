@@ -1,5 +1,6 @@
 """Model directories without torch: find a model (a path or a shipped name) and read its
-validated model.json. The compiler and the CLI's server and clinic commands use only this."""
+validated model.json (for an ensemble directory, its members'). The compiler and the CLI's server
+and clinic commands use only this."""
 
 from __future__ import annotations
 
@@ -14,10 +15,59 @@ MODEL_JSON = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 
 
+ENSEMBLE_FORMAT = "medhe-ensemble"
+ENSEMBLE_FORMAT_VERSION = 1
+ENSEMBLE_JSON = "ensemble.json"
+
+
+def ensemble_members(directory: str | Path) -> list[Path] | None:
+    """The member model directories of an ensemble directory (`medhe ensemble` writes it: an
+    ensemble.json naming subdirectories, each a model directory); None for anything else."""
+    directory = Path(directory)
+    path = directory / ENSEMBLE_JSON
+    if not path.is_file():
+        return None
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("format") != ENSEMBLE_FORMAT \
+            or doc.get("format_version") != ENSEMBLE_FORMAT_VERSION:
+        raise ModelFormatError(f"{path}: expected format {ENSEMBLE_FORMAT!r} version {ENSEMBLE_FORMAT_VERSION}")
+    names = doc.get("members")
+    if not isinstance(names, list) or len(names) < 2 or len(set(names)) != len(names) \
+            or not all(isinstance(n, str) and n and Path(n).name == n and n not in (".", "..") for n in names):
+        raise ModelFormatError(f"{path}: 'members' must list at least two distinct subdirectory names")
+    members = [directory / name for name in names]
+    if any(member.is_symlink() for member in members):
+        raise ModelFormatError(f"{path}: a member directory is a symbolic link; members live inside the ensemble")
+    docs = [read_model_json(member) for member in members]
+    check_ensemble_agreement(members, docs)
+    return members
+
+
+# What the members of an ensemble must share: what the clinic applies to an image, what the
+# logits mean, and the data (so every member's held-out splits are the same images).
+ENSEMBLE_AGREEMENT = ("input_shape", "preprocessing", "class_names", "dataset")
+
+
+def check_ensemble_agreement(member_dirs: list[Path], docs: list[dict]) -> None:
+    """ModelFormatError naming what differs between the first member's model.json and another's."""
+    for member, doc in zip(member_dirs[1:], docs[1:]):
+        differing = [key for key in ENSEMBLE_AGREEMENT if doc.get(key) != docs[0].get(key)]
+        if differing:
+            raise ModelFormatError(f"{member} cannot join an ensemble with {member_dirs[0]}: their "
+                                   f"{', '.join(differing)} differ (train the members on the same data with the "
+                                   "same preprocessing)")
+
+
 def read_model_json(directory: str | Path) -> dict:
     """The validated model.json of a model directory (no torch needed)."""
     directory = Path(directory)
     path = directory / MODEL_JSON
+    if not path.is_file() and (directory / ENSEMBLE_JSON).is_file():
+        raise ModelFormatError(f"{directory} is an ensemble ({ENSEMBLE_JSON}); this takes a single model (to "
+                               "change the ensemble, change each member directory in it alike)")
     if not path.is_file():
         raise ModelFormatError(f"{directory} is not a medhe model directory: {MODEL_JSON} is missing")
     try:
@@ -37,7 +87,8 @@ def read_model_json(directory: str | Path) -> dict:
     return doc
 
 
-SHIPPED_MODELS = ("br35h", "pneumoniamnist")
+# The defaults, then their two-seed ensembles (`medhe ensemble`: about twice the server time).
+SHIPPED_MODELS = ("br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble")
 
 
 def shipped_models_dir() -> Path:
@@ -47,14 +98,14 @@ def shipped_models_dir() -> Path:
 def resolve_model_dir(name_or_path: str | Path) -> Path:
     """A model directory from a path or the name of a model shipped in the package."""
     path = Path(name_or_path)
-    if (path / MODEL_JSON).is_file():
+    if (path / MODEL_JSON).is_file() or (path / ENSEMBLE_JSON).is_file():
         return path
     if str(name_or_path) in SHIPPED_MODELS:
         shipped = shipped_models_dir() / str(name_or_path)
-        if (shipped / MODEL_JSON).is_file():
+        if (shipped / MODEL_JSON).is_file() or (shipped / ENSEMBLE_JSON).is_file():
             return shipped
         raise ModelFormatError(f"the shipped model {name_or_path!r} is missing from {shipped}; reinstall medhe")
     raise ModelFormatError(
-        f"{name_or_path!r} is neither a model directory (with {MODEL_JSON}) nor a shipped model "
+        f"{name_or_path!r} is neither a model directory (with {MODEL_JSON} or {ENSEMBLE_JSON}) nor a shipped model "
         f"({', '.join(SHIPPED_MODELS)})"
     )

@@ -8,10 +8,11 @@ protocol (which read it). Needs numpy only: no torch, no compiler passes, no FHE
 
 from medhe.plan.batch_plan import BatchPlan, BatchStep, load_plan_dir
 from medhe.plan.client_spec import SPEC_FILE, ClientSpec
-from medhe.plan.instructions import INSTRUCTION_KINDS, AddPlain, Instruction, Linear, RotSum, SquareOp, rescale_factors
+from medhe.plan.instructions import (INSTRUCTION_KINDS, AddPlain, Branch, Instruction, Linear, RotSum, SquareOp,
+                                     member_segments, rescale_factors)
 from medhe.plan.layout import Layout, signed_step
 from medhe.plan.server_plan import Plan
 
-__all__ = ["INSTRUCTION_KINDS", "SPEC_FILE", "AddPlain", "BatchPlan", "BatchStep", "ClientSpec", "Instruction",
-           "Layout", "Linear", "Plan", "RotSum", "SquareOp", "load_plan_dir", "rescale_factors",
+__all__ = ["INSTRUCTION_KINDS", "SPEC_FILE", "AddPlain", "BatchPlan", "Branch", "BatchStep", "ClientSpec", "Instruction",
+           "Layout", "Linear", "Plan", "RotSum", "SquareOp", "load_plan_dir", "member_segments", "rescale_factors",
            "signed_step"]

@@ -265,6 +265,32 @@ class AddPlain(Instruction):
         return support | (self.vector != 0)
 
 
+@register
+@dataclass
+class Branch(Instruction):
+    """Ensemble plans: the next member starts here, from the plan's input ciphertext. The previous
+    member's output (rescaled) is set aside and the plan's output is the sum of all members'
+    outputs; each member's last layer carries a factor 1/members, so the sum is their mean."""
+
+    kind: ClassVar[str] = "branch"
+
+    @property
+    def has_weights(self) -> bool:
+        return True  # nothing to hold
+
+
+def member_segments(instructions) -> list[list]:
+    """The instructions (or kind names) of each ensemble member, split at the branches; a plan
+    without branches is one member."""
+    segments: list[list] = [[]]
+    for ins in instructions:
+        if (ins if isinstance(ins, str) else ins.kind) == Branch.kind:
+            segments.append([])
+        else:
+            segments[-1].append(ins)
+    return segments
+
+
 def instruction_from_entry(entry: dict, arrays: dict[str, np.ndarray] | None) -> Instruction:
     cls = INSTRUCTION_KINDS.get(entry.get("kind"))
     if cls is None:
@@ -278,7 +304,22 @@ def instruction_from_entry(entry: dict, arrays: dict[str, np.ndarray] | None) ->
 def rescale_factors(instructions) -> list[int]:
     """For each rescale, the scale just before it in units of the base scale: a multiplication
     that does not rescale (a square) doubles the exponent, and the next rescaling layer divides by
-    a prime that much larger. Takes instructions or their kind names."""
+    a prime that much larger. Takes instructions or their kind names. The members of an ensemble
+    plan share the primes, so each must rescale alike."""
+    segments = member_segments(instructions)
+    if not any(segments):
+        raise PlanError("a plan without instructions")
+    factors = _member_rescale_factors(segments[0])
+    for number, segment in enumerate(segments[1:], start=2):
+        if _member_rescale_factors(segment) != factors:
+            raise PlanError(f"ensemble member {number} rescales differently from the first; the members of one "
+                            "plan must share their levels and scales")
+    return factors
+
+
+def _member_rescale_factors(instructions) -> list[int]:
+    if not instructions:
+        raise PlanError("an ensemble member without instructions")
     factors, factor = [], 1
     for ins in instructions:
         cls = INSTRUCTION_KINDS[ins] if isinstance(ins, str) else type(ins)

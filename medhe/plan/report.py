@@ -28,6 +28,10 @@ def format_report(report: dict) -> str:
                      f"+{report.get('key_switching_growth', 0.0):.0%} by level-weighted cost)")
     if report.get("key_budget_note"):
         lines.append(f"Galois keys: {report['key_budget_note']}")
+    if report.get("members", 1) > 1:
+        lines.append(f"ensemble of {report['members']} models (the table is the first one's): logits averaged, "
+                     f"{report['rotations']} rotations per image in all ({report['reused_input_rotations']} "
+                     "input rotations shared), one key set")
     if "relinearizations" in report:
         relin = report["relinearizations"]
         lines.append(f"encrypted-model mode: the same levels and primes (each of the {report['weight_operands']} "

@@ -22,7 +22,7 @@ from medhe.errors import PlanError
 from medhe.params import CKKSParams
 from medhe.plan.client_spec import ClientSpec
 from medhe.plan.files import write_plan_files
-from medhe.plan.instructions import Instruction, instruction_from_entry, rescale_factors
+from medhe.plan.instructions import Branch, Instruction, instruction_from_entry, member_segments, rescale_factors
 from medhe.plan.layout import Layout
 
 PLAN_FORMAT = "medhe-plan"
@@ -62,13 +62,19 @@ class Plan:
         return all(ins.has_weights for ins in self.instructions)
 
     @property
+    def members(self) -> int:
+        """Models averaged by this plan (an ensemble has several, split by `branch` instructions)."""
+        return 1 + sum(1 for ins in self.instructions if ins.kind == Branch.kind)
+
+    @property
     def depth(self) -> int:
-        """Rescales, i.e. levels a fresh input ciphertext must have."""
-        return sum(i.level_cost for i in self.instructions)
+        """Rescales, i.e. levels a fresh input ciphertext must have (an ensemble's members run side
+        by side from the same input, so this is one member's)."""
+        return len(self.rescale_factors())
 
     @property
     def multiplicative_depth(self) -> int:
-        return sum(i.multiplications for i in self.instructions)
+        return sum(i.multiplications for i in member_segments(self.instructions)[0])
 
     def rescale_factors(self) -> list[int]:
         return rescale_factors(self.instructions)
@@ -80,9 +86,22 @@ class Plan:
         return sorted(steps)
 
     def rotation_count(self) -> int:
-        """Rotations per evaluation, counting each key rotation a composed step takes."""
+        """Rotations per evaluation, counting each key rotation a composed step takes (and the
+        input rotations an ensemble's later members reuse only once)."""
         chains = self.rotation_chains()
-        return sum(self.key_rotations(ins, chains) for ins in self.instructions)
+        return sum(self.key_rotations(ins, chains) for ins in self.instructions) \
+            - sum(len(chains[step]) for _, step in self.reused_input_rotations())
+
+    def reused_input_rotations(self) -> list[tuple[int, int]]:
+        """(instruction index, baby step) for each rotation of the input that a later ensemble
+        member's first linear layer takes from an earlier member's (the executor makes it once)."""
+        made, reused = set(), []
+        for index, ins in enumerate(self.instructions):
+            starts_member = index == 0 or self.instructions[index - 1].kind == Branch.kind
+            if starts_member and ins.kind == "linear":
+                reused += [(index, b) for b in ins.babies if b and b in made]
+                made |= {b for b in ins.babies if b}
+        return reused
 
     @staticmethod
     def key_rotations(instruction, chains: dict[int, tuple[int, ...]]) -> int:
@@ -94,6 +113,8 @@ class Plan:
         rescale waits for the next instruction that multiplies (as the executor runs it)."""
         levels, level, pending = [], self.depth, False
         for instruction in self.instructions:
+            if instruction.kind == Branch.kind:  # the next member starts from the input
+                level, pending = self.depth, False
             if pending and instruction.multiplies:
                 level, pending = level - 1, False
             levels.append(level)
@@ -121,8 +142,10 @@ class Plan:
     def key_switching_cost(self) -> int:
         """Key rotations per evaluation, each weighted by its level's key-switching weight."""
         chains = self.rotation_chains()
+        top = self.key_switching_weight(self.depth)  # where the input is rotated
         return sum(self.key_switching_weight(level) * self.key_rotations(ins, chains)
-                   for ins, level in zip(self.instructions, self.instruction_levels()))
+                   for ins, level in zip(self.instructions, self.instruction_levels())) \
+            - sum(top * len(chains[step]) for _, step in self.reused_input_rotations())
 
     def galois_steps(self) -> list[int]:
         """The rotation steps the client makes Galois keys for."""
@@ -245,6 +268,7 @@ class Plan:
                        _checked_key_steps(doc.get("key_steps", []), CKKSParams.from_dict(doc["params"]).slot_count))
         except (KeyError, TypeError, ValueError) as exc:
             raise PlanError(f"{directory}: malformed {PLAN_JSON}: {exc!r}") from exc
+        plan.rescale_factors()  # ensemble members must share levels and scales (PlanError if not)
         if plan.key_steps:
             plan.rotation_chains()  # every rotation step must be made from the key set (PlanError if not)
         if plan.structure_digest() != doc.get("structure_digest"):

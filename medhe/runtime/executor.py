@@ -9,11 +9,12 @@ the weights at exactly the level and scale the server will meet them.
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any, Iterator
 
 from medhe.errors import InvalidMessage, PlanError
-from medhe.plan import Plan
+from medhe.plan import Branch, Plan
 
 
 def operand_schedule(plan: Plan, backend) -> Iterator[tuple[tuple[int, str], Any, float]]:
@@ -23,6 +24,9 @@ def operand_schedule(plan: Plan, backend) -> Iterator[tuple[tuple[int, str], Any
     target = 2.0 ** plan.params.log_scale_bits
     pending_divisor = None
     for index, ins in enumerate(plan.instructions):
+        if ins.kind == Branch.kind:  # the next ensemble member starts from the input
+            level, scale, pending_divisor = plan.depth, 2.0 ** plan.params.input_scale_bits, None
+            continue
         if pending_divisor is not None and ins.multiplies:
             level, scale, pending_divisor = level - 1, scale / pending_divisor, None
         like = backend.level_stub(level, scale)
@@ -123,12 +127,27 @@ class Executor:
         self._chains = plan.rotation_chains()
         # Set while a two-process evaluation runs (medhe.runtime.split): shares linear layers.
         self.partner = None
+        # Ensemble plans: the input's rotations made by the first member, reused by the others
+        # (their first layers rotate the same input by the same baby steps). Set during run(), per
+        # thread, so that two evaluations at once on one executor keep their own.
+        self._run_state = threading.local()
 
     def _rotate(self, x, step: int):
         """Rotate by `step`: one key rotation, or several when the key budget left it without a key."""
         for key_step in self._chains[step]:
             x = self.backend.rotate(x, key_step)
         return x
+
+    def _rotate_input_once(self, x, step: int):
+        """`_rotate`, made once per evaluation for the input of an ensemble plan. Rotations make new
+        ciphertexts and nothing adds into a rotated baby, so the members can share them."""
+        state = self._run_state
+        if x is not getattr(state, "input", None):
+            return self._rotate(x, step)
+        rotated = state.rotations.get(step)
+        if rotated is None:
+            rotated = state.rotations[step] = self._rotate(x, step)
+        return rotated
 
     def prepare(self) -> int:
         """Encode every plaintext of the plan ahead of the first request. Returns how many."""
@@ -152,7 +171,8 @@ class Executor:
         """The sum over the pairs whose baby step is in `babies` (None: all of them, the layer's
         output without its bias), relinearised."""
         be, weights = self.backend, self.weights
-        rotated = {b: (x if b == 0 else self._rotate(x, b)) for b in (ins.babies if babies is None else babies)}
+        rotated = {b: (x if b == 0 else self._rotate_input_once(x, b))
+                   for b in (ins.babies if babies is None else babies)}
         per_giant: dict[int, Any] = {}
         for p, (g, b) in enumerate(ins.pairs):
             if b not in rotated:
@@ -200,22 +220,40 @@ class Executor:
         be = self.backend
         x = ct
         pending_rescale = False
-        for index, ins in enumerate(self.plan.instructions):
-            start = time.perf_counter()
-            # A linear layer's rescale waits until the next multiplication: pooling and reduce
-            # rotations in between then act at the larger scale, where key-switching noise is
-            # relatively 2^30 smaller.
-            if pending_rescale and ins.multiplies:
-                x, pending_rescale = be.rescale(x), False
-            step = getattr(self, f"_run_{ins.kind}", None)
-            if step is None:
-                raise PlanError(f"this executor cannot run instruction kind {ins.kind!r}")
-            x = step(index, ins, x)
-            pending_rescale = pending_rescale or bool(ins.level_cost)
-            if timings is not None:
-                timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
-            if trace is not None:
-                trace.append(x)
-            if index == stop_after:
-                return x
-        return be.rescale(x) if pending_rescale else x
+        members_done = []  # ensemble plans: the outputs of the members before the current one
+        state = self._run_state
+        if self.plan.members > 1:
+            state.input, state.rotations = ct, {}
+        try:
+            for index, ins in enumerate(self.plan.instructions):
+                start = time.perf_counter()
+                if ins.kind == Branch.kind:
+                    members_done.append(be.rescale(x) if pending_rescale else x)
+                    x, pending_rescale = ct, False
+                else:
+                    x, pending_rescale = self._step(index, ins, x, pending_rescale)
+                if timings is not None:
+                    timings[ins.layer] = timings.get(ins.layer, 0.0) + time.perf_counter() - start
+                if trace is not None:
+                    trace.append(x)
+                if index == stop_after:
+                    return x
+        finally:
+            state.input, state.rotations = None, {}
+        x = be.rescale(x) if pending_rescale else x
+        for output in members_done:  # same level and scale: the members ran the same schedule
+            x = be.add_inplace(x, output)
+        return x
+
+    def _step(self, index: int, ins, x, pending_rescale: bool):
+        """One instruction; returns its output and whether a rescale is pending."""
+        be = self.backend
+        # A linear layer's rescale waits until the next multiplication: pooling and reduce
+        # rotations in between then act at the larger scale, where key-switching noise is
+        # relatively 2^30 smaller.
+        if pending_rescale and ins.multiplies:
+            x, pending_rescale = be.rescale(x), False
+        step = getattr(self, f"_run_{ins.kind}", None)
+        if step is None:
+            raise PlanError(f"this executor cannot run instruction kind {ins.kind!r}")
+        return step(index, ins, x), pending_rescale or bool(ins.level_cost)

@@ -27,14 +27,16 @@ def held_out(dataset: str, card, pneumoniamnist_path):
     return images.astype(np.float32) / 255.0, labels
 
 
-@pytest.mark.parametrize("dataset", ["br35h", "pneumoniamnist"])
+@pytest.mark.parametrize("dataset", ["br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble"])
 def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_line, tmp_path):
     """Both deployments on the same held-out images: weights in clear on the server, and weights
-    encrypted by the model owner under the clinic's public key (encrypted-model mode)."""
-    npz = request.getfixturevalue("pneumoniamnist_npz") if dataset == "pneumoniamnist" else None
+    encrypted by the model owner under the clinic's public key (encrypted-model mode). Every
+    shipped model, the ensembles (one plan for both members) included."""
+    data_name = dataset.removesuffix("-ensemble")
+    npz = request.getfixturevalue("pneumoniamnist_npz") if data_name == "pneumoniamnist" else None
     model_dir = resolve_model_dir(dataset)
     model, card = load_model(model_dir)
-    images, labels = held_out(dataset, card, npz)
+    images, labels = held_out(data_name, card, npz)
     # A deterministic spread over the whole held-out split, both classes included.
     pick = np.linspace(0, len(images) - 1, IMAGES_PER_DATASET).round().astype(int)
     inputs = card.preprocessing.apply_batch(images[pick])

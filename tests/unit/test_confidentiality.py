@@ -24,7 +24,7 @@ from medhe.service.hosting import host_plan
 from tests.leakage import LeakSearch, model_dir_secrets
 
 
-@pytest.fixture(scope="module", params=["br35h", "pneumoniamnist"])
+@pytest.fixture(scope="module", params=["br35h", "pneumoniamnist", "pneumoniamnist-ensemble"])
 def shipped(request):
     model_dir = resolve_model_dir(request.param)
     plan = compile_model(model_dir)
@@ -57,8 +57,10 @@ def client_artifacts(plan, tmp_path) -> dict[str, tuple[bytes, bool]]:
 def test_no_client_side_artifact_holds_a_weight(shipped, tmp_path):
     model_dir, plan, search = shipped
     assert len(search.secrets) > 1000, "the search must cover the model's weights and folded coefficients"
-    # Positive control: the same search finds the weights in the model's own weight file.
-    assert search.find((model_dir / "weights.safetensors").read_bytes())
+    # Positive control: the same search finds the weights in the model's own weight files (an
+    # ensemble's: each member's).
+    weight_files = sorted(model_dir.rglob("weights.safetensors"))
+    assert weight_files and all(search.find(path.read_bytes()) for path in weight_files)
     for name, (blob, is_text) in client_artifacts(plan, tmp_path).items():
         assert search.find(blob, text=is_text) == [], f"{name} holds model weights"
 
