@@ -225,8 +225,6 @@ def compile_ensemble(model_dirs, **options) -> Plan:
     """One plan that averages the logits of several models (e.g. one recipe trained with different
     seeds): each compiled as `compile_model` would (same options), then joined by `join_plans`."""
     model_dirs = [Path(d) for d in model_dirs]
-    if len(model_dirs) < 2:
-        raise ConfigError(f"an ensemble needs at least two models, got {len(model_dirs)}")
     budget = {key: options.pop(key) for key in ("max_galois_keys", "max_key_mb") if key in options}
     # One key per step for each member: the key budget is chosen once, for the joined plan.
     plans = [compile_model(d, max_galois_keys=None, max_key_mb=None, **options) for d in model_dirs]

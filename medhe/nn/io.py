@@ -154,16 +154,14 @@ class MeanOfModels(nn.Module):
 def load_model(directory: str | Path) -> tuple[nn.Module, ModelCard]:
     """Rebuild the torch model (eval mode) and its card from a model directory. An ensemble
     directory gives `MeanOfModels` and its first member's card (the members share preprocessing,
-    classes and data set: `medhe ensemble` checks), with the ensemble's own metrics."""
+    classes and data set: `ensemble_members` checks), its metrics naming the members."""
     directory = Path(directory)
     members = ensemble_members(directory)
     if members is not None:
         loaded = [_load_single(member) for member in members]
         card = loaded[0][1]
-        metrics_file = directory / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         card = ModelCard(card.arch, card.preprocessing, card.class_names, card.dataset,
-                         {"members": [str(m) for m in members], **metrics})
+                         {"members": [str(m) for m in members]})
         return MeanOfModels([model for model, _ in loaded]).eval(), card
     return _load_single(directory)
 

@@ -131,6 +131,7 @@ class Executor:
         # (their first layers rotate the same input by the same baby steps). Set during run(), per
         # thread, so that two evaluations at once on one executor keep their own.
         self._run_state = threading.local()
+        self._ensemble = plan.members > 1
 
     def _rotate(self, x, step: int):
         """Rotate by `step`: one key rotation, or several when the key budget left it without a key."""
@@ -222,7 +223,7 @@ class Executor:
         pending_rescale = False
         members_done = []  # ensemble plans: the outputs of the members before the current one
         state = self._run_state
-        if self.plan.members > 1:
+        if self._ensemble:
             state.input, state.rotations = ct, {}
         try:
             for index, ins in enumerate(self.plan.instructions):

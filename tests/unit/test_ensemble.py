@@ -20,7 +20,8 @@ from medhe.plan import Branch, Plan
 from medhe.protocol.owner import ModelOwner
 from medhe.runtime.clear import ClearBackend
 from medhe.runtime.executor import Executor
-from tests.helpers import client_and_both_servers, compile_torch, pack, randomize_bn, torch_out, two_block_model
+from tests.helpers import (client_and_both_servers, compile_torch, pack, randomize_bn, run_plan, torch_out,
+                           two_block_model)
 
 SHAPE = (1, 16, 16)
 EXACT = 1e-9
@@ -38,8 +39,7 @@ def _plans(members):
 
 def _run(plan, x, backend=None, trace=None):
     backend = backend or ClearBackend(plan.params)
-    out = Executor(plan, backend).run(backend.encrypt(pack(plan, x)), trace=trace)
-    return backend.decrypt(out)[plan.output_layout.slots(plan.params.slot_count)]
+    return run_plan(plan, backend, backend, x, trace=trace)  # the clear backend is both sides
 
 
 @pytest.mark.parametrize("count", [2, 3])
