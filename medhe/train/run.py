@@ -22,7 +22,8 @@ import numpy as np
 from medhe.errors import ConfigError
 from medhe.nn.io import ModelCard, save_model
 from medhe.nn.model import ArchConfig
-from medhe.train.datasets import DATASETS, PreparedData, prepare_br35h_random_split, prepare_dataset
+from medhe.train.datasets import (DATASETS, PreparedData, prepare_br35h_random_split, prepare_dataset,
+                                  resolve_image_size)
 from medhe.train.input_profile import describe_profile, fit_profile
 from medhe.train.loop import predict_logits, softmax_positive, train_model
 from medhe.train.metrics import binary_report, save_confusion_png, save_roc_png
@@ -207,6 +208,10 @@ def run_training(options: TrainOptions, log: Callable[[str], None] = print) -> d
     if options.leakage_demo and options.dataset != "br35h":
         raise ConfigError("--leakage-demo is for br35h (PneumoniaMNIST comes pre-split)")
     settings = options.settings()
+    from medhe.compiler.compile import check_conv_fits  # before minutes of training, not after
+
+    planned = options.arch(resolve_image_size(options.dataset, options.image_size), options.activation)
+    check_conv_fits(planned.image_size, planned.in_channels, planned.conv_channels)
 
     log(f"loading {options.dataset} ...")
     data = prepare_dataset(options.dataset, data_file=options.data_file, image_size=options.image_size,

@@ -27,15 +27,16 @@ def held_out(dataset: str, card, pneumoniamnist_path):
     return images.astype(np.float32) / 255.0, labels
 
 
-@pytest.mark.parametrize("dataset", ["br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble"])
+@pytest.mark.parametrize("dataset", ["br35h", "pneumoniamnist", "br35h-ensemble", "pneumoniamnist-ensemble",
+                                     "br35h-64"])
 def test_encrypted_agrees_with_plaintext_at_128_bits(dataset, request, report_line, tmp_path):
     """Both deployments on the same held-out images: weights in clear on the server, and weights
     encrypted by the model owner under the clinic's public key (encrypted-model mode). Every
-    shipped model, the ensembles (one plan for both members) included."""
-    data_name = dataset.removesuffix("-ensemble")
-    npz = request.getfixturevalue("pneumoniamnist_npz") if data_name == "pneumoniamnist" else None
+    shipped model, the ensembles (one plan for both members) and the 64x64 Br35H model included."""
     model_dir = resolve_model_dir(dataset)
     model, card = load_model(model_dir)
+    data_name = card.dataset["name"]
+    npz = request.getfixturevalue("pneumoniamnist_npz") if data_name == "pneumoniamnist" else None
     images, labels = held_out(data_name, card, npz)
     # A deterministic spread over the whole held-out split, both classes included.
     pick = np.linspace(0, len(images) - 1, IMAGES_PER_DATASET).round().astype(int)

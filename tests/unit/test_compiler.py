@@ -177,6 +177,7 @@ def _check_end_to_end_and_per_layer(model, plan, image_size: int) -> None:
     (32, {"conv_channels": (8, 8, 8)}, 5, 16),
     (28, {"hidden_units": 10}, 4, 20),  # groups of 4: the last one partial
     (28, {"conv_channels": (8, 8, 8), "hidden_units": 0}, 4, 30),  # the only dense layer is the last: diagonals
+    (64, {"conv_channels": (4, 4)}, 4, 20),  # 4 maps of 64x64 fill N=32768's 16384 slots
 ])
 def test_other_architectures_end_to_end_on_clear_backend(image_size, arch, rescales, max_dense_rotations):
     model = _default_model(image_size, **arch)

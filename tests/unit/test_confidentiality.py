@@ -24,7 +24,7 @@ from medhe.service.hosting import host_plan
 from tests.leakage import LeakSearch, model_dir_secrets
 
 
-@pytest.fixture(scope="module", params=["br35h", "pneumoniamnist", "pneumoniamnist-ensemble"])
+@pytest.fixture(scope="module", params=["br35h", "pneumoniamnist", "pneumoniamnist-ensemble", "br35h-64"])
 def shipped(request):
     model_dir = resolve_model_dir(request.param)
     plan = compile_model(model_dir)

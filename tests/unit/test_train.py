@@ -371,6 +371,26 @@ def test_cli_error_is_a_message_and_exit_code_2(tmp_path, capsys):
     assert "error" in err and "model.json" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("size,channels,fits", [
+    (64, "8,8", False),  # 8 maps of 4096 pixels: 32768 slots, N=32768 has 16384
+    (64, "4,8", False),  # pooling keeps a map's 4096-slot block, so the second block counts too
+    (64, "4,4", True),
+    (40, "8,8", True),   # 1600 pixels take a 2048-slot block: 8 x 2048 = 16384
+])
+def test_train_refuses_a_network_one_ciphertext_cannot_hold_before_loading_data(tmp_path, capsys, size,
+                                                                                  channels, fits):
+    missing = tmp_path / "missing.npz"  # the slot check comes first, so a fitting network fails on this
+    code = main(["train", "--dataset", "pneumoniamnist", "--data-file", str(missing), "--out", str(tmp_path / "m"),
+                 "--image-size", str(size), "--conv-channels", channels])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    if fits:
+        assert "slots" not in err and "missing.npz" in err
+    else:
+        assert f"of {size}x{size} need 32768 slots" in err and "at most 4 channels per conv block" in err, err
+        assert not (tmp_path / "m").exists()
+
+
 def test_cli_evaluate_shipped_pneumoniamnist_writes_report(tmp_path, capsys):
     if not PNEUMONIAMNIST_NPZ.is_file():
         pytest.skip(f"{SHARED} is absent")
