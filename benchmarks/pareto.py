@@ -65,17 +65,30 @@ COMPILE_ONLY = {"br35h": {"64x64 default": {"image_size": 64}}}
 
 
 def candidates_for(dataset: str, names: list[str] | None) -> tuple[dict, dict]:
-    """(trained candidates, compile-only candidates) of a data set, all or the named ones."""
+    """(trained candidates, compile-only candidates) of a data set: all, or those of `names` that
+    it has (check_candidate_names has refused names that no data set has)."""
     trained = {**CANDIDATES, **DATASET_CANDIDATES.get(dataset, {})}
     compile_only_rows = COMPILE_ONLY.get(dataset, {})
     if names is None:
         return trained, compile_only_rows
-    unknown = [name for name in names if name not in trained and name not in compile_only_rows]
-    if unknown:
-        raise SystemExit(f"{dataset}: unknown candidate(s) {unknown}; choose from "
-                         f"{list(trained) + list(compile_only_rows)}")
     return ({name: trained[name] for name in names if name in trained},
             {name: compile_only_rows[name] for name in names if name in compile_only_rows})
+
+
+def check_candidate_names(datasets: list[str], names: list[str] | None) -> str | None:
+    """Why `names` cannot run on `datasets` (before anything is trained), or None."""
+    if names is None:
+        return None
+    known = {dataset: set(CANDIDATES) | set(DATASET_CANDIDATES.get(dataset, {})) | set(COMPILE_ONLY.get(dataset, {}))
+             for dataset in datasets}
+    unknown = [name for name in names if not any(name in names_of for names_of in known.values())]
+    if unknown:
+        return f"unknown candidate(s) {unknown}; choose from {sorted(set().union(*known.values()))}"
+    trained_none = [dataset for dataset in datasets
+                    if not any(name in CANDIDATES or name in DATASET_CANDIDATES.get(dataset, {}) for name in names)]
+    if trained_none:
+        return f"no candidate to train for {', '.join(trained_none)}: name at least one (e.g. default)"
+    return None
 
 
 def _member_dir(dataset: str, channels, seed: int, work: Path, data_file, reuse: bool,
@@ -279,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--limit must be >= 1 and --budget-s > 0")
     if args.seeds[0] != 0 or len(set(args.seeds)) != len(args.seeds):
         parser.error("--seeds must start with 0 (the shipped model's seed) and not repeat")
+    problem = check_candidate_names(args.datasets, args.candidates)
+    if problem:
+        parser.error(f"--candidates: {problem}")
 
     started = time.perf_counter()
     results: dict = {}

@@ -75,7 +75,7 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="hidden dense units (default 16; 0: the conv features go straight to the logits)")
     p.add_argument("--seed", type=int, default=0, help="seed of weights, shuffling and augmentation (default 0)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="image side in pixels, <= 64; above 32 at most 4 channels per conv block, which one "
+                   help="image side in pixels, <= 64; from 46 on at most 4 channels per conv block, which one "
                         "ciphertext holds (default: br35h 32, pneumoniamnist 28)")
     p.add_argument("--crop", choices=CROP_RULES, default=None,
                    help="how a full-size image is cropped before resizing; stored with the model and applied "

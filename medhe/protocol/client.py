@@ -219,7 +219,16 @@ class Client:
         if label is not None:
             extra["label"] = label
             wire.batch_label(extra)  # refuse a malformed label here, not at the server
-        parts = self._backend.encrypt_serialized(features, workers=helper_count(workers))
+        # One ciphertext per input value: the first one's size says whether the batch fits one
+        # message, before minutes of encryption (a 64x64 input is 4096 ciphertexts, over the limit).
+        first = self._backend.encrypt_serialized(features[:1])
+        limit_bytes = wire.MAX_PAYLOAD_BYTES["batch_ciphertext"]
+        if len(first[0]) * features.shape[0] > limit_bytes:
+            raise ConfigError(
+                f"throughput mode sends one ciphertext per input value: {features.shape[0]} of "
+                f"{len(first[0]) / 2**20:.2f} MiB, {len(first[0]) * features.shape[0] / 2**30:.1f} GiB per batch, "
+                f"over the {limit_bytes / 2**30:g} GiB batch message limit; use latency mode for this model")
+        parts = first + self._backend.encrypt_serialized(features[1:], workers=helper_count(workers))
         return wire.encode_parts("batch_ciphertext", parts, key_id=self.key_id, extra=extra, **self._ids)
 
     def decrypt_batch(self, result: bytes, *, expect_label: str | None = None) -> np.ndarray:

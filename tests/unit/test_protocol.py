@@ -194,6 +194,22 @@ def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
     np.testing.assert_allclose(logits, expected, atol=1e-9)
     with pytest.raises(ConfigError, match="batch must have shape"):
         client.encrypt_batch(np.zeros((3, 1, SIZE + 1, SIZE)))
+    # A batch whose ciphertexts (one per input value) would exceed the message limit is refused
+    # after the first one is encrypted, not after all of them.
+    from medhe.protocol import wire
+
+    one_bytes = len(client._backend.encrypt_serialized(np.zeros((1, plan.batch_size)))[0])
+    calls = []
+    real_encrypt = client._backend.encrypt_serialized
+    client._backend.encrypt_serialized = lambda rows, **kw: calls.append(len(rows)) or real_encrypt(rows, **kw)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(wire.MAX_PAYLOAD_BYTES, "batch_ciphertext", one_bytes * SIZE * SIZE - 1)
+        with pytest.raises(ConfigError, match=f"{SIZE * SIZE} of .* over the .* batch message limit; use latency mode"):
+            client.encrypt_batch(x)
+        assert calls == [1]
+        patch.setitem(wire.MAX_PAYLOAD_BYTES, "batch_ciphertext", one_bytes * SIZE * SIZE + 10**6)
+        client.encrypt_batch(x[:2])  # at the limit's side that fits, the whole batch is encrypted
+        assert calls == [1, 1, SIZE * SIZE - 1]
 
 
 def test_secret_key_file_is_private_atomic_and_never_follows_links(plan, tmp_path):
