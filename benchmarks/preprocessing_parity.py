@@ -13,6 +13,10 @@ the wider source we do not have); the shipped recipe (center_square) recovers th
 stretching the whole canvas does not.
 
     python benchmarks/preprocessing_parity.py [--stretch-model DIR] [--data-file PATH.npz]
+                                              [--extra-models NAME ...] [--no-stretch] [--out PATH.json]
+
+`--extra-models` scores more Br35H models on the same framings (e.g. br35h-64, the 64x64
+model); `--no-stretch` leaves out the old-recipe model (nothing is trained).
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ def train_stretch_model(out: Path) -> Path:
     return out
 
 
-def br35h_rows(stretch_model: Path) -> list[dict]:
+def br35h_rows(stretch_model: Path | None, extra_models: tuple[str, ...] = ()) -> list[dict]:
     from medhe.data.br35h import br35h_split_files
     from medhe.data.images import load_image
     from medhe.nn.io import load_model, resolve_model_dir
@@ -80,7 +84,13 @@ def br35h_rows(stretch_model: Path) -> list[dict]:
     for path, _ in files:
         for name, image in br35h_framings(load_image(path)):
             framed.setdefault(name, []).append(image)
-    models = {"shipped": load_model(resolve_model_dir("br35h")), "stretch": load_model(stretch_model)}
+    models = {"shipped": load_model(resolve_model_dir("br35h"))}
+    if stretch_model is not None:
+        models["stretch"] = load_model(stretch_model)
+    for name in extra_models:
+        models[name] = load_model(resolve_model_dir(name))
+        if models[name][1].dataset.get("name") != "br35h":
+            raise SystemExit(f"--extra-models {name}: not a Br35H model")
     rows = []
     for framing, images in framed.items():
         row = {"dataset": "br35h test", "framing": framing, "n": len(images)}
@@ -127,15 +137,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stretch-model", type=Path, default=None,
                         help="a Br35H model trained with --crop stretch (default: train one now)")
     parser.add_argument("--data-file", default=None, help="PneumoniaMNIST npz (default: ../shared copy)")
+    parser.add_argument("--extra-models", nargs="+", default=[], metavar="NAME",
+                        help="more Br35H models (directories or shipped names) scored on the same framings")
+    parser.add_argument("--no-stretch", action="store_true",
+                        help="leave out the old-recipe (stretch) model: nothing is trained")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.no_stretch and args.stretch_model is not None:
+        parser.error("--no-stretch and --stretch-model exclude each other")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as scratch:
-        stretch_model = args.stretch_model or train_stretch_model(Path(scratch) / "br35h-stretch")
-        rows = br35h_rows(stretch_model) + pneumonia_rows(args.data_file)
-    print_table(rows, [("dataset", "dataset", ""), ("framing", "framing", ""), ("n", "n", "d"),
-                       ("shipped_accuracy", "shipped ACC", ".4f"), ("shipped_auc", "shipped AUC", ".4f"),
-                       ("stretch_accuracy", "stretch ACC", ".4f"), ("stretch_auc", "stretch AUC", ".4f")])
+        stretch_model = None if args.no_stretch else (
+            args.stretch_model or train_stretch_model(Path(scratch) / "br35h-stretch"))
+        rows = br35h_rows(stretch_model, tuple(args.extra_models)) + pneumonia_rows(args.data_file)
+    keys = ["shipped"] + ([] if args.no_stretch else ["stretch"]) + list(args.extra_models)
+    print_table(rows, [("dataset", "dataset", ""), ("framing", "framing", ""), ("n", "n", "d")]
+                + [(f"{key}_{metric}", f"{key} {metric.replace('accuracy', 'ACC').replace('auc', 'AUC')}", ".4f")
+                   for key in keys for metric in ("accuracy", "auc")])
     write_json("preprocessing_parity.json", {"machine": machine(), "rows": rows,
                                              "seconds": round(time.perf_counter() - start, 1)}, args.out)
     return 0
