@@ -9,7 +9,8 @@ time: one core). Here an ensemble's members run as separate plans, one after the
 latency is their sum and its probability their mean; medhe serves an ensemble as one plan (`medhe
 ensemble`, mean of the logits, the input's first rotations shared), measured by ensemble.py.
 For Br35H a 64x64-input candidate with 4 channels per block is trained too (8 channels of 64x64 do
-not fit one ciphertext); it is scored on the same scans read at 64x64. Architectures that do not
+not fit one ciphertext), and a 40x40 one with the default's 8; each is scored on the same scans
+read at its own size. Architectures that do not
 compile are rows with the compiler's reason.
 
 With `--seeds 0 1 2` every single-model candidate is trained once per seed ("default" is the
@@ -56,8 +57,9 @@ CANDIDATES = {
     "ensemble 2x default": [(None, 0), ((8, 8), 1)],
 }
 # Candidates of one data set only: Br35H's scans are large enough for a 64x64 input, which one
-# ciphertext (N=32768) holds with 4 channels per conv block, not 8 (medhe.compiler.check_conv_fits).
-DATASET_CANDIDATES = {"br35h": {"64x64 narrow 4,4": [((4, 4), 0, 64)]}}
+# ciphertext (N=32768) holds with 4 channels per conv block, not 8 (medhe.compiler.check_conv_fits);
+# 8 channels fit up to 45x45 (a map's 2048-slot block), so 40x40 keeps the default's width.
+DATASET_CANDIDATES = {"br35h": {"64x64 narrow 4,4": [((4, 4), 0, 64)], "40x40 default": [((8, 8), 0, 40)]}}
 # What a shipped model must keep (issue 8): a candidate below them cannot be chosen.
 FLOORS = {"pneumoniamnist": {"accuracy": 0.96, "auc": 0.99}, "br35h": {"accuracy": 0.97}}
 # Not trained: they do not compile (the row gives the compiler's reason).
