@@ -11,6 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medhe.train.cpu_kernels import pin_cpu_kernels
+
+pin_cpu_kernels()  # before a script imports torch, so its trainings give `medhe train`'s bits
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -57,6 +57,12 @@ def add_backend_argument(parser: argparse.ArgumentParser) -> None:
                         help="seal: real CKKS (default); clear: no encryption, for debugging")
 
 
+def add_ca_file_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ca-file", metavar="CERT.pem",
+                        help="certificate (or CA bundle) to trust for an https server with its own (self-signed) "
+                             "certificate (default: the system's CAs)")
+
+
 def load_plan(args):
     from medhe.plan import Plan
 
@@ -187,7 +193,7 @@ def cmd_encrypt_model(args) -> int:
         from medhe.protocol.owner import ENCRYPTED_MODEL_FILE
         from medhe.protocol.remote import RemoteClient
 
-        remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"))
+        remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), verify=args.ca_file or True)
         try:
             key_id = remote.register_encrypted_model(Path(out) / ENCRYPTED_MODEL_FILE)
         finally:
@@ -267,12 +273,38 @@ def cmd_diagnose(args) -> int:
         print(f"model encrypted under the client's public key in {session.model_encrypt_s:.1f} s "
               f"({session.encrypted_model_bytes / 2**20:.0f} MiB); the server holds no weight in clear")
     print(f"{'image':<40}{'label':<12}{'P(label)':>9}{'encrypt s':>11}{'server s':>10}{'decrypt s':>11}")
-    for image in args.images:
-        r = session.diagnose_image(image)
+    unreadable: list[str] = []
+    for image, r in _each_readable(args.images, session.diagnose_image, unreadable):
         print(f"{str(image)[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.encrypt_s:>11.3f}"
               f"{r.server_s:>10.3f}{r.decrypt_s:>11.3f}")
         _warn_if_atypical(str(image), r.input_check)
-    return 0
+    return _report_unreadable(unreadable, len(args.images))
+
+
+def _each_readable(images, diagnose_one, unreadable: list[str]):
+    """(image, diagnose_one(image)) for each image; one that cannot be read (ImageLoadError) is listed
+    in `unreadable` and on stderr, and the others are still diagnosed."""
+    from tqdm import tqdm
+
+    from medhe.errors import ImageLoadError
+
+    for image in images:
+        try:
+            result = diagnose_one(image)
+        except ImageLoadError as exc:
+            unreadable.append(str(image))
+            tqdm.write(f"{str(image)[-39:]:<40}not diagnosed: {exc}", file=sys.stderr)
+        else:
+            yield image, result
+
+
+def _report_unreadable(unreadable: list[str], total: int) -> int:
+    """Exit code 2 and a summary on stderr if any image could not be read, else 0."""
+    if not unreadable:
+        return 0
+    print(f"medhe diagnose: {len(unreadable)} of {total} images could not be read and were not diagnosed: "
+          f"{', '.join(unreadable)}", file=sys.stderr)
+    return 2
 
 
 def _warn_if_atypical(image: str, check: dict | None) -> None:
@@ -315,10 +347,11 @@ def _diagnose_remote(args) -> int:
         raise ConfigError("with --server the server holds the model: name it with --model (see the server's "
                           "GET /v1/models), not --plan or --encrypted-model")
     images = _image_files(args.images) if args.batch else args.images
+    unreadable: list[str] = []
     for image in images:
         _existing_file(image, "image file")
     remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
-                          backend=args.backend)
+                          backend=args.backend, verify=args.ca_file or True)
     try:
         model = args.model
         if model is None:
@@ -341,16 +374,16 @@ def _diagnose_remote(args) -> int:
                 results = remote.diagnose_batch(images, model, accept_new=args.accept_new_model,
                                                 on_batch=lambda done, total: bar.update(1))
         else:
-            results = (remote.diagnose(image, model, accept_new=args.accept_new_model)
-                       for image in tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None,
-                                         leave=False))
+            shown = tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None, leave=False)
+            results = (r for _, r in _each_readable(
+                shown, lambda image: remote.diagnose(image, model, accept_new=args.accept_new_model), unreadable))
         for r in results:
             tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.preprocess_s:>8.3f}"
                        f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
             _warn_if_atypical(r.image, r.input_check)
     finally:
         remote.close()
-    return 0
+    return _report_unreadable(unreadable, len(images))
 
 
 def _key_budget(text: str) -> float | str:
@@ -394,6 +427,7 @@ def register(subparsers) -> None:
     p.add_argument("--server", metavar="URL", help="also upload it to this diagnosis server (`medhe serve`, "
                                                    "the model hosted in encrypted-model mode)")
     p.add_argument("--token", help="the model owner's token for --server (default: $MEDHE_TOKEN)")
+    add_ca_file_argument(p)
     add_backend_argument(p)
     p.set_defaults(func=cmd_encrypt_model)
 
@@ -433,6 +467,7 @@ def register(subparsers) -> None:
     p.add_argument("--server", metavar="URL", help="diagnose with a remote diagnosis server (`medhe serve`): "
                                                    "only ciphertexts leave this machine; --model names its model")
     p.add_argument("--token", help="the clinic's access token for --server (default: $MEDHE_TOKEN)")
+    add_ca_file_argument(p)
     p.add_argument("--keys", metavar="DIR", help="with --server: where this clinic's keys and model pins are kept "
                                                  "(default: ~/.medhe/servers/HOST_PORT)")
     p.add_argument("--batch", action="store_true",

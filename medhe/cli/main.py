@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from medhe.train.cpu_kernels import pin_cpu_kernels
+
+    pin_cpu_kernels()  # before anything imports torch: same training bits on every x86-64 CPU
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

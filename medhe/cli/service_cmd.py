@@ -111,7 +111,8 @@ def cmd_serve(args) -> int:
     for model in models:
         mode = "encrypted-model mode: the weights are ciphertexts" if model.encrypted_model else "plain weights"
         print(f"model {model.name}: spec {model.spec_digest[:16]} ({mode})")
-    print(f"serving on {scheme}://{args.host}:{args.port} with {workers} worker process(es)"
+    evaluation = f"{workers} worker process(es)" if workers else "evaluation in a thread of the server (--workers 0)"
+    print(f"serving on {scheme}://{args.host}:{args.port} with {evaluation}"
           f"{'' if not args.no_auth else ' WITHOUT access control (--no-auth)'}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.ssl_certfile,
                 ssl_keyfile=args.ssl_keyfile, timeout_keep_alive=5, limit_concurrency=args.max_connections,
@@ -183,7 +184,7 @@ def cmd_token(args) -> int:
 
 
 def register(subparsers) -> None:
-    from medhe.cli.he_cmd import add_backend_argument
+    from medhe.cli.he_cmd import add_backend_argument, add_ca_file_argument
 
     p = subparsers.add_parser("serve", help="server: run the encrypted diagnosis HTTP service")
     p.add_argument("--model", nargs="+", metavar="NAME_OR_DIR",
@@ -244,8 +245,7 @@ def register(subparsers) -> None:
     p.add_argument("--allow-remote-host", action="store_true",
                    help="let --host be an address other machines reach (put your own access control in front)")
     p.add_argument("--max-file-mb", type=float, default=256, help="largest image file read, in MiB (default 256)")
-    p.add_argument("--ca-file", help="certificate (or CA bundle) to trust for an https server with its own "
-                                     "certificate")
+    add_ca_file_argument(p)
     add_backend_argument(p)
     p.set_defaults(func=cmd_clinic)
 

@@ -62,6 +62,12 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ema-decay", type=float, default=None, metavar="D",
                    help="keep (and early-stop on) an exponential moving average of the weights, updated "
                         f"every step with decay D in [0, 1); 0 = off (default: {default('ema_decay')})")
+    p.add_argument("--mixup", dest="mixup_alpha", type=float, default=None, metavar="ALPHA",
+                   help="train on mixtures of image pairs, weight ~ Beta(ALPHA, ALPHA) per batch, with the "
+                        f"labels' losses mixed alike; 0 = off (default: {default('mixup_alpha')})")
+    p.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
+                   help="training targets give EPS of their mass to the other class; 0 = off "
+                        f"(default: {default('label_smoothing')})")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
                    help="youden: the decision threshold maximising sensitivity + specificity on the "
                         "early-stopping split, folded into the output layer's bias so every decision "
@@ -121,6 +127,7 @@ def cmd_train(args) -> int:
         batch_size=args.batch_size, lr=args.lr, patience=args.patience, augment=args.augment,
         shift_augment=args.shift_augment, geometric_augment=args.geometric_augment,
         class_balanced=args.class_balanced, threshold_rule=args.threshold_rule, ema_decay=args.ema_decay,
+        mixup_alpha=args.mixup_alpha, label_smoothing=args.label_smoothing,
         conv_channels=args.conv_channels, pool_sizes=args.pool_sizes, hidden_units=args.hidden_units, seed=args.seed,
         image_size=args.image_size, crop=args.crop, resize_filter=args.resize_filter,
         normalization=args.normalization, activation=args.activation,

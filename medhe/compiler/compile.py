@@ -13,7 +13,7 @@ from medhe.compiler.lower import lower_ops
 from medhe.compiler.passes import WEIGHTED, naive_levels, optimize, optimized_levels
 from medhe.compiler.trace import trace_model_dir
 from medhe.errors import ConfigError, PlanError
-from medhe.nn.modeldir import ensemble_members
+from medhe.nn.modeldir import ensemble_members, first_difference
 from medhe.params import MAX_LOG_Q_128, MAX_PRIME_BITS, CKKSParams, choose_params
 from medhe.plan import AddPlain, Branch, Linear, Plan, rescale_factors
 
@@ -282,7 +282,10 @@ def join_plans(plans: list[Plan], names: list[str] | None = None, *, max_galois_
 
     reference = agreed(first)
     for name, plan in zip(names[1:], plans[1:]):
-        differing = [what for what, value in agreed(plan).items() if value != reference[what]]
+        # Preprocessing holds fitted numbers, equal to the last bits only on the same CPU.
+        differing = [what for what, value in agreed(plan).items()
+                     if (first_difference(reference[what], value, what) if what == "preprocessing"
+                         else value != reference[what])]
         if differing:
             raise PlanError(f"{name} cannot join an ensemble with {names[0]}: their {', '.join(differing)} "
                             "differ (members need the same input, classes, levels and output slots)")

@@ -332,7 +332,9 @@ def describe_image_bytes(data: bytes, name: str) -> dict[str, str]:
         except Image.DecompressionBombError as exc:
             raise ImageLoadError(f"{name}: image is implausibly large ({exc}).") from exc
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-            raise ImageLoadError(f"{name}: not a recognised image file; expected PNG, JPEG or DICOM ({exc}).") from exc
+            # (Pillow's message names the in-memory buffer, nothing the user gave.)
+            raise ImageLoadError(f"{name}: not a recognised image file; expected PNG, JPEG, BMP, TIFF or DICOM "
+                                 f"({type(exc).__name__}).") from exc
     import pydicom
     from pydicom.errors import InvalidDicomError
 

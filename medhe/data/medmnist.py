@@ -63,6 +63,9 @@ def load_medmnist_npz(path: str | os.PathLike[str], split: str) -> tuple[np.ndar
         )
     images_key = f"{split}{IMAGES_SUFFIX}"
     labels_key = f"{split}{LABELS_SUFFIX}"
+    if not zipfile.is_zipfile(path):  # else numpy reads it as a pickle and says so
+        raise DataError(f"{path}: not an .npz file (a zip archive of arrays, as MedMNIST ships); expected "
+                        f"'{images_key}' and '{labels_key}' arrays")
     try:
         # allow_pickle=False: an .npz from elsewhere must not be able to run code on load.
         with np.load(path, allow_pickle=False) as archive:

@@ -5,6 +5,7 @@ and clinic commands use only this."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from medhe.errors import ModelFormatError
@@ -49,16 +50,42 @@ def ensemble_members(directory: str | Path) -> list[Path] | None:
 # What the members of an ensemble must share: what the clinic applies to an image, what the
 # logits mean, and the data (so every member's held-out splits are the same images).
 ENSEMBLE_AGREEMENT = ("input_shape", "preprocessing", "class_names", "dataset")
+# Fitted numbers (the training set's mean and std, the input check's profile) are sums over the same
+# images: on another CPU their last bits differ (measured: 1e-10 in a profile), which is no difference.
+FITTED_NUMBER_REL_TOL = 1e-6
+
+
+def first_difference(first, other, where: str) -> str | None:
+    """The path of the first field where two model.json values differ (floats within
+    FITTED_NUMBER_REL_TOL count as equal), or None."""
+    if isinstance(first, dict) and isinstance(other, dict):
+        if first.keys() != other.keys():
+            return f"{where} (fields {sorted(set(first) ^ set(other))})"
+        return next((found for key in first if (found := first_difference(first[key], other[key], f"{where}.{key}"))),
+                    None)
+    if isinstance(first, list) and isinstance(other, list):
+        if len(first) != len(other):
+            return f"{where} (length {len(first)} vs {len(other)})"
+        return next((found for i, (a, b) in enumerate(zip(first, other))
+                     if (found := first_difference(a, b, f"{where}[{i}]"))), None)
+    numbers = (int, float)
+    if isinstance(first, float) or isinstance(other, float):
+        if isinstance(first, numbers) and isinstance(other, numbers) and not isinstance(first, bool) \
+                and not isinstance(other, bool) and math.isclose(first, other, rel_tol=FITTED_NUMBER_REL_TOL):
+            return None
+        return f"{where} ({first!r} vs {other!r})"
+    return None if first == other and type(first) is type(other) else f"{where} ({first!r} vs {other!r})"
 
 
 def check_ensemble_agreement(member_dirs: list[Path], docs: list[dict]) -> None:
     """ModelFormatError naming what differs between the first member's model.json and another's."""
     for member, doc in zip(member_dirs[1:], docs[1:]):
-        differing = [key for key in ENSEMBLE_AGREEMENT if doc.get(key) != docs[0].get(key)]
+        differing = [found for key in ENSEMBLE_AGREEMENT
+                     if (found := first_difference(docs[0].get(key), doc.get(key), key))]
         if differing:
             raise ModelFormatError(f"{member} cannot join an ensemble with {member_dirs[0]}: their "
-                                   f"{', '.join(differing)} differ (train the members on the same data with the "
-                                   "same preprocessing)")
+                                   f"{'; '.join(differing)} differ (members must be trained on the same data "
+                                   "with the same preprocessing and classes)")
 
 
 def read_model_json(directory: str | Path) -> dict:

@@ -173,7 +173,8 @@ class Client:
         """Place a preprocessed input (C, H, W) into the slot vector, copies included."""
         x = np.asarray(model_input, dtype=np.float64)
         if self.spec.mode != "latency":
-            raise ConfigError("this client spec is for throughput mode; use encrypt_batch")
+            raise ConfigError("this client spec is for throughput mode; use encrypt_batch (on the command line: "
+                              "diagnose --batch)")
         if x.shape != tuple(self.spec.input_shape):
             raise ConfigError(f"model input must have shape {tuple(self.spec.input_shape)}, got {x.shape}")
         if not np.isfinite(x).all():

@@ -85,8 +85,10 @@ class RemoteClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            hint = ("; if the server has its own (self-signed) certificate, trust it with --ca-file CERT.pem "
+                    "(Python: RemoteClient(..., verify='CERT.pem'))" if "CERTIFICATE_VERIFY_FAILED" in str(exc) else "")
             raise RemoteError(0, "unreachable", f"the diagnosis server at {self.server_url} cannot be reached "
-                                                f"({type(exc).__name__}: {exc})") from None
+                                                f"({type(exc).__name__}: {exc}){hint}") from None
         if response.status_code >= 400:
             try:
                 body = response.json()

@@ -41,6 +41,10 @@ def evaluate_plaintext(model_dir: str | Path, images_gray01, labels) -> dict:
     return add_input_check(report, card, inputs)
 
 
+# By design the check flags about 1% of held-out images; over half flagged means other data.
+MOSTLY_ATYPICAL_FRACTION = 0.5
+
+
 def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
     """Add what the clinic's input check says of these images (None without a profile): how many
     it flags as unlike the training images, the accuracy on the typical and on the flagged ones,
@@ -62,6 +66,11 @@ def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
         "accuracy_typical": accuracy(typical), "accuracy_flagged": accuracy(~typical),
     }
     report["per_image"]["input_typical"] = typical.tolist()
+    if (~typical).mean() > MOSTLY_ATYPICAL_FRACTION:
+        report["warning"] = (
+            f"{int((~typical).sum())} of {typical.size} images are unlike the images this model was trained on "
+            f"({(card.dataset or {}).get('name', 'its training data')}): is this data of the model's kind "
+            "(modality, view, class folders)? Scores of a model on data it is not for mean little")
     return report
 
 
@@ -271,7 +280,8 @@ def load_image_folder(root: str | Path, card: ModelCard, class_dirs: tuple[str, 
         raise ConfigError(f"--class-dirs needs {len(card.class_names)} folder names, one per class "
                           f"{card.class_names}, got {names}")
     if not root.is_dir():
-        raise DataError(f"{root}: not a folder; expected one subfolder per class named {names}")
+        raise DataError(f"{root}: {'not a folder' if root.exists() else 'no such folder'}; expected a folder with "
+                        f"one subfolder per class named {names}")
     subfolders = {child.name.casefold(): child for child in root.iterdir() if child.is_dir()}
     per_class: list[list[tuple[Path, int]]] = []
     used: dict[Path, str] = {}  # subfolder -> the class it was given to
@@ -420,6 +430,8 @@ def format_report_table(report: dict) -> str:
         rows.append(("atypical inputs", f"{check['flagged']} of {check['n']} flagged as unlike the training images "
                                         f"(accuracy {fmt(check['accuracy_typical'])} on the rest, "
                                         f"{fmt(check['accuracy_flagged'])} on the flagged)"))
+    if report.get("warning"):
+        rows.append(("WARNING", report["warning"]))
     if report.get("encrypted"):
         rows += [
             ("agreement", fmt(report.get("agreement"))),

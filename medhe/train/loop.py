@@ -8,6 +8,7 @@ data and settings give the same weights bit for bit.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 import time
 from contextlib import contextmanager
@@ -266,6 +267,8 @@ def train_model(
     class_balanced: bool = False,
     per_image: bool = False,
     ema_decay: float = 0.0,
+    mixup_alpha: float = 0.0,
+    label_smoothing: float = 0.0,
 ) -> tuple[HECNN, dict]:
     """Train HECNN(arch) and return it (eval mode, best early-stopping weights) and its history.
 
@@ -277,6 +280,11 @@ def train_model(
     ``ema_decay`` > 0: an exponential moving average of the weights and batch-norm statistics,
     updated after every optimizer step (w_avg <- d * w_avg + (1 - d) * w), is what early stopping
     scores and what is returned; 0 (the default) keeps the raw weights.
+    ``mixup_alpha`` > 0: each batch is trained on convex mixtures of its images with a shuffled copy,
+    lam ~ Beta(alpha, alpha) per batch, and the loss mixes the two labels' losses with the same lam
+    (mixup, Zhang et al. 2018). ``label_smoothing``: the training loss's targets put that much mass
+    on the other class (Szegedy et al. 2016). Both change the training loss only; early stopping
+    scores the plain (class-weighted) cross-entropy of the stop set either way.
     """
     if epochs < 1 or batch_size < 2 or lr <= 0 or patience < 0:
         raise ConfigError(
@@ -285,6 +293,10 @@ def train_model(
         )
     if not 0.0 <= ema_decay < 1.0:
         raise ConfigError(f"ema_decay must be in [0, 1), got {ema_decay}")
+    if not (math.isfinite(mixup_alpha) and mixup_alpha >= 0.0):
+        raise ConfigError(f"mixup_alpha must be a finite number >= 0, got {mixup_alpha}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     if stop_metric not in STOP_METRICS:
@@ -313,7 +325,8 @@ def train_model(
             model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay), use_buffers=True)
             if ema_decay else None)
         scored = model if averaged is None else averaged.module
-        loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
+        loss_fn = nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32),
+                                      label_smoothing=label_smoothing)
 
         history: dict = {
             "seed": seed, "epochs_max": epochs, "batch_size": batch_size, "lr": lr,
@@ -321,6 +334,7 @@ def train_model(
             "max_shift": max_shift if augment else 0, "vertical_flip": bool(augment and vertical_flip),
             "shift_augment": bool(shift_augment), "geometric_augment": bool(geometric_augment),
             "class_balanced": bool(class_balanced), "per_image": bool(per_image), "ema_decay": ema_decay,
+            "mixup_alpha": mixup_alpha, "label_smoothing": label_smoothing,
             "class_weights": None if weights is None else [round(float(w), 6) for w in weights],
             "patience": patience, "stop_metric": stop_metric, "activation": arch.activation,
             "n_train": int(n), "n_stop": int(stop_images.shape[0]), "epochs": [],
@@ -349,6 +363,10 @@ def train_model(
                     x = geometric_augment_batch(x, rng)
                 if shift_augment:
                     x = shift_augment_batch(x, rng, *(pixel_mean_std or (None, None)), per_image=per_image)
+                if mixup_alpha:  # drawn only when on, so runs without it keep their random stream
+                    mix_lam = float(rng.beta(mixup_alpha, mixup_alpha))
+                    mix_partner = rng.permutation(idx.size)
+                    x = (mix_lam * x + (1.0 - mix_lam) * x[mix_partner]).astype(x.dtype, copy=False)
                 # Flips' and shifts' fill and the geometric warp move each image's mean and std. After
                 # shift augmentation this repeats its last step; kept so that the shipped weights
                 # stay reproducible bit for bit.
@@ -359,6 +377,8 @@ def train_model(
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(xb)
                 loss = loss_fn(logits, yb)
+                if mixup_alpha:
+                    loss = mix_lam * loss + (1.0 - mix_lam) * loss_fn(logits, yb[torch.from_numpy(mix_partner)])
                 if not torch.isfinite(loss):
                     raise ConfigError(
                         f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr "

@@ -57,14 +57,16 @@ CONFUSION_PNG = "confusion.png"
 DATASET_DEFAULTS = {
     "br35h": {"epochs": 160, "batch_size": 64, "lr": 3e-3, "patience": 40, "augment": True,
               "vertical_flip": True, "max_shift": 2, "shift_augment": True, "geometric_augment": False,
-              "class_balanced": False, "threshold_rule": "youden", "ema_decay": 0.0},
+              "class_balanced": False, "threshold_rule": "youden", "ema_decay": 0.0,
+              "mixup_alpha": 0.0, "label_smoothing": 0.0},
     "pneumoniamnist": {"epochs": 30, "batch_size": 64, "lr": 3e-3, "patience": 8, "augment": False,
                        "vertical_flip": False, "max_shift": 1, "shift_augment": True, "geometric_augment": False,
-                       "class_balanced": True, "threshold_rule": "youden", "ema_decay": 0.0},
+                       "class_balanced": True, "threshold_rule": "youden", "ema_decay": 0.0,
+                       "mixup_alpha": 0.0, "label_smoothing": 0.0},
 }
 # Settings a TrainOptions field overrides when given.
 OVERRIDABLE = ("epochs", "batch_size", "lr", "patience", "augment", "shift_augment", "geometric_augment",
-               "class_balanced", "threshold_rule", "ema_decay")
+               "class_balanced", "threshold_rule", "ema_decay", "mixup_alpha", "label_smoothing")
 STOP_METRIC = "loss"
 
 
@@ -83,6 +85,8 @@ class TrainOptions:
     class_balanced: bool | None = None
     threshold_rule: str | None = None
     ema_decay: float | None = None
+    mixup_alpha: float | None = None
+    label_smoothing: float | None = None
     conv_channels: tuple[int, ...] | None = None
     pool_sizes: tuple[int, ...] | None = None
     hidden_units: int | None = None
@@ -105,7 +109,8 @@ class TrainOptions:
         for flag, value in (("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--lr", self.lr),
                             ("--patience", self.patience), ("--image-size", self.image_size),
                             ("--crop", self.crop), ("--resize-filter", self.resize_filter),
-                            ("--normalization", self.normalization), ("--ema-decay", self.ema_decay)):
+                            ("--normalization", self.normalization), ("--ema-decay", self.ema_decay),
+                            ("--mixup", self.mixup_alpha), ("--label-smoothing", self.label_smoothing)):
             if value is not None:
                 parts += [flag, str(value)]
         if self.augment is False:
@@ -162,6 +167,7 @@ def _train_and_report(arch: ArchConfig, data: PreparedData, settings: dict, prog
         vertical_flip=settings["vertical_flip"], max_shift=settings["max_shift"],
         shift_augment=settings["shift_augment"], geometric_augment=settings["geometric_augment"],
         class_balanced=settings["class_balanced"], ema_decay=settings["ema_decay"],
+        mixup_alpha=settings["mixup_alpha"], label_smoothing=settings["label_smoothing"],
         pixel_mean_std=(data.preprocessing.mean, data.preprocessing.std),
         per_image=data.preprocessing.normalization == "per_image",
     )
@@ -318,8 +324,10 @@ def _compact_history(history: dict) -> dict:
 def _environment() -> dict:
     import torch
 
+    # The kernels' vector width decides the last bits of the weights (see medhe.train.cpu_kernels).
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "torch_threads": 2, "machine": platform.machine()}
+            "torch_threads": 2, "machine": platform.machine(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _json_default(value):

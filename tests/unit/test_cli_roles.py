@@ -203,3 +203,17 @@ def test_the_demo_says_when_a_model_has_no_input_profile(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "encrypted = plaintext on 6/6" in done.stdout
     assert done.stdout.splitlines()[-1] == "input check: old-br35h has no input profile (add one with `medhe fit-input-profile`)"
+
+
+def test_diagnose_goes_on_past_an_unreadable_image_and_says_which(tmp_path: Path) -> None:
+    """`medhe diagnose` (all roles in one process) diagnoses every readable image, lists the ones it
+    could not read on stderr and exits 2, so no good scan is lost to a bad one beside it."""
+    for name in ("a.png", "c.png"):
+        Image.fromarray((np.random.rand(40, 36) * 255).astype(np.uint8)).save(tmp_path / name)
+    (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    done = medhe("diagnose", "a.png", "b.png", "c.png", "--model", "pneumoniamnist", "--backend", "clear", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    rows = [line.split()[0] for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
+    assert rows[-2:] == ["a.png", "c.png"], done.stdout
+    assert "b.png" in done.stderr and "not diagnosed" in done.stderr
+    assert "1 of 3 images could not be read and were not diagnosed: b.png" in done.stderr

@@ -442,6 +442,10 @@ def test_medmnist_errors(tmp_path: Path) -> None:
     not_npz.write_text("hello")
     with pytest.raises(DataError, match="npz"):
         load_medmnist_npz(not_npz, "train")
+    jpeg = tmp_path / "scan.jpg"  # numpy alone would call any non-zip file pickled data
+    Image.new("L", (8, 8)).save(jpeg)
+    with pytest.raises(DataError, match=r"scan.jpg: not an \.npz file \(a zip archive of arrays"):
+        load_medmnist_npz(jpeg, "train")
 
 
 def test_medmnist_colour_and_channel_images(tmp_path: Path) -> None:
@@ -532,3 +536,13 @@ def test_resize_skips_when_already_sized() -> None:
     image = np.linspace(0, 1, 16 * 16, dtype=np.float32).reshape(16, 16)
     np.testing.assert_array_equal(resize_gray01(image, 16), image)
     assert resize_gray01(image, 8).shape == (8, 8)
+
+
+def test_the_clinic_page_description_of_an_unreadable_upload_names_the_file_not_a_buffer() -> None:
+    from medhe.data.images import describe_image_bytes
+
+    with pytest.raises(ImageLoadError) as caught:
+        describe_image_bytes(bytes(range(256)) * 4, "upload.png")
+    message = str(caught.value)
+    assert message.startswith("upload.png: not a recognised image file; expected PNG, JPEG, BMP, TIFF or DICOM")
+    assert "BytesIO" not in message and "0x" not in message

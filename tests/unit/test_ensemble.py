@@ -154,6 +154,36 @@ def test_members_that_disagree_are_refused_by_name(members):
         join_plans([join_plans([first, first]), first])
 
 
+def test_members_whose_fitted_numbers_differ_in_the_last_bits_join(tmp_path):
+    """A member retrained on another CPU has the same preprocessing but for the last bits of its
+    fitted numbers (training mean, input-check profile): it joins, in `medhe ensemble` and in the
+    compiler; a real difference is refused, naming the field."""
+    import json
+
+    from medhe.compiler import compile_model
+    from medhe.errors import ModelFormatError
+    from medhe.nn.io import save_ensemble
+
+    def with_preprocessing(directory, **changes):
+        doc = json.loads((directory / "model.json").read_text())
+        doc["preprocessing"].update(changes)
+        (directory / "model.json").write_text(json.dumps(doc))
+        return directory
+
+    profile = {"mean": [0.25, 1.5], "precision": [[2.0, 0.1], [0.1, 3.0]], "threshold": 70.8}
+    first = with_preprocessing(_model_dir(tmp_path / "a", 0), input_profile=profile)
+    nudged = {"mean": [0.25 * (1 + 1e-12), 1.5], "precision": [[2.0, 0.1 + 1e-10], [0.1, 3.0]], "threshold": 70.8}
+    other_cpu = with_preprocessing(_model_dir(tmp_path / "b", 1), mean=0.4 * (1 + 1e-9), input_profile=nudged)
+    plan = compile_model(save_ensemble(tmp_path / "joined", [first, other_cpu]))
+    assert plan.members == 2 and plan.preprocessing["mean"] == 0.4  # the first member's
+    moved = with_preprocessing(_model_dir(tmp_path / "c", 1), mean=0.5, input_profile=profile)
+    with pytest.raises(ModelFormatError, match=r"their preprocessing\.mean \(0\.4 vs 0\.5\) differ"):
+        save_ensemble(tmp_path / "refused", [first, moved])
+    cropped = with_preprocessing(_model_dir(tmp_path / "d", 1), crop="foreground_square", input_profile=profile)
+    with pytest.raises(ModelFormatError, match=r"preprocessing\.crop"):
+        save_ensemble(tmp_path / "refused2", [first, cropped])
+
+
 def test_members_may_differ_inside(members):
     """A wider hidden layer keeps the input, output slots and levels: such members join, and the
     key set covers both members' rotations."""
@@ -258,9 +288,9 @@ def test_ensemble_directories_refuse_what_does_not_fit(tmp_path):
     from medhe.nn.modeldir import ensemble_members, read_model_json
 
     first = _model_dir(tmp_path / "a", 0)
-    with pytest.raises(ModelFormatError, match="their class_names differ"):
+    with pytest.raises(ModelFormatError, match=r"their class_names\[0\] \(.normal. vs .x.\) differ"):
         save_ensemble(tmp_path / "e1", [first, _model_dir(tmp_path / "b", 1, class_names=("x", "y"))])
-    with pytest.raises(ModelFormatError, match="their dataset differ"):
+    with pytest.raises(ModelFormatError, match=r"their dataset\.name \(.toy. vs .other.\) differ"):
         save_ensemble(tmp_path / "e2", [first, _model_dir(tmp_path / "c", 1, dataset="other")])
     with pytest.raises(ModelFormatError, match="at least two"):
         save_ensemble(tmp_path / "e3", [first])
@@ -277,7 +307,7 @@ def test_ensemble_directories_refuse_what_does_not_fit(tmp_path):
     shutil.copytree(tmp_path / "b", out / "member-3")
     (out / "ensemble.json").write_text(
         '{"format": "medhe-ensemble", "format_version": 1, "members": ["member-1", "member-3"]}')
-    with pytest.raises(ModelFormatError, match="their class_names differ"):
+    with pytest.raises(ModelFormatError, match=r"their class_names\[0\] \(.normal. vs .x.\) differ"):
         ensemble_members(out)
     (out / "linked").symlink_to(tmp_path / "d")
     (out / "ensemble.json").write_text(

@@ -70,8 +70,12 @@ def test_folder_errors_name_what_was_expected(tmp_path, test_files):
         evaluate_folder("br35h", root, progress=False)  # the class names are not the folder names
     with pytest.raises(ConfigError, match="2 folder names"):
         evaluate_folder("br35h", root, ("no",), progress=False)
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="missing: no such folder"):
         evaluate_folder("br35h", root / "missing", ("no", "yes"), progress=False)
+    (root / "scan.png").write_bytes(b"")
+    with pytest.raises(DataError, match="scan.png: not a folder"):
+        evaluate_folder("br35h", root / "scan.png", ("no", "yes"), progress=False)
+    (root / "scan.png").unlink()
     shutil.rmtree(root / "yes")
     (root / "yes").mkdir()
     Image.new("L", (4, 4)).save(root / "yes" / "blank.png")

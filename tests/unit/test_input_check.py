@@ -167,8 +167,10 @@ def test_fit_input_profile_reproduces_the_shipped_profile_and_refuses_other_data
     shutil.copytree(resolve_model_dir("br35h"), model_dir)
     shipped = _card("br35h").preprocessing.input_profile
     refitted = add_profile_to_model(model_dir, log=lambda line: None)
-    assert refitted.threshold == shipped.threshold
-    np.testing.assert_array_equal(refitted.precision, shipped.precision)
+    # Equal but for the last bits: sums over 2,098 images run in another order on another CPU
+    # (measured 2026-12-04 on an AVX-512 machine: threshold 70.84599293145116 against ...125).
+    assert refitted.threshold == pytest.approx(shipped.threshold, rel=1e-9)
+    np.testing.assert_allclose(refitted.precision, shipped.precision, rtol=1e-7, atol=1e-9 * np.abs(shipped.precision).max())
     # A card whose training statistics are not those of the data: nothing is written.
     doc = json.loads((model_dir / "model.json").read_text())
     doc["preprocessing"]["std"] = 0.3
@@ -240,6 +242,11 @@ def test_evaluate_reports_the_flagged_images_and_their_accuracy():
     assert check["accuracy_flagged"] == pytest.approx(alone["accuracy"], abs=1e-4)
     assert alone["input_check"]["flagged"] == len(flagged)
     assert f"{check['flagged']} of {check['n']} flagged" in format_report_table(report)
+    # Data mostly unlike the training images (here all inverted) is called out, by the data set's name.
+    assert "unlike the images this model was trained on (br35h)" in alone["warning"]
+    assert "WARNING" in format_report_table(alone)
+    own = evaluate_plaintext("br35h", scans, labels)
+    assert "warning" not in own and "WARNING" not in format_report_table(own)
 
 
 def test_remote_diagnoses_carry_the_check_in_latency_and_throughput_mode(tmp_path):

@@ -253,6 +253,17 @@ def test_tls_with_a_self_signed_certificate(setting):
         _remote(setting, server, "clinic-1").models()  # an unknown certificate is refused by default
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{server.port}/health", timeout=5)  # no plain http on a TLS port
+    # The command line trusts the certificate with --ca-file; without it, the error says so.
+    from PIL import Image
+
+    image = setting["tmp"] / "scan.png"
+    Image.fromarray((np.random.rand(6, 6) * 255).astype(np.uint8)).save(image)
+    command = [*MEDHE, "diagnose", str(image), "--server", server.url, "--model", "tiny", "--backend", "clear",
+               "--token", setting["tokens"]["clinic-2"], "--keys", str(setting["tmp"] / "home-cli")]
+    trusted = subprocess.run([*command, "--ca-file", str(cert)], capture_output=True, text=True, timeout=300)
+    assert trusted.returncode == 0 and "scan.png" in trusted.stdout, trusted.stderr
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "--ca-file CERT.pem" in refused.stderr, refused.stderr
 
 
 def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path, setting):

@@ -231,6 +231,62 @@ def test_ema_returns_the_moving_average_of_the_steps_weights(trained, monkeypatc
     assert TrainOptions(dataset="br35h", out=Path("m")).settings()["ema_decay"] == 0.0
 
 
+def test_mixup_and_label_smoothing_change_the_training_batches_and_loss_only(trained, monkeypatch):
+    """--mixup: the batch the network trains on is lam * x + (1 - lam) * x[partner] with lam and partner
+    drawn from the run's seeded stream, and the loss mixes the two labels' losses by lam;
+    --label-smoothing: the loss is the smoothed cross-entropy. Replayed by hand for one step."""
+    from medhe.errors import ConfigError
+    from medhe.train import loop
+    from medhe.train.run import TrainOptions
+
+    train_x, train_y = trained["train"]
+    val_x, val_y = trained["val"]
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class RecordingCNN(loop.HECNN):
+        def forward(self, x):
+            logits = super().forward(x)
+            if self.training:
+                seen.append((x.detach().clone(), logits.detach().clone()))
+            return logits
+
+    monkeypatch.setattr(loop, "HECNN", RecordingCNN)
+    batch = 64  # one batch, one step
+    kwargs = dict(epochs=1, batch_size=batch, lr=3e-3, patience=0, seed=5, augment=False, progress=False)
+    x, y = train_x[:batch], train_y[:batch]
+    rng = np.random.default_rng(5)
+    order = rng.permutation(batch)
+    lam = float(rng.beta(0.2, 0.2))
+    partner = rng.permutation(batch)
+    labels = torch.from_numpy(y[order])
+
+    _, history = train_model(trained["arch"], x, y, val_x, val_y, mixup_alpha=0.2, **kwargs)
+    inputs, logits = seen[-1]
+    np.testing.assert_allclose(inputs.numpy(), lam * x[order] + (1 - lam) * x[order][partner], rtol=1e-6, atol=1e-6)
+    expected = (lam * nn.functional.cross_entropy(logits, labels)
+                + (1 - lam) * nn.functional.cross_entropy(logits, labels[torch.from_numpy(partner)]))
+    assert history["epochs"][0]["train_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert history["mixup_alpha"] == 0.2 and 0.0 < lam < 1.0
+
+    _, history = train_model(trained["arch"], x, y, val_x, val_y, label_smoothing=0.1, **kwargs)
+    inputs, logits = seen[-1]
+    assert torch.equal(inputs, torch.from_numpy(x[order]))  # off: no draw, the batch is unmixed
+    smoothed = nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    assert history["epochs"][0]["train_loss"] == pytest.approx(float(smoothed), rel=1e-5)
+    assert float(smoothed) != pytest.approx(float(nn.functional.cross_entropy(logits, labels)), rel=1e-3)
+    assert history["label_smoothing"] == 0.1 and history["mixup_alpha"] == 0.0
+
+    for bad in ({"mixup_alpha": -0.1}, {"mixup_alpha": float("nan")}, {"label_smoothing": 1.0},
+                {"label_smoothing": -0.1}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            train_model(trained["arch"], x, y, val_x, val_y, **bad, **kwargs)
+    options = TrainOptions(dataset="pneumoniamnist", out=Path("m"), mixup_alpha=0.2, label_smoothing=0.1)
+    assert "--mixup 0.2 --label-smoothing 0.1" in options.as_command()
+    assert options.settings()["mixup_alpha"] == 0.2 and options.settings()["label_smoothing"] == 0.1
+    defaults = TrainOptions(dataset="br35h", out=Path("m")).settings()
+    assert defaults["mixup_alpha"] == 0.0 and defaults["label_smoothing"] == 0.0
+
+
 def test_train_model_rejects_unpreprocessed_images(trained):
     from medhe.errors import ConfigError
 
@@ -440,3 +496,35 @@ def test_cli_train_writes_a_model_directory(tmp_path, capsys, pneumoniamnist_npz
     capsys.readouterr()
     assert main(["fit-input-profile", "--model", str(out), "--data-file", str(pneumoniamnist_npz)]) == 2
     assert "this one's sha256 is" in capsys.readouterr().err  # refused by the file's hash, before its pixels
+
+
+def _cpu_capability_in_fresh_python(code: str, **env_changes: str | None) -> str:
+    import os
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env.update({key: value for key, value in env_changes.items() if value is not None})
+    done = subprocess.run([sys.executable, "-c", code + "\nimport torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, timeout=120, check=True)
+    return done.stdout.split()[-1]
+
+
+def test_the_medhe_command_pins_torch_to_avx2_kernels_before_importing_torch():
+    """Training bits depend on the kernels' vector width (an AVX-512 run drifts from the shipped AVX2
+    weights); pin_cpu_kernels holds ATen to AVX2 when it still can, and leaves a caller's choice alone."""
+    import platform
+    import sys
+
+    from medhe.train.cpu_kernels import _cpu_has_avx2, pin_cpu_kernels
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _cpu_has_avx2():
+        pytest.skip("pinning applies to x86-64 CPUs with AVX2 only")
+    pin = "from medhe.train.cpu_kernels import pin_cpu_kernels\nassert pin_cpu_kernels()"
+    assert _cpu_capability_in_fresh_python(pin) == "AVX2"
+    assert _cpu_capability_in_fresh_python(pin.replace("assert ", ""), ATEN_CPU_CAPABILITY="default") == "DEFAULT"
+    # The command line pins before building its parser (which imports torch through the train command).
+    command = ("import contextlib, io; from medhe.cli.main import main\n"
+               "with contextlib.redirect_stdout(io.StringIO()): main(['train', '--help'])")
+    assert _cpu_capability_in_fresh_python(command) == "AVX2"
+    assert "torch" in sys.modules and pin_cpu_kernels() is False  # too late in this process: says so
