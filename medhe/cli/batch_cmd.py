@@ -66,7 +66,8 @@ def cmd_batch_encrypt(args) -> int:
     finally:
         bar.close()
     size = sum(p.stat().st_size for p in Path(args.out).glob("batch-*.ct"))
-    print(f"{manifest['images']} images in {len(manifest['batches'])} batches -> {args.out} "
+    count = len(manifest["batches"])
+    print(f"{manifest['images']} images in {count} batch{'es' if count != 1 else ''} -> {args.out} "
           f"({size / 2**20:.0f} MiB, key id {client.key_id[:16]}) in {time.perf_counter() - start:.1f} s; "
           f"image index {args.index or default_index_path(args.out)} (keep it: it names the files)")
     atypical = [str(image) for image, flag in zip(images, manifest["input_typical"]) if flag is False]

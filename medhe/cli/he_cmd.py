@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from medhe.errors import ConfigError
+from medhe.errors import ConfigError, MissingKeyError
 
 from medhe.protocol.keydir import EVAL_KEYS_FILE, PUBLIC_KEY_FILE, SECRET_KEY_FILE
 
@@ -92,8 +92,9 @@ def load_spec(args):
         return ClientSpec.load(_existing(args.spec, "client spec"))
     model = getattr(args, "model", None) or "br35h"
     if model not in SHIPPED_MODELS:
-        raise ConfigError(f"a clinic loads a model's public client spec (--spec client_spec.json), not a model "
-                          f"directory; --model takes a shipped model name ({', '.join(SHIPPED_MODELS)})")
+        what = "not a model directory" if Path(model).is_dir() else f"and {model!r} is not a shipped model"
+        raise ConfigError(f"a clinic loads a model's public client spec (--spec client_spec.json), {what}; --model "
+                          f"takes a shipped model name ({', '.join(SHIPPED_MODELS)})")
     return load_plan(args).client_spec()
 
 
@@ -109,6 +110,9 @@ def _existing_file(path: str | Path, what: str, default_name: str | None = None)
     path = _existing(path, what)
     if path.is_dir() and default_name:
         path = path / default_name
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; {what} expected"
+                          + (" (diagnose --batch --server takes folders)" if what == "image file" else ""))
     if not path.is_file():
         raise ConfigError(f"no {what} at {path} (expected a file)")
     return path
@@ -323,12 +327,16 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".bmp", ".tif", ".t
 
 def _image_files(paths: list[str]) -> list[str]:
     """Files as given; folders expanded to the image files in them (sorted, recursively)."""
+    from medhe.data.images import looks_like_dicom
+
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
+                           and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and looks_like_dicom(p))))
             if not found:
-                raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) in the folder {path}")
+                raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, or DICOM without a suffix) in the "
+                                  f"folder {path}")
             files.extend(map(str, found))
         else:
             files.append(str(path))
@@ -377,10 +385,17 @@ def _diagnose_remote(args) -> int:
             shown = tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None, leave=False)
             results = (r for _, r in _each_readable(
                 shown, lambda image: remote.diagnose(image, model, accept_new=args.accept_new_model), unreadable))
-        for r in results:
-            tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.preprocess_s:>8.3f}"
-                       f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
-            _warn_if_atypical(r.image, r.input_check)
+        try:
+            for r in results:
+                tqdm.write(f"{r.image[-39:]:<40}{r.label:<12}{r.probabilities.max():>9.3f}{r.preprocess_s:>8.3f}"
+                           f"{r.encrypt_s:>11.3f}{r.server_s:>10.3f}{r.evaluate_s:>9.3f}{r.decrypt_s:>11.3f}")
+                _warn_if_atypical(r.image, r.input_check)
+        except MissingKeyError as exc:
+            if card.get("weights") != "encrypted":
+                raise
+            public_key = remote.key_dir(model, client.spec) / PUBLIC_KEY_FILE
+            raise MissingKeyError(f"{exc}. This model's weights are encrypted per clinic: send the model owner this "
+                                  f"clinic's public key ({public_key}); it holds no secret") from None
     finally:
         remote.close()
     return _report_unreadable(unreadable, len(images))

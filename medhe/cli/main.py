@@ -19,6 +19,7 @@ COMMAND_MODULES = ["medhe.cli.train_cmd", "medhe.cli.he_cmd", "medhe.cli.batch_c
 EXIT_OK = 0
 EXIT_ERROR = 2  # usage errors (argparse) and MedHEError alike
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,14 +47,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help(sys.stderr)
         return EXIT_ERROR
+    command = " ".join(filter(None, (args.command, getattr(args, "batch_command", None))))
     try:
         return int(func(args) or EXIT_OK)
+    except BrokenPipeError:  # the reader went away (`medhe ... | head`): nothing left to tell it
+        import os
+
+        # Python's advice: point stdout at /dev/null, so flushing it at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except MedHEError as exc:
-        print(f"medhe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"medhe {command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except OSError as exc:  # a path the user gave is missing, a directory, a file, not writable...
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"medhe {args.command}: error: {exc.strerror or exc or type(exc).__name__}{where}", file=sys.stderr)
+        print(f"medhe {command}: error: {exc.strerror or exc or type(exc).__name__}{where}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -77,6 +77,22 @@ def _limits(args):
                   requests_per_minute=args.rate_limit, burst=args.burst)
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """ConfigError if host:port cannot be listened on, checked before minutes of start-up and before
+    a banner names an address that another program holds. (uvicorn binds the same way, with
+    SO_REUSEADDR, so a port in TIME_WAIT is not refused here.)"""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program may be using "
+                              "the port; choose another with --port") from None
+
+
 def cmd_serve(args) -> int:
     import logging
 
@@ -99,6 +115,8 @@ def cmd_serve(args) -> int:
             raise ConfigError(f"no TLS file at {path}")
     if args.two_processes and args.ray is not None:
         raise ConfigError("--two-processes forks helpers from local worker processes; it does not apply with --ray")
+    if args.ray is None:
+        _check_port_free(args.host, args.port)
     models = _hosted_models(args)
     if args.ray is not None:
         return _serve_on_ray(args, models, tokens)
@@ -145,6 +163,7 @@ def cmd_clinic(args) -> int:
         check_clinic_host(args.host)
     if args.max_file_mb <= 0:
         raise ConfigError("--max-file-mb must be positive")
+    _check_port_free(args.host, args.port)
     remote = RemoteClient(args.server, token=args.token or os.environ.get("MEDHE_TOKEN"), key_home=args.keys,
                           backend=args.backend, verify=args.ca_file or True)
     clinic = ClinicApp(remote, max_file_bytes=int(args.max_file_mb * 2**20))

@@ -107,6 +107,15 @@ def image_to_gray01(array: np.ndarray, *, source: str = "<array>") -> np.ndarray
     )
 
 
+def looks_like_dicom(path: str | os.PathLike[str]) -> bool:
+    """True if the file has DICOM's magic bytes (how a suffix-less PACS export, IM0001, is told
+    apart); False if not, or if it cannot be read."""
+    try:
+        return _has_dicom_magic(Path(path))
+    except ImageLoadError:
+        return False
+
+
 def _has_dicom_magic(path: Path) -> bool:
     try:
         with path.open("rb") as handle:

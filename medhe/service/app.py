@@ -172,8 +172,14 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         raise ConfigError("a server hosts at least one model")
     by_name = {m.name: m for m in models}
     by_digest = {m.spec_digest: m for m in models}
-    if len(by_name) != len(models) or len(by_digest) != len(models):
-        raise ConfigError("hosted models need distinct names and distinct client specs")
+    if len(by_name) != len(models):
+        twice = sorted({m.name for m in models if sum(other.name == m.name for other in models) > 1})
+        raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once")
+    if len(by_digest) != len(models):
+        same = [m.name for m in models if sum(other.spec_digest == m.spec_digest for other in models) > 1]
+        raise ConfigError(f"hosted models need distinct client specs: {' and '.join(same)} have the same one (the "
+                          "same compiled model; it cannot be hosted twice, e.g. with plain and with encrypted "
+                          "weights: host it once)")
     instance = secrets.token_hex(4)  # names this server process (or Ray replica) in answers and logs
     removed = sweep_stale_files(data_dir, models)
     if removed:

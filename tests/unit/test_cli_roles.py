@@ -140,7 +140,10 @@ def test_cli_path_mistakes_and_private_models_get_clear_errors(tmp_path):
         (["evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "scan.ct",
           "--out", "missing/scan.result"], "does not exist"),
         (["evaluate-ciphertext", "--plan", "plan", "--backend", "clear", "--keys", "keys", "--in", "keys",
-          "--out", "x.result"], "expected a file"),
+          "--out", "x.result"], "keys is a folder; ciphertext file expected"),
+        (["keygen", "--model", "br35", "--backend", "clear", "--out", "k3"], "'br35' is not a shipped model"),
+        (["diagnose", "keys", "--server", "http://127.0.0.1:9", "--backend", "clear"],
+         "keys is a folder; image file expected (diagnose --batch --server takes folders)"),
         (["decrypt", "--spec", "plan", "--backend", "clear", "--keys", "nowhere", "--in", "scan.result"],
          "no key directory"),
         # Outputs onto a file, under a file and onto a directory; a server's store that is a file.
@@ -217,3 +220,33 @@ def test_diagnose_goes_on_past_an_unreadable_image_and_says_which(tmp_path: Path
     assert rows[-2:] == ["a.png", "c.png"], done.stdout
     assert "b.png" in done.stderr and "not diagnosed" in done.stderr
     assert "1 of 3 images could not be read and were not diagnosed: b.png" in done.stderr
+
+
+def test_folders_expand_to_their_images_and_suffixless_dicom(tmp_path: Path) -> None:
+    """`diagnose --batch` and `batch encrypt` take folders: image suffixes, and suffix-less files
+    with DICOM's magic bytes (PACS exports: IM0001); not notes, not hidden files (._scan.png)."""
+    from medhe.cli.he_cmd import _image_files
+    from medhe.errors import ConfigError
+
+    studies = tmp_path / "studies"
+    (studies / "series").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(studies / "a.png")
+    (studies / "series" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    (studies / "series" / "notes").write_text("report to follow")
+    (studies / "._a.png").write_bytes(b"\0\5\26\7")
+    assert _image_files([str(studies)]) == [str(studies / "a.png"), str(studies / "series" / "IM0001")]
+    (studies / "a.png").unlink()
+    (studies / "series" / "IM0001").unlink()
+    with pytest.raises(ConfigError, match="or DICOM without a suffix"):
+        _image_files([str(studies)])
+
+
+def test_a_closed_output_pipe_ends_a_command_quietly(tmp_path: Path) -> None:
+    """`medhe compile ... | head -0`: the reader is gone before the first line; the command stops
+    with exit code 1 and no traceback or 'error' line on stderr."""
+    process = subprocess.Popen([sys.executable, "-m", "medhe.cli.main", "compile", "--model", "br35h", "--out",
+                                str(tmp_path / "plan")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=300) == 1, stderr
+    assert "Traceback" not in stderr and "error" not in stderr, stderr

@@ -246,8 +246,12 @@ def test_hosting_refuses_bad_names_and_duplicate_models(tmp_path):
     with pytest.raises(ConfigError, match="model name"):
         host_plan(tmp_path, "../escape", plan, backend="clear")
     same = [host_plan(tmp_path, "a", plan, backend="clear"), host_plan(tmp_path, "b", plan, backend="clear")]
-    with pytest.raises(ConfigError, match="distinct"):
+    with pytest.raises(ConfigError, match="distinct client specs: a and b have the same one"):
         create_app(same, data_dir=tmp_path)
+    _, other = _tiny(3)
+    twice = [host_plan(tmp_path, "a", plan, backend="clear"), host_plan(tmp_path, "a", other, backend="clear")]
+    with pytest.raises(ConfigError, match="distinct names: a named more than once"):
+        create_app(twice, data_dir=tmp_path)
     with pytest.raises(ConfigError, match="clinic name"):
         TokenStore(tmp_path).add("Bad Name")
     assert wire.KEY_ID_HEX_DIGITS == 32

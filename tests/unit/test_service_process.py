@@ -266,6 +266,28 @@ def test_tls_with_a_self_signed_certificate(setting):
     assert refused.returncode == 2 and "--ca-file CERT.pem" in refused.stderr, refused.stderr
 
 
+def test_serve_and_clinic_refuse_a_port_in_use_before_starting(setting):
+    """A port another program listens on is refused at once, before models compile or a banner
+    names that address, and nothing is written to the data directory."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        models_before = sorted((setting["data"]).rglob("*"))
+        served = subprocess.run([*MEDHE, "serve", "--plan", str(setting["tmp"] / "plan"), "--backend", "clear",
+                                 "--data-dir", str(setting["data"]), "--port", str(port)],
+                                capture_output=True, text=True, timeout=120)
+        assert served.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in served.stderr, served.stderr
+        assert "serving on" not in served.stdout and sorted((setting["data"]).rglob("*")) == models_before
+        clinic = subprocess.run([*MEDHE, "clinic", "--server", "http://127.0.0.1:9", "--port", str(port),
+                                 "--keys", str(setting["tmp"] / "clinic-keys")],
+                                capture_output=True, text=True, timeout=120)
+        assert clinic.returncode == 2 and "choose another with --port" in clinic.stderr, clinic.stderr
+        assert "open http" not in clinic.stdout
+
+
 def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path, setting):
     empty = tmp_path / "open"
     result = subprocess.run([*MEDHE, "serve", "--plan", str(setting["tmp"] / "plan"), "--backend", "clear",
@@ -293,6 +315,7 @@ def test_encrypted_model_mode_over_http_from_the_command_line(setting):
     first = subprocess.run(clinic, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 2 and "no encrypted model" in first.stderr, first.stderr
     public_key = next((tmp / "clinic").glob("tiny-*/public.key"))
+    assert f"send the model owner this clinic's public key ({public_key})" in first.stderr, first.stderr
     owner = subprocess.run([*MEDHE, "encrypt-model", "--plan", str(tmp / "plan"), "--public-key", str(public_key),
                             "--out", str(tmp / "enc"), "--backend", "clear", "--server", server.url,
                             "--token", owner_token], capture_output=True, text=True, timeout=120)
