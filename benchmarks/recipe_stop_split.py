@@ -25,7 +25,7 @@ Only decay 0.995 (about 3 epochs of PneumoniaMNIST steps, 6 of Br35H's) is tried
 
 Mixup and label smoothing (2026-12-04; the same rule, written before their rows were run): "+ mixup"
 (image pairs mixed with lam ~ Beta(0.2, 0.2) per batch, their losses mixed alike) and "+ label
-smoothing" (targets 0.9 / 0.1) each ship for a data set under the EMA rule above, against the
+smoothing" (torch's label_smoothing 0.1: targets 0.95 / 0.05) each ship for a data set under the EMA rule above, against the
 shipped recipe's rows of the same run. Only alpha 0.2 and eps 0.1 are tried. If both qualify, the
 one with the lower mean corrupted balanced error ships.
 

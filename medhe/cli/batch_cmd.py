@@ -106,11 +106,15 @@ def cmd_batch_run(args) -> int:
 
 def cmd_batch_decrypt(args) -> int:
     from medhe.data.input_check import typical_cell
-    from medhe.protocol.batch_job import decrypt_job
+    from medhe.protocol.batch_job import decrypt_job, default_index_path
 
     spec = _batch_spec(args)
     client = _client(args, spec)
     rows = decrypt_job(client, _existing(args.job, "job directory"), index_path=args.index)
+    if args.index is None and not default_index_path(args.job).is_file():
+        print(f"warning: no image index at {default_index_path(args.job)}: the diagnoses are named by batch and "
+              "position (batch-0000#21), not by file; pass --index JOB.index.json from `medhe batch encrypt`",
+              file=sys.stderr)
     if args.csv:
         out = _output_file(args.csv)
         with out.open("w", newline="") as f:

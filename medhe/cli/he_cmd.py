@@ -332,8 +332,11 @@ def _image_files(paths: list[str]) -> list[str]:
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")
-                           and (p.suffix.lower() in IMAGE_SUFFIXES or (not p.suffix and looks_like_dicom(p))))
+            # DICOM is told by its magic bytes whatever the name (IM0001, 1.2.840.113619.2.55.3.6);
+            # hidden files and folders (._scan.png, .thumbs/) are skipped.
+            found = sorted(p for p in path.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts)
+                           and (p.suffix.lower() in IMAGE_SUFFIXES or looks_like_dicom(p)))
             if not found:
                 raise ConfigError(f"no image files ({', '.join(IMAGE_SUFFIXES)}, or DICOM without a suffix) in the "
                                   f"folder {path}")

@@ -34,6 +34,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _stdout_is_gone() -> bool:
+    """True if stdout is a pipe whose reader has closed it (poll reports an error on the write end);
+    stdout then points at /dev/null (Python's advice), so that flushing it at exit does not fail again."""
+    import os
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, ValueError, OSError):  # stdout is not a real file (a capture object)
+        return False
+    if not hasattr(select, "poll"):  # not on Windows
+        return False
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poller.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from medhe.train.cpu_kernels import pin_cpu_kernels
 
@@ -50,12 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, getattr(args, "batch_command", None))))
     try:
         return int(func(args) or EXIT_OK)
-    except BrokenPipeError:  # the reader went away (`medhe ... | head`): nothing left to tell it
-        import os
-
-        # Python's advice: point stdout at /dev/null, so flushing it at exit does not fail again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+    except BrokenPipeError as exc:
+        if not _stdout_is_gone():  # another pipe (a helper's, a socket) broke: an error like any other
+            print(f"medhe {command}: error: {exc.strerror or exc}", file=sys.stderr)
+            return EXIT_ERROR
+        return EXIT_BROKEN_PIPE  # the reader went away (`medhe ... | head`): nothing left to tell it
     except MedHEError as exc:
         print(f"medhe {command}: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

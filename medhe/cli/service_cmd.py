@@ -83,14 +83,20 @@ def _check_port_free(host: str, port: int) -> None:
     SO_REUSEADDR, so a port in TIME_WAIT is not refused here.)"""
     import socket
 
+    import errno
+
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:  # as asyncio's server socket, which serves IPv6 only
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): another program may be using "
-                              "the port; choose another with --port") from None
+            hint = ("another program is using the port; choose another with --port" if exc.errno == errno.EADDRINUSE
+                    else "check --host (an address of this machine) and --port")
+            raise ConfigError(f"cannot listen on {shown} ({exc.strerror or exc}): {hint}") from None
 
 
 def cmd_serve(args) -> int:

@@ -66,7 +66,8 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                    help="train on mixtures of image pairs, weight ~ Beta(ALPHA, ALPHA) per batch, with the "
                         f"labels' losses mixed alike; 0 = off (default: {default('mixup_alpha')})")
     p.add_argument("--label-smoothing", type=float, default=None, metavar="EPS",
-                   help="training targets give EPS of their mass to the other class; 0 = off "
+                   help="smoothed training targets (torch's label_smoothing: EPS spread over both classes, so 0.1 gives "
+                        "targets 0.95 / 0.05); 0 = off "
                         f"(default: {default('label_smoothing')})")
     p.add_argument("--threshold-rule", choices=THRESHOLD_RULES, default=None,
                    help="youden: the decision threshold maximising sensitivity + specificity on the "

@@ -53,11 +53,14 @@ ENSEMBLE_AGREEMENT = ("input_shape", "preprocessing", "class_names", "dataset")
 # Fitted numbers (the training set's mean and std, the input check's profile) are sums over the same
 # images: on another CPU their last bits differ (measured: 1e-10 in a profile), which is no difference.
 FITTED_NUMBER_REL_TOL = 1e-6
+# ... and a number that is zero but for round-off (the mean of standardised pixels: -1.2e-9) may
+# come out as another round-off; no fitted number that means something is this small.
+FITTED_NUMBER_ABS_TOL = 1e-8
 
 
 def first_difference(first, other, where: str) -> str | None:
     """The path of the first field where two model.json values differ (floats within
-    FITTED_NUMBER_REL_TOL count as equal), or None."""
+    FITTED_NUMBER_REL_TOL or FITTED_NUMBER_ABS_TOL count as equal), or None."""
     if isinstance(first, dict) and isinstance(other, dict):
         if first.keys() != other.keys():
             return f"{where} (fields {sorted(set(first) ^ set(other))})"
@@ -68,10 +71,9 @@ def first_difference(first, other, where: str) -> str | None:
             return f"{where} (length {len(first)} vs {len(other)})"
         return next((found for i, (a, b) in enumerate(zip(first, other))
                      if (found := first_difference(a, b, f"{where}[{i}]"))), None)
-    numbers = (int, float)
     if isinstance(first, float) or isinstance(other, float):
-        if isinstance(first, numbers) and isinstance(other, numbers) and not isinstance(first, bool) \
-                and not isinstance(other, bool) and math.isclose(first, other, rel_tol=FITTED_NUMBER_REL_TOL):
+        both_numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (first, other))
+        if both_numbers and math.isclose(first, other, rel_tol=FITTED_NUMBER_REL_TOL, abs_tol=FITTED_NUMBER_ABS_TOL):
             return None
         return f"{where} ({first!r} vs {other!r})"
     return None if first == other and type(first) is type(other) else f"{where} ({first!r} vs {other!r})"

@@ -1,4 +1,4 @@
-"""Pin torch's CPU kernels to AVX2, so that `medhe train` gives the same weights on any x86-64 machine.
+"""Pin torch's CPU kernels to AVX2, so that `medhe train` gives the same weights on any x86-64 Linux machine.
 
 ATen and oneDNN pick their vector kernels by the CPU, and an AVX-512 kernel sums in another order
 than an AVX2 one: the same seeded run then drifts in the fifth digit of the weights (measured
@@ -6,7 +6,9 @@ than an AVX2 one: the same seeded run then drifts in the fifth digit of the weig
 ACC and AUC, its ReLU twin one image apart; Br35H's twin four). With both libraries held to AVX2,
 which x86-64 servers have had since 2013, that machine reproduced the shipped weights bit for bit.
 Both libraries read these variables once, when first used, so this must run before torch is
-imported; the `medhe` command calls it first thing. A variable the caller set is left alone.
+imported; the `medhe` command calls it first thing. A variable the caller set is left alone. The CPU's
+flags are read from /proc/cpuinfo: elsewhere (macOS, Windows) nothing is pinned. Child processes
+inherit the variables, which costs them nothing but AVX-512's speed.
 """
 
 from __future__ import annotations

@@ -282,8 +282,8 @@ def train_model(
     scores and what is returned; 0 (the default) keeps the raw weights.
     ``mixup_alpha`` > 0: each batch is trained on convex mixtures of its images with a shuffled copy,
     lam ~ Beta(alpha, alpha) per batch, and the loss mixes the two labels' losses with the same lam
-    (mixup, Zhang et al. 2018). ``label_smoothing``: the training loss's targets put that much mass
-    on the other class (Szegedy et al. 2016). Both change the training loss only; early stopping
+    (mixup, Zhang et al. 2018). ``label_smoothing``: torch's, which spreads that much of each target's
+    mass over all classes (Szegedy et al. 2016; two classes and 0.1: targets 0.95 / 0.05). Both change the training loss only; early stopping
     scores the plain (class-weighted) cross-entropy of the stop set either way.
     """
     if epochs < 1 or batch_size < 2 or lr <= 0 or patience < 0:

@@ -81,8 +81,16 @@ def test_cli_job_round_trip_equals_the_plaintext_model_and_resumes(setup, tmp_pa
     done = medhe("batch", "decrypt", "--spec", str(root / "bplan"), "--keys", str(root / "keys"), "--job", str(job),
                  "--csv", str(tmp_path / "diagnoses.csv"), "--backend", "clear")
     assert done.returncode == 0, done.stderr
+    assert "warning: no image index" not in done.stderr  # job.index.json is beside the job
     lines = (tmp_path / "diagnoses.csv").read_text().splitlines()
     assert lines[0].startswith("image,label,p_") and len(lines) == IMAGES + 1
+    # Without its index the diagnoses are named by position, and the clinic is told so.
+    (tmp_path / "job.index.json").rename(tmp_path / "kept.index.json")
+    unnamed = medhe("batch", "decrypt", "--spec", str(root / "bplan"), "--keys", str(root / "keys"), "--job",
+                    str(job), "--backend", "clear")
+    (tmp_path / "kept.index.json").rename(tmp_path / "job.index.json")
+    assert unnamed.returncode == 0 and "warning: no image index" in unnamed.stderr, unnamed.stderr
+    assert "batch-0000#0" in unnamed.stdout
 
     spec = ClientSpec.load(root / "bplan")
     client = load_key_directory(spec, root / "keys")

@@ -233,10 +233,14 @@ def test_folders_expand_to_their_images_and_suffixless_dicom(tmp_path: Path) -> 
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(studies / "a.png")
     (studies / "series" / "IM0001").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (studies / "series" / "notes").write_text("report to follow")
+    (studies / "series" / "1.2.840.113619.2.55.3.6").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (studies / "._a.png").write_bytes(b"\0\5\26\7")
-    assert _image_files([str(studies)]) == [str(studies / "a.png"), str(studies / "series" / "IM0001")]
-    (studies / "a.png").unlink()
-    (studies / "series" / "IM0001").unlink()
+    (studies / ".thumbs").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(studies / ".thumbs" / "t.png")
+    assert _image_files([str(studies)]) == [str(studies / "a.png"), str(studies / "series" / "1.2.840.113619.2.55.3.6"),
+                                            str(studies / "series" / "IM0001")]
+    for name in ("a.png", "series/IM0001", "series/1.2.840.113619.2.55.3.6"):
+        (studies / name).unlink()
     with pytest.raises(ConfigError, match="or DICOM without a suffix"):
         _image_files([str(studies)])
 

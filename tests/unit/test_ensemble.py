@@ -170,9 +170,11 @@ def test_members_whose_fitted_numbers_differ_in_the_last_bits_join(tmp_path):
         (directory / "model.json").write_text(json.dumps(doc))
         return directory
 
-    profile = {"mean": [0.25, 1.5], "precision": [[2.0, 0.1], [0.1, 3.0]], "threshold": 70.8}
+    # mean[2]: zero but for round-off, as the mean of standardised pixels is
+    profile = {"mean": [0.25, 1.5, -1.19e-9], "precision": [[2.0, 0.1], [0.1, 3.0]], "threshold": 70.8}
     first = with_preprocessing(_model_dir(tmp_path / "a", 0), input_profile=profile)
-    nudged = {"mean": [0.25 * (1 + 1e-12), 1.5], "precision": [[2.0, 0.1 + 1e-10], [0.1, 3.0]], "threshold": 70.8}
+    nudged = {"mean": [0.25 * (1 + 1e-12), 1.5, -1.3e-9], "precision": [[2.0, 0.1 + 1e-10], [0.1, 3.0]],
+              "threshold": 70.8}
     other_cpu = with_preprocessing(_model_dir(tmp_path / "b", 1), mean=0.4 * (1 + 1e-9), input_profile=nudged)
     plan = compile_model(save_ensemble(tmp_path / "joined", [first, other_cpu]))
     assert plan.members == 2 and plan.preprocessing["mean"] == 0.4  # the first member's

@@ -280,6 +280,7 @@ def test_serve_and_clinic_refuse_a_port_in_use_before_starting(setting):
                                  "--data-dir", str(setting["data"]), "--port", str(port)],
                                 capture_output=True, text=True, timeout=120)
         assert served.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in served.stderr, served.stderr
+        assert "another program is using the port" in served.stderr
         assert "serving on" not in served.stdout and sorted((setting["data"]).rglob("*")) == models_before
         clinic = subprocess.run([*MEDHE, "clinic", "--server", "http://127.0.0.1:9", "--port", str(port),
                                  "--keys", str(setting["tmp"] / "clinic-keys")],
