@@ -111,8 +111,8 @@ def cmd_batch_decrypt(args) -> int:
     spec = _batch_spec(args)
     client = _client(args, spec)
     rows = decrypt_job(client, _existing(args.job, "job directory"), index_path=args.index)
-    if args.index is None and not default_index_path(args.job).is_file():
-        print(f"warning: no image index at {default_index_path(args.job)}: the diagnoses are named by batch and "
+    if args.index is None and not (index := default_index_path(args.job)).is_file():
+        print(f"warning: no image index at {index}: the diagnoses are named by batch and "
               "position (batch-0000#21), not by file; pass --index JOB.index.json from `medhe batch encrypt`",
               file=sys.stderr)
     if args.csv:

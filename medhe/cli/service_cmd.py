@@ -81,9 +81,8 @@ def _check_port_free(host: str, port: int) -> None:
     """ConfigError if host:port cannot be listened on, checked before minutes of start-up and before
     a banner names an address that another program holds. (uvicorn binds the same way, with
     SO_REUSEADDR, so a port in TIME_WAIT is not refused here.)"""
-    import socket
-
     import errno
+    import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     shown = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"

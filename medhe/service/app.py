@@ -30,6 +30,7 @@ import re
 import secrets
 import struct
 import time
+from collections import Counter
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +174,12 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
     by_name = {m.name: m for m in models}
     by_digest = {m.spec_digest: m for m in models}
     if len(by_name) != len(models):
-        twice = sorted({m.name for m in models if sum(other.name == m.name for other in models) > 1})
+        names = Counter(m.name for m in models)
+        twice = sorted(name for name, count in names.items() if count > 1)
         raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once")
     if len(by_digest) != len(models):
-        same = [m.name for m in models if sum(other.spec_digest == m.spec_digest for other in models) > 1]
+        digests = Counter(m.spec_digest for m in models)
+        same = [m.name for m in models if digests[m.spec_digest] > 1]
         raise ConfigError(f"hosted models need distinct client specs: {' and '.join(same)} have the same one (the "
                           "same compiled model; it cannot be hosted twice, e.g. with plain and with encrypted "
                           "weights: host it once)")

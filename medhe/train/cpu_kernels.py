@@ -28,7 +28,7 @@ def _cpu_has_avx2() -> bool:
         cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return False
-    return any(line.startswith("flags") and " avx2" in f" {line.split(':', 1)[-1]}" for line in cpuinfo.splitlines())
+    return any(line.startswith("flags") and "avx2" in line.split(":", 1)[-1].split() for line in cpuinfo.splitlines())
 
 
 def pin_cpu_kernels() -> bool:

@@ -60,13 +60,14 @@ def add_input_check(report: dict, card: ModelCard, inputs: np.ndarray) -> dict:
     def accuracy(mask):
         return round(float(correct[mask].mean()), 4) if mask.any() else None
 
+    flagged_fraction = float((~typical).mean())
     report["input_check"] = {
         "threshold": profile.threshold, "flagged": int((~typical).sum()), "n": int(typical.size),
-        "flagged_fraction": round(float((~typical).mean()), 4),
+        "flagged_fraction": round(flagged_fraction, 4),
         "accuracy_typical": accuracy(typical), "accuracy_flagged": accuracy(~typical),
     }
     report["per_image"]["input_typical"] = typical.tolist()
-    if (~typical).mean() > MOSTLY_ATYPICAL_FRACTION:
+    if flagged_fraction > MOSTLY_ATYPICAL_FRACTION:
         report["warning"] = (
             f"{int((~typical).sum())} of {typical.size} images are unlike the images this model was trained on "
             f"({(card.dataset or {}).get('name', 'its training data')}): is this data of the model's kind "
