@@ -44,7 +44,7 @@ def _batch_spec(args):
 def _progress(total: int | None, what: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=what, unit="batch", leave=False)
+    return tqdm(total=total, desc=what, unit="batch", leave=False, disable=None)  # None: off when not a terminal
 
 
 def cmd_batch_encrypt(args) -> int:
@@ -165,7 +165,9 @@ def register(subparsers) -> None:
                                    "clinic (default: OUT.index.json beside the job)")
     e.add_argument("--images-per-batch", type=_positive_int, default=None,
                    help="at most this many images per batch message (default and maximum: N/2 slots)")
-    e.add_argument("--workers", type=_positive_int, default=None, help="encryption processes (default: one per core)")
+    e.add_argument("--workers", type=_positive_int, default=1,
+                   help="1 (default): encrypt in this process with the secret key, seeded (half the bytes); N > 1: "
+                        "N helper processes encrypting under the public key (faster on many cores, twice the bytes)")
     e.set_defaults(func=cmd_batch_encrypt)
 
     r = sub.add_parser("run", help="server: evaluate every batch of a job that has no result yet")

@@ -185,7 +185,7 @@ def cmd_encrypt_model(args) -> int:
 
     plan = Plan.load(_existing(args.plan, "plan directory"))
     public_key = _existing_file(args.public_key, "public key", PUBLIC_KEY_FILE).read_bytes()
-    owner = ModelOwner(backend=args.backend, progress=True)
+    owner = ModelOwner(backend=args.backend, progress=sys.stderr.isatty())  # no bar lines in a log file
     message = owner.encrypt_model(plan, public_key)
     out = save_encrypted_model(args.out, plan, message)
     report = owner.last_report
@@ -268,6 +268,8 @@ def cmd_diagnose(args) -> int:
         return _diagnose_remote(args)
     from medhe.protocol.local import LocalSession
 
+    for image in args.images:  # a mistyped path is refused before keys are made; a corrupt file is skipped
+        _existing_file(image, "image file")
     plan = load_plan(args)
     start = time.perf_counter()
     session = LocalSession(plan, backend=args.backend, encrypted_model=args.encrypted_model)
@@ -288,27 +290,37 @@ def cmd_diagnose(args) -> int:
 def _each_readable(images, diagnose_one, unreadable: list[str]):
     """(image, diagnose_one(image)) for each image; one that cannot be read (ImageLoadError) is listed
     in `unreadable` and on stderr, and the others are still diagnosed."""
-    from tqdm import tqdm
-
     from medhe.errors import ImageLoadError
 
     for image in images:
         try:
             result = diagnose_one(image)
         except ImageLoadError as exc:
-            unreadable.append(str(image))
-            tqdm.write(f"{str(image)[-39:]:<40}not diagnosed: {exc}", file=sys.stderr)
+            _note_unreadable(image, exc, unreadable)
         else:
             yield image, result
 
 
+def _note_unreadable(image, error: Exception, unreadable: list[str]) -> None:
+    from tqdm import tqdm
+
+    unreadable.append(str(image))
+    tqdm.write(f"{str(image)[-39:]:<40}not diagnosed: {error}", file=sys.stderr)
+
+
 def _report_unreadable(unreadable: list[str], total: int) -> int:
-    """Exit code 2 and a summary on stderr if any image could not be read, else 0."""
+    """0 if every image was diagnosed; EXIT_SOME_SKIPPED (3) and a summary on stderr if some could
+    not be read; an error (exit 2) if none could."""
+    from medhe.cli.main import EXIT_SOME_SKIPPED
+    from medhe.errors import ImageLoadError
+
     if not unreadable:
         return 0
+    if len(unreadable) == total:
+        raise ImageLoadError(f"none of the {total} images could be read: {', '.join(unreadable)}")
     print(f"medhe diagnose: {len(unreadable)} of {total} images could not be read and were not diagnosed: "
           f"{', '.join(unreadable)}", file=sys.stderr)
-    return 2
+    return EXIT_SOME_SKIPPED
 
 
 def _warn_if_atypical(image: str, check: dict | None) -> None:
@@ -316,7 +328,10 @@ def _warn_if_atypical(image: str, check: dict | None) -> None:
     input check found unlike the model's training images."""
     from tqdm import tqdm
 
-    if check is not None and not check["typical"]:
+    if check is not None and check.get("uniform"):
+        tqdm.write(f"warning: {image} is blank (every pixel the same value): there is nothing to diagnose; "
+                   "check the export", file=sys.stderr)
+    elif check is not None and not check["typical"]:
         tqdm.write(f"warning: {image} is unlike the model's training images (input distance "
                    f"{check['distance']:.0f} > {check['threshold']:.0f}); check modality, orientation and "
                    f"inversion: the diagnosis may not hold", file=sys.stderr)
@@ -382,8 +397,11 @@ def _diagnose_remote(args) -> int:
             batches = (len(images) + client.spec.slot_count - 1) // client.spec.slot_count
             with tqdm(total=batches, desc="batches", unit="batch", disable=True if batches < 2 else None,
                       leave=False) as bar:
+                skipped: list = []
                 results = remote.diagnose_batch(images, model, accept_new=args.accept_new_model,
-                                                on_batch=lambda done, total: bar.update(1))
+                                                on_batch=lambda done, total: bar.update(1), unreadable=skipped)
+            for image, error in skipped:
+                _note_unreadable(image, error, unreadable)
         else:
             shown = tqdm(images, desc="diagnosing", disable=True if len(images) < 2 else None, leave=False)
             results = (r for _, r in _each_readable(
@@ -418,7 +436,7 @@ def _key_budget(text: str) -> float | str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("compile", help="model owner: compile a trained model for encrypted inference")
-    p.add_argument("--model", required=True, nargs="+", metavar="MODEL",
+    p.add_argument("--model", required=True, nargs="+", action="extend", metavar="MODEL",
                    help="model directory or shipped model name; several: one ensemble plan that averages "
                         "their logits (same input, classes, levels and output slots; see README 'Ensembles')")
     p.add_argument("--out", required=True, help="plan directory to write (server plan + public client_spec.json)")
@@ -477,7 +495,13 @@ def register(subparsers) -> None:
     p.add_argument("--in", dest="input", required=True, help="result message file")
     p.set_defaults(func=cmd_decrypt)
 
-    p = subparsers.add_parser("diagnose", help="all roles in one process: encrypt -> evaluate -> decrypt, with timings")
+    p = subparsers.add_parser(
+        "diagnose", help="all roles in one process: encrypt -> evaluate -> decrypt, with timings",
+        description="Encrypt, evaluate and decrypt each image, with timings (--server: against a diagnosis "
+                    "server). An image that cannot be read is listed on stderr and skipped. Exit code 0: all "
+                    "diagnosed; 3: some images could not be read, the others were diagnosed; 2: an error (a "
+                    "missing file, or a folder given as an image, is refused before keys are made; folders are "
+                    "expanded only with --server --batch).")
     p.add_argument("images", nargs="+", help="PNG/JPEG/DICOM files")
     add_plan_arguments(p)
     p.add_argument("--encrypted-model", action="store_true",

@@ -20,6 +20,7 @@ EXIT_OK = 0
 EXIT_ERROR = 2  # usage errors (argparse) and MedHEError alike
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 1
+EXIT_SOME_SKIPPED = 3  # `medhe diagnose`: the readable images were diagnosed, some others could not be read
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,55 +17,84 @@ from medhe.errors import ConfigError
 def _hosted_models(args) -> list:
     """--model NAME_OR_DIR..., --plan DIR..., --encrypted-model DIR... -> hosted models (NAME=PATH
     names one explicitly; otherwise the shipped name or the directory's name)."""
-    from medhe.plan import Plan, load_plan_dir
-    from medhe.service.hosting import host_plan
+    from collections import Counter
+
+    from medhe.plan import load_plan_dir
+    from medhe.service.hosting import check_name, host_plan
 
     def named(value: str) -> tuple[str, str]:
         name, sep, path = value.partition("=")
         return (name, path) if sep else (Path(value.rstrip("/")).name.lower(), value)
 
-    def compiled(path: str, throughput: bool):
+    def in_clear(path: str, throughput: bool):
         from medhe.compiler import compile_model
         from medhe.compiler.batch import compile_batch
         from medhe.nn.modeldir import resolve_model_dir
 
-        return (compile_batch if throughput else compile_model)(resolve_model_dir(path))
+        model_dir = resolve_model_dir(path)  # a mistyped name is refused before anything is written
+        compile_plan = compile_batch if throughput else compile_model
+        return lambda name: host_plan(args.data_dir, name, compile_plan(model_dir), backend=args.backend)
 
-    hosted = []
-    for value in args.model or []:
-        name, path = named(value)
-        hosted.append(host_plan(args.data_dir, name, compiled(path, False), backend=args.backend))
-    for value in args.batch_model or []:
-        name, path = named(value)
-        hosted.append(host_plan(args.data_dir, name if "=" in value else f"{name}-batch", compiled(path, True),
-                                backend=args.backend))
-    for value in args.plan or []:
-        name, path = named(value)
+    def from_plan_dir(path: str):
         if not Path(path).is_dir():
             raise ConfigError(f"no plan directory at {path}")
-        hosted.append(host_plan(args.data_dir, name, load_plan_dir(path), backend=args.backend))
-    for value in args.encrypted_model or []:
-        from medhe.protocol.owner import ENCRYPTED_MODEL_FILE, load_encrypted_model
-        from medhe.protocol.server import Server
+        return lambda name: host_plan(args.data_dir, name, load_plan_dir(path), backend=args.backend)
 
+    # (name, how to host it): every name is known, and checked, before anything is written to --data-dir.
+    pending = []
+    for value in args.model or []:
         name, path = named(value)
-        if (Path(path) / ENCRYPTED_MODEL_FILE).is_file():
-            plan, message = load_encrypted_model(path)
-        elif (Path(path) / "arrays.npz").exists() or not Path(path).is_dir():
-            raise ConfigError(f"--encrypted-model takes a directory from `medhe encrypt-model` (or a plan saved "
-                              f"without weights); {path} is not one, or holds weights in clear")
-        else:  # the architecture only: encrypted models arrive per clinic (POST /v1/encrypted-model)
-            plan, message = Plan.load(path, weights=False), None
-        model = host_plan(args.data_dir, name, plan, backend=args.backend, encrypted_model=True)
-        if message is not None:
-            # The directory's encrypted model (for the key id it was made for) goes into the key store.
-            Server(plan, backend=args.backend, key_dir=model.key_dir,
-                   encrypted_model=True).register_encrypted_model(message)
-        hosted.append(model)
-    if not hosted:
+        pending.append((name, in_clear(path, False)))
+    for value in args.batch_model or []:
+        name, path = named(value)
+        pending.append((name if "=" in value else f"{name}-batch", in_clear(path, True)))
+    for value in args.plan or []:
+        name, path = named(value)
+        pending.append((name, from_plan_dir(path)))
+    for value in args.encrypted_model or []:
+        name, path = named(value)
+        _check_encrypted_model_dir(path)
+        pending.append((name, lambda name, path=path: _host_encrypted(args, name, path)))
+    if not pending:
         raise ConfigError("name at least one model to serve: --model br35h, --batch-model br35h, --plan DIR or "
                           "--encrypted-model DIR")
-    return hosted
+    names = Counter(name for name, _ in pending)
+    twice = sorted(name for name, count in names.items() if count > 1)
+    if twice:
+        raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once (name one "
+                          "explicitly with NAME=PATH)")
+    for name, _ in pending:
+        check_name(name)
+    return [host(name) for name, host in pending]
+
+
+def _check_encrypted_model_dir(path: str) -> None:
+    from medhe.protocol.owner import ENCRYPTED_MODEL_FILE
+
+    if not (Path(path) / ENCRYPTED_MODEL_FILE).is_file() and ((Path(path) / "arrays.npz").exists()
+                                                             or not Path(path).is_dir()):
+        raise ConfigError(f"--encrypted-model takes a directory from `medhe encrypt-model` (or a plan saved "
+                          f"without weights); {path} is not one, or holds weights in clear")
+
+
+def _host_encrypted(args, name: str, path: str):
+    """--encrypted-model NAME=DIR (checked by _check_encrypted_model_dir): a plan without weights,
+    and the directory's encrypted model (if it holds one) in the key store."""
+    from medhe.plan import Plan
+    from medhe.protocol.owner import ENCRYPTED_MODEL_FILE, load_encrypted_model
+    from medhe.protocol.server import Server
+    from medhe.service.hosting import host_plan
+
+    if (Path(path) / ENCRYPTED_MODEL_FILE).is_file():
+        plan, message = load_encrypted_model(path)
+    else:  # the architecture only: encrypted models arrive per clinic (POST /v1/encrypted-model)
+        plan, message = Plan.load(path, weights=False), None
+    model = host_plan(args.data_dir, name, plan, backend=args.backend, encrypted_model=True)
+    if message is not None:
+        # The directory's encrypted model (for the key id it was made for) goes into the key store.
+        Server(plan, backend=args.backend, key_dir=model.key_dir,
+               encrypted_model=True).register_encrypted_model(message)
+    return model
 
 
 def _limits(args):
@@ -211,13 +240,14 @@ def register(subparsers) -> None:
     from medhe.cli.he_cmd import add_backend_argument, add_ca_file_argument
 
     p = subparsers.add_parser("serve", help="server: run the encrypted diagnosis HTTP service")
-    p.add_argument("--model", nargs="+", metavar="NAME_OR_DIR",
+    p.add_argument("--model", nargs="+", action="extend", metavar="NAME_OR_DIR",
                    help="shipped model names or model directories, compiled at start (NAME=DIR to name one)")
-    p.add_argument("--batch-model", nargs="+", metavar="NAME_OR_DIR",
+    p.add_argument("--batch-model", nargs="+", action="extend", metavar="NAME_OR_DIR",
                    help="models to host in throughput mode too, as NAME-batch (up to N/2 images per message, "
                         "POST /v1/diagnose-batch)")
-    p.add_argument("--plan", nargs="+", metavar="DIR", help="compiled plan directories (from `medhe compile`)")
-    p.add_argument("--encrypted-model", nargs="+", metavar="DIR",
+    p.add_argument("--plan", nargs="+", action="extend", metavar="DIR",
+                   help="compiled plan directories (from `medhe compile`)")
+    p.add_argument("--encrypted-model", nargs="+", action="extend", metavar="DIR",
                    help="[NAME=]DIR, encrypted-model mode: the architecture from `medhe compile --architecture` "
                         "(each clinic's encrypted weights then arrive by POST /v1/encrypted-model), or a "
                         "directory from `medhe encrypt-model`; the server never sees the weights")

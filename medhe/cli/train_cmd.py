@@ -185,7 +185,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--corruptions", action="store_true",
                    help="accuracy, AUC and balanced error under the 13 MedMNIST-C chest X-ray corruptions at "
                         "5 severities each, next to the clean figure (plaintext)")
-    p.add_argument("--compare", nargs="+", default=(), metavar="DIR|NAME",
+    p.add_argument("--compare", nargs="+", action="extend", default=[], metavar="DIR|NAME",
                    help="with --corruptions: also score these models (same data set) on the same corrupted images")
     p.add_argument("--corruption-size", type=int, default=224, metavar="PX",
                    help="with --corruptions: side the images are corrupted at (default 224, as MedMNIST-C)")
@@ -358,8 +358,8 @@ def add_ensemble_parser(subparsers) -> argparse.ArgumentParser:
                     "that computes that mean on one ciphertext (latency mode; one key set; about members x "
                     "the server time of one). The members must share the data set, preprocessing and classes.",
     )
-    p.add_argument("--model", required=True, nargs="+", metavar="MODEL", help="two or more model directories "
-                   "or shipped model names")
+    p.add_argument("--model", required=True, nargs="+", action="extend", metavar="MODEL",
+                   help="two or more model directories or shipped model names")
     p.add_argument("--out", required=True, type=Path, help="ensemble directory to write (new or empty)")
     p.set_defaults(func=cmd_ensemble)
     return p

@@ -155,9 +155,14 @@ class InputProfile:
         return self.distances(model_inputs) <= self.threshold
 
     def check(self, model_inputs: np.ndarray) -> list[dict]:
-        """One {"distance", "threshold", "typical"} per input."""
+        """One {"distance", "threshold", "typical", "uniform"} per input; uniform: every value the
+        same (a blank image, or a failed export), which warnings name as such rather than by a
+        distance of 1e9."""
+        inputs = np.asarray(model_inputs)
+        uniform = np.ptp(inputs.reshape(len(inputs), -1), axis=1) == 0
         return [{"distance": round(float(d), 3), "threshold": round(self.threshold, 3),
-                 "typical": bool(d <= self.threshold)} for d in self.distances(model_inputs)]
+                 "typical": bool(d <= self.threshold), "uniform": bool(flat)}
+                for d, flat in zip(self.distances(inputs), uniform)]
 
     def to_dict(self) -> dict[str, Any]:
         return {

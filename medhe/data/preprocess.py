@@ -234,7 +234,7 @@ class Preprocessing:
         return replace(self, input_profile=profile)
 
     def check_input(self, model_input: np.ndarray) -> dict | None:
-        """{"distance", "threshold", "typical"} of one model input (C, S, S) as apply() made it, or
+        """{"distance", "threshold", "typical", "uniform"} of one model input (C, S, S) as apply() made it, or
         None for a model without an input profile."""
         if self.input_profile is None:
             return None

@@ -60,6 +60,10 @@ class PublicKeyEncryptor(Protocol):
 
 class ClientBackend(Backend, Protocol):
     def encrypt(self, values: np.ndarray) -> Any: ...
+    def encrypt_to_bytes(self, values: np.ndarray) -> bytes:
+        """One serialized ciphertext of the client's own input (SEAL: secret-key encryption in
+        seeded form, half the bytes of a public-key ciphertext)."""
+        ...
     def decrypt(self, ct: Any) -> np.ndarray: ...
     def public_key(self) -> bytes:
         """The serialized public key (for a model owner to encrypt weights under)."""

@@ -130,10 +130,14 @@ class ClearBackend:
         self.rotations += 1
         return ClearCiphertext(np.roll(a.values, -int(steps)), a.level, a.scale)
 
+    def encrypt_to_bytes(self, values: np.ndarray) -> bytes:
+        """One serialized "ciphertext" (SEAL's counterpart is seeded; here there is no seed to send)."""
+        return self.serialize(self.encrypt(values))
+
     def encrypt_serialized(self, rows: np.ndarray, *, workers: int = 1) -> list[bytes]:
         """Rows of slot values -> serialized "ciphertexts" (no encryption to share out: `workers` is
         accepted for the interface and ignored)."""
-        return [self.serialize(self.encrypt(row)) for row in np.asarray(rows, dtype=np.float64)]
+        return [self.encrypt_to_bytes(row) for row in np.asarray(rows, dtype=np.float64)]
 
     def serialize(self, ct: ClearCiphertext) -> bytes:
         if ct.size != 2:

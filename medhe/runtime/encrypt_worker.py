@@ -1,7 +1,10 @@
-"""Encrypt rows of slot values in helper processes of the client (throughput-mode batches).
+"""Encrypt rows of slot values in helper processes of the client (throughput-mode batches, when
+asked for with workers > 1).
 
 SEAL's Python bindings hold the GIL, so a batch's hundreds of ciphertexts are encrypted faster by
-processes. Each helper is `python -m medhe.runtime.encrypt_worker`, started afresh (no fork of a
+processes. The helpers encrypt under the public key, so their ciphertexts are twice the bytes of
+the seeded ones the client makes itself with its secret key (the default: on two cores one process
+encrypting seeded is as fast as two helpers). Each helper is `python -m medhe.runtime.encrypt_worker`, started afresh (no fork of a
 process that has run SEAL, no re-import of the caller's main module), and given on its stdin the
 CKKS parameters, the client's public key (never the secret key) and its rows; it answers on stdout
 with one serialized ciphertext per row. Frames are length-prefixed bytes: nothing is pickled.
@@ -10,7 +13,6 @@ with one serialized ciphertext per row. Frames are length-prefixed bytes: nothin
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -38,18 +40,6 @@ def _read_frame(stream) -> bytes:
     if len(data) != size:
         raise EOFError("the stream ended inside a frame")
     return data
-
-
-def helper_count(requested: int | None = None) -> int:
-    """Helpers for a batch: as asked, else one per core this process may run on, at most 8 (each
-    holds a SEAL context of about 100 MB)."""
-    if requested:
-        return max(1, requested)
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(1, min(cores, 8))
 
 
 def encrypt_rows_in_processes(params_doc: dict, public_key: bytes, rows: np.ndarray, workers: int) -> list[bytes]:

@@ -404,6 +404,16 @@ def demo_test_files(n_per_class: int = 3) -> list[tuple[Path, int]]:
     return chosen
 
 
+def _data_cell(report: dict) -> str:
+    """'br35h / test', or for an image folder its path and its readable images per class (all of
+    them: with --limit, n says how many were evaluated)."""
+    dataset = report.get("dataset", {})
+    if dataset.get("name") == "image folder":
+        counts = ", ".join(f"{name} {count}" for name, count in dataset.get("n_per_class", {}).items())
+        return f"image folder {dataset.get('root', '?')} (in the folder: {counts})"
+    return f"{dataset.get('name', '?')} / {report.get('split', '?')}"
+
+
 def format_report_table(report: dict) -> str:
     """A short human-readable table of an evaluation report."""
     def fmt(value):
@@ -412,7 +422,7 @@ def format_report_table(report: dict) -> str:
     cm = report.get("confusion_matrix", [[0, 0], [0, 0]])
     rows = [
         ("model", report.get("model_dir", "?")),
-        ("data", f"{report.get('dataset', {}).get('name', '?')} / {report.get('split', '?')}"
+        ("data", _data_cell(report)
                  + ("" if report.get("held_out") else "  (NOT held out)" if report.get("held_out") is False
                     else "  (held-out status unknown)")),
         ("encrypted", str(report.get("encrypted")) + ("  (backend clear: the same steps on plain numbers, "

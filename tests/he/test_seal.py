@@ -268,6 +268,34 @@ def test_evaluation_keys_travel_seeded_at_half_the_size_and_still_rotate():
     np.testing.assert_allclose(got, expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
 
 
+def test_the_clients_own_inputs_travel_seeded_at_half_the_size_and_evaluate_alike():
+    """The client encrypts its inputs with its secret key (SEAL's symmetric encryption), sent in
+    seeded form: about half a public-key ciphertext, less fresh noise, and the server computes on
+    it as on any ciphertext. Helpers (workers > 1) have only the public key: full size."""
+    seq = two_block_model()
+    plan = small_plan(seq, (1, 16, 16))
+    client = SEALClientBackend(plan.params)
+    values = np.random.default_rng(0).uniform(-1, 1, client.slot_count)
+    seeded, public = client.encrypt_to_bytes(values), client.serialize(client.encrypt(values))
+    assert 0.45 < len(seeded) / len(public) < 0.55
+    seeded_error = np.abs(client.decrypt(client.deserialize(seeded)) - values).max()
+    public_error = np.abs(client.decrypt(client.deserialize(public)) - values).max()
+    assert seeded_error < public_error < 2.0 ** -(plan.params.input_scale_bits - 20)
+    rows = np.stack([values] * 16)  # enough rows that two helpers are started
+    assert all(0.45 < len(b) / len(public) < 0.55 for b in client.encrypt_serialized(rows))
+    assert all(0.9 < len(b) / len(public) < 1.1 for b in client.encrypt_serialized(rows, workers=2))
+    # The protocol's ciphertext message is the seeded one, and the plan evaluates it as exactly.
+    protocol_client = Client(plan.client_spec(), backend="seal")
+    server = Server(plan, backend="seal")
+    server.register_keys(protocol_client.evaluation_keys())
+    x = np.random.randn(1, 16, 16)
+    message = protocol_client.encrypt_input(x)
+    assert len(message) < 0.55 * len(public) + 4096
+    expected = torch_out(seq, x)
+    got = protocol_client.decrypt_logits(server.evaluate(message))
+    np.testing.assert_allclose(got, expected, atol=ckks_tolerance(plan, np.abs(expected).max()))
+
+
 def test_keys_for_more_steps_than_the_plan_needs_are_refused_before_loading():
     from medhe.protocol import wire
 

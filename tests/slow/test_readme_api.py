@@ -40,4 +40,4 @@ def test_readme_python_example_runs_and_matches_plaintext(tmp_path, monkeypatch)
     # The example's encrypted-model server answers the same scan with the same label.
     logits = client.decrypt_logits(server.evaluate(client.encrypt_input(names["model_input"])))
     assert np.argmax(logits) == np.argmax(expected)
-    assert set(client.check_input(names["model_input"])) == {"distance", "threshold", "typical"}
+    assert set(client.check_input(names["model_input"])) == {"distance", "threshold", "typical", "uniform"}

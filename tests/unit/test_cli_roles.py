@@ -210,16 +210,23 @@ def test_the_demo_says_when_a_model_has_no_input_profile(tmp_path):
 
 def test_diagnose_goes_on_past_an_unreadable_image_and_says_which(tmp_path: Path) -> None:
     """`medhe diagnose` (all roles in one process) diagnoses every readable image, lists the ones it
-    could not read on stderr and exits 2, so no good scan is lost to a bad one beside it."""
+    could not read on stderr and exits 3, so no good scan is lost to a bad one beside it. None
+    readable is an error (2), as is a mistyped path, refused before any key is made."""
     for name in ("a.png", "c.png"):
         Image.fromarray((np.random.rand(40, 36) * 255).astype(np.uint8)).save(tmp_path / name)
     (tmp_path / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    (tmp_path / "d.png").write_bytes(b"")
     done = medhe("diagnose", "a.png", "b.png", "c.png", "--model", "pneumoniamnist", "--backend", "clear", cwd=tmp_path)
-    assert done.returncode == 2, done.stderr
+    assert done.returncode == 3, done.stderr
     rows = [line.split()[0] for line in done.stdout.splitlines() if line.endswith(tuple("0123456789"))]
     assert rows[-2:] == ["a.png", "c.png"], done.stdout
     assert "b.png" in done.stderr and "not diagnosed" in done.stderr
     assert "1 of 3 images could not be read and were not diagnosed: b.png" in done.stderr
+    none = medhe("diagnose", "b.png", "d.png", "--model", "pneumoniamnist", "--backend", "clear", cwd=tmp_path)
+    assert none.returncode == 2, none.stderr
+    assert "error: none of the 2 images could be read: b.png, d.png" in none.stderr
+    typo = medhe("diagnose", "a.png", "e.png", "--model", "pneumoniamnist", "--backend", "clear", cwd=tmp_path)
+    assert typo.returncode == 2 and "no image file at e.png" in typo.stderr and "keys generated" not in typo.stdout
 
 
 def test_folders_expand_to_their_images_and_suffixless_dicom(tmp_path: Path) -> None:
@@ -254,3 +261,19 @@ def test_a_closed_output_pipe_ends_a_command_quietly(tmp_path: Path) -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=300) == 1, stderr
     assert "Traceback" not in stderr and "error" not in stderr, stderr
+
+
+def test_a_repeated_list_flag_adds_to_the_first():
+    """`serve --model a --model b` serves both (argparse's default keeps only the last), as do the
+    other flags that take several models."""
+    from medhe.cli.main import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model", "br35h", "--model", "pneumoniamnist", "x=dir"]).model == [
+        "br35h", "pneumoniamnist", "x=dir"]
+    assert parser.parse_args(["serve", "--plan", "a", "--plan", "b"]).plan == ["a", "b"]
+    assert parser.parse_args(["compile", "--model", "a", "--model", "b", "--out", "p"]).model == ["a", "b"]
+    assert parser.parse_args(["ensemble", "--model", "a", "--model", "b", "--out", "e"]).model == ["a", "b"]
+    evaluate = parser.parse_args(["evaluate", "--model", "br35h", "--corruptions", "--compare", "a", "--compare", "b"])
+    assert evaluate.compare == ["a", "b"]
+    assert parser.parse_args(["evaluate", "--model", "br35h"]).compare == []

@@ -92,7 +92,10 @@ def test_the_cli_writes_the_folder_report(tmp_path, test_files, capsys):
     assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--report", str(out), "--no-progress"]) == 0
     report = json.loads(out.read_text())
     assert report["n"] == len(test_files) and report["dataset"]["class_dirs"] == ["no tumor", "tumor"]
-    assert "accuracy" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "accuracy" in table
+    counts = ", ".join(f"{name} {n}" for name, n in report["dataset"]["n_per_class"].items())
+    assert f"image folder {root.resolve()} (in the folder: {counts})" in table  # where the data came from
     # The encrypted path (clear backend here; the HE tiers cover CKKS), both classes within the limit.
     assert main(["evaluate", "--model", "br35h", "--image-dir", str(root), "--encrypted", "--backend", "clear",
                  "--limit", "4", "--report", str(out), "--no-progress"]) == 0

@@ -48,7 +48,7 @@ def test_images_like_the_training_ones_pass_and_inverted_or_turned_ones_are_flag
     assert _flagged(profile, 1.0 - held_out) >= 0.95  # intensities inverted
     assert _flagged(profile, np.swapaxes(held_out, 2, 3)) >= 0.95  # turned by 90 degrees
     check = profile.check(held_out[:1])[0]
-    assert set(check) == {"distance", "threshold", "typical"}
+    assert set(check) == {"distance", "threshold", "typical", "uniform"}
     assert check["typical"] == (check["distance"] <= check["threshold"])
 
 
@@ -222,6 +222,20 @@ def test_medhe_encrypt_warns_on_stderr_about_an_atypical_image(tmp_path):
     atypical = medhe("encrypt", "inv.png", *clinic, "--keys", "keys", "--out", "b.ct")
     assert "inv.png is unlike the model's training images" in atypical.stderr
     assert "warning" not in atypical.stdout  # the stdout line stays as it was
+    # A blank image (per-image normalisation makes it all zeros) is named blank, not by its distance.
+    Image.fromarray(np.zeros((60, 50), np.uint8)).save(tmp_path / "blank.png")
+    blank = medhe("encrypt", "blank.png", *clinic, "--keys", "keys", "--out", "c.ct")
+    assert "blank.png is blank (every pixel the same value)" in blank.stderr and "distance" not in blank.stderr
+
+
+def test_the_check_names_a_uniform_input_and_only_that():
+    from medhe.nn.io import resolve_model_dir
+
+    profile = Preprocessing.from_dict(json.loads((resolve_model_dir("pneumoniamnist") / "model.json").read_text())
+                                      ["preprocessing"]).input_profile
+    flat, textured = np.full((1, 28, 28), -0.3), np.random.default_rng(0).normal(size=(1, 28, 28))
+    checks = profile.check(np.stack([flat, textured]))
+    assert [c["uniform"] for c in checks] == [True, False] and checks[0]["typical"] is False
 
 
 def test_evaluate_reports_the_flagged_images_and_their_accuracy():

@@ -198,18 +198,23 @@ def test_throughput_mode_batch_round_trip_matches_plaintext(model, tmp_path):
     # after the first one is encrypted, not after all of them.
     from medhe.protocol import wire
 
-    one_bytes = len(client._backend.encrypt_serialized(np.zeros((1, plan.batch_size)))[0])
+    one_bytes = len(client._backend.encrypt_to_bytes(np.zeros(plan.batch_size)))
     calls = []
-    real_encrypt = client._backend.encrypt_serialized
-    client._backend.encrypt_serialized = lambda rows, **kw: calls.append(len(rows)) or real_encrypt(rows, **kw)
+    backend = client._backend
+    real_one, real_rows = backend.encrypt_to_bytes, backend.encrypt_serialized
+    backend.encrypt_to_bytes = lambda values: calls.append(1) or real_one(values)
+    backend.encrypt_serialized = lambda rows, **kw: calls.append(len(rows)) or real_rows(rows, **kw)
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(wire.MAX_PAYLOAD_BYTES, "batch_ciphertext", one_bytes * SIZE * SIZE - 1)
         with pytest.raises(ConfigError, match=f"{SIZE * SIZE} of .* over the .* batch message limit; use latency mode"):
             client.encrypt_batch(x)
         assert calls == [1]
+        with pytest.raises(ConfigError, match="seeded, half the bytes"):  # helpers: public-key sizes
+            client.encrypt_batch(x, workers=2)
         patch.setitem(wire.MAX_PAYLOAD_BYTES, "batch_ciphertext", one_bytes * SIZE * SIZE + 10**6)
+        calls.clear()
         client.encrypt_batch(x[:2])  # at the limit's side that fits, the whole batch is encrypted
-        assert calls == [1, 1, SIZE * SIZE - 1]
+        assert calls[:2] == [1, SIZE * SIZE - 1]
 
 
 def test_secret_key_file_is_private_atomic_and_never_follows_links(plan, tmp_path):

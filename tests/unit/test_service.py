@@ -11,7 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 from torch import nn
 
-from medhe.errors import ConfigError, MissingKeyError, RemoteError
+from medhe.errors import ConfigError, ImageLoadError, MissingKeyError, RemoteError
 from medhe.protocol import wire
 from medhe.protocol.client import Client
 from medhe.protocol.remote import RemoteClient
@@ -300,6 +300,17 @@ def test_throughput_mode_over_http_matches_plaintext(tmp_path):
     assert [r.image for r in split] == [str(image) for image in images]
     np.testing.assert_allclose(np.stack([r.logits for r in split]), expected, atol=1e-9)
     assert remote.diagnose_batch([], "tiny-batch") == []
+    # An unreadable file raises, or, given a list, is set aside while the others are diagnosed.
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    with pytest.raises(ImageLoadError, match="broken.png"):
+        remote.diagnose_batch([images[0], broken], "tiny-batch")
+    unreadable = []
+    kept = remote.diagnose_batch([images[0], broken, images[1]], "tiny-batch", unreadable=unreadable)
+    assert [u[0] for u in unreadable] == [str(broken)] and isinstance(unreadable[0][1], ImageLoadError)
+    assert [r.image for r in kept] == [str(images[0]), str(images[1])]
+    np.testing.assert_allclose(np.stack([r.logits for r in kept]), expected[:2], atol=1e-9)
+    assert remote.diagnose_batch([broken], "tiny-batch", unreadable=[]) == []
     assert all(r.preprocess_s > 0 for r in split)
     # Each model only on its own endpoint.
     with TestClient(app) as tc:

@@ -289,6 +289,26 @@ def test_serve_and_clinic_refuse_a_port_in_use_before_starting(setting):
         assert "open http" not in clinic.stdout
 
 
+def test_serve_refuses_a_name_given_twice_before_writing_anything(tmp_path, setting):
+    """Two models under one name are refused by name, and --data-dir gets no model folder for it
+    (before, the second plan had replaced the first on disk by the time the server refused). A
+    repeated flag adds to the first (`--model a --model b` serves both)."""
+    data = tmp_path / "srv"
+    plan = str(setting["tmp"] / "plan")
+    done = subprocess.run([*MEDHE, "serve", "--plan", f"twin={plan}", "--plan", f"twin={plan}", "--backend", "clear",
+                           "--data-dir", str(data), "--no-auth", "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "distinct names: twin named more than once" in done.stderr, done.stderr
+    assert not (data / "models" / "twin").exists()
+    # So is a mistyped model or encrypted-model directory after a good one: the good one is not written.
+    for bad in (["--model", "no-such-model"], ["--encrypted-model", f"enc={tmp_path / 'nowhere'}"]):
+        done = subprocess.run([*MEDHE, "serve", "--plan", f"good={plan}", *bad, "--backend", "clear",
+                               "--data-dir", str(data), "--no-auth", "--port", str(free_port())],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and bad[1].split("=")[-1] in done.stderr, done.stderr
+        assert not (data / "models" / "good").exists()
+
+
 def test_serve_refuses_to_start_without_tokens_unless_told(tmp_path, setting):
     empty = tmp_path / "open"
     result = subprocess.run([*MEDHE, "serve", "--plan", str(setting["tmp"] / "plan"), "--backend", "clear",
@@ -356,16 +376,18 @@ def test_a_folder_in_throughput_mode_from_the_command_line(setting):
     rng = np.random.default_rng(3)
     for i in range(5):
         Image.fromarray((rng.random((28, 28) if i % 2 else (36, 30)) * 255).astype(np.uint8)).save(studies / f"s{i}.png")
+    (studies / "s2b.png").write_bytes(b"\x89PNG\r\n\x1a\n cut off in transfer")  # skipped, the batch goes on
     done = subprocess.run([*MEDHE, "diagnose", "--server", server.url, "--model", "pneumoniamnist-batch", "--batch",
                            str(studies), "--backend", "clear", "--keys", str(setting["tmp"] / "clinic")],
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "MEDHE_TOKEN": setting["tokens"]["clinic-0"]})
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 3, done.stderr
+    assert "1 of 6 images could not be read and were not diagnosed: " in done.stderr and "s2b.png" in done.stderr
     lines = done.stdout.splitlines()
     assert "amortized over the batch" in lines[-6] and len(lines[-5:]) == 5
     remote = _remote(setting, server, "clinic-0")
     client = load_key_directory(remote.spec("pneumoniamnist-batch"), next((setting["tmp"] / "clinic").glob("pneumo*")))
-    images = sorted(studies.iterdir())
+    images = sorted(p for p in studies.iterdir() if p.name != "s2b.png")
     expected = shipped_model_logits("pneumoniamnist", np.stack([client.preprocess(p) for p in images]))
     names = [client.spec.class_names[i] for i in expected.argmax(1)]
     assert [line.split()[:2] for line in lines[-5:]] == [[str(p)[-39:], name] for p, name in zip(images, names)]

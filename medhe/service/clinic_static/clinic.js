@@ -399,7 +399,10 @@ function renderResult(task, model) {
     el("span", { class: "hint", textContent: Object.entries(r.probabilities).map(([k, v]) => `${k} ${v.toFixed(3)}`).join(" · ") }),
   );
   box.append(verdict);
-  if (atypical(task)) {
+  if (r.input_check && r.input_check.uniform) {
+    box.append(el("p", { class: "warning", id: "input-warning", role: "alert", textContent:
+      "This image is blank (every pixel the same value): there is nothing to diagnose. Check the export." }));
+  } else if (atypical(task)) {
     box.append(el("p", { class: "warning", id: "input-warning", role: "alert", textContent:
       "This image is unlike the images the model was trained on (input distance " +
       `${r.input_check.distance.toFixed(0)}, above ${r.input_check.threshold.toFixed(0)}). ` +
