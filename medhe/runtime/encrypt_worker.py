@@ -3,8 +3,9 @@ asked for with workers > 1).
 
 SEAL's Python bindings hold the GIL, so a batch's hundreds of ciphertexts are encrypted faster by
 processes. The helpers encrypt under the public key, so their ciphertexts are twice the bytes of
-the seeded ones the client makes itself with its secret key (the default: on two cores one process
-encrypting seeded is as fast as two helpers). Each helper is `python -m medhe.runtime.encrypt_worker`, started afresh (no fork of a
+the seeded ones the client makes itself with its secret key (the default; on two cores one process
+encrypting seeded is also faster than two helpers: 6.6 s against 9.5 s for 784 ciphertexts).
+Each helper is `python -m medhe.runtime.encrypt_worker`, started afresh (no fork of a
 process that has run SEAL, no re-import of the caller's main module), and given on its stdin the
 CKKS parameters, the client's public key (never the secret key) and its rows; it answers on stdout
 with one serialized ciphertext per row. Frames are length-prefixed bytes: nothing is pickled.

@@ -57,7 +57,8 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}\Z")
 class Limits:
     """Request size limits (bytes, whole message) and timeouts."""
     ciphertext_bytes: int = 64 * 2**20
-    batch_bytes: int = 4 * 2**30  # one seeded ciphertext per input feature (0.45 GB for 28x28, 2.2 GiB for 64x64); streamed to disk
+    # One seeded ciphertext per input feature (0.45 GB for 28x28, 2.2 GiB for 64x64); streamed to disk.
+    batch_bytes: int = 4 * 2**30
     evaluation_keys_bytes: int = 2 * 2**30  # keys at N=16384 are 150-200 MB (N=32768: ~1 GB); never held in memory
     encrypted_model_bytes: int = 2 * 2**30
     idle_upload_timeout_s: float = 30.0  # a stalled upload is dropped after this long without a byte
