@@ -353,6 +353,17 @@ class Server:
             raise InvalidMessage(f"expected a batch_ciphertext message as bytes, got {type(message).__name__}")
         return self._evaluate_batch_stream(io.BytesIO(message))  # BytesIO shares bytes' buffer: no copy
 
+    def _fresh_input(self, backend, ct, what: str):
+        """`ct` if it is a fresh input as the client makes one (all the plan's levels, 2 components,
+        the input scale), else InvalidMessage: a wrong scale would not fail, only give wrong logits."""
+        input_scale = 2.0 ** self.plan.params.input_scale_bits
+        if backend.levels_left(ct) != self.plan.depth or backend.components(ct) != 2 \
+                or abs(backend.scale(ct) / input_scale - 1) > 1e-9:
+            raise InvalidMessage(f"{what} must be fresh: {self.plan.depth} levels, 2 components, scale "
+                                 f"2^{self.plan.params.input_scale_bits} (got {backend.levels_left(ct)} levels, "
+                                 f"{backend.components(ct)} components, scale {backend.scale(ct):.4g})")
+        return ct
+
     def _evaluate_batch_stream(self, file) -> bytes:
         key_id = wire.peek_key_id(file.read(wire.PEEK_BYTES))
         file.seek(0)
@@ -361,18 +372,9 @@ class Server:
                                          expect_kind="batch_ciphertext", key_id=key_id,
                                          max_part_bytes=wire.MAX_PAYLOAD_BYTES["ciphertext"], **self._ids)
         backend = executor.backend
-        input_scale = 2.0 ** self.plan.params.input_scale_bits
-
-        def fresh(part: bytes):
-            ct = backend.deserialize(part)
-            if backend.levels_left(ct) != self.plan.depth or backend.components(ct) != 2 \
-                    or abs(backend.scale(ct) / input_scale - 1) > 1e-9:
-                raise InvalidMessage(f"batch ciphertexts must be fresh: {self.plan.depth} levels, 2 components, "
-                                     f"scale 2^{self.plan.params.input_scale_bits}")
-            return ct
-
         label = wire.batch_label(extra)
-        outs = executor.run(fresh(part) for part in parts)
+        outs = executor.run(self._fresh_input(backend, backend.deserialize(part), "batch ciphertexts")
+                            for part in parts)
         result_extra = {"count": extra.get("count", self.plan.batch_size)}
         if label is not None:
             result_extra["label"] = label  # echoed: the client checks its result belongs to this batch
@@ -385,10 +387,7 @@ class Server:
         key_id = wire.peek_key_id(message)
         executor = self._executor(key_id)
         msg = wire.decode(message, expect_kind="ciphertext", key_id=key_id, **self._ids)
-        ct = executor.backend.deserialize(msg.payload)
-        if executor.backend.levels_left(ct) != self.plan.depth:
-            raise InvalidMessage(f"ciphertext has {executor.backend.levels_left(ct)} levels, the plan needs "
-                                 f"a fresh one with {self.plan.depth}")
+        ct = self._fresh_input(executor.backend, executor.backend.deserialize(msg.payload), "the ciphertext")
         if self.two_processes:  # the helper gets the bytes as they came: no second serialisation
             self._end_other_helpers(executor)
             out = executor.run(ct, timings=timings, input_bytes=msg.payload)

@@ -130,6 +130,26 @@ def test_bad_inputs_name_what_was_expected(plan, parties):
         client.encrypt_input(bad)
 
 
+def test_a_ciphertext_that_is_not_a_fresh_input_is_refused_by_name(plan, parties):
+    """A ciphertext at the wrong scale or level would not fail on its own, only give wrong logits:
+    the server refuses it and says what a fresh input is."""
+    import struct
+
+    from medhe.runtime.clear import ClearCiphertext
+
+    client, server = parties
+    backend = client._backend
+    values = client.pack(np.random.rand(1, SIZE, SIZE))
+    fresh = backend.encrypt(values)
+    for stale in (ClearCiphertext(values, fresh.level, fresh.scale * 2), ClearCiphertext(values, fresh.level - 1,
+                                                                                             fresh.scale)):
+        message = wire.encode("ciphertext", backend.serialize(stale), key_id=client.key_id, **client._ids)
+        with pytest.raises(InvalidMessage, match=rf"the ciphertext must be fresh: {plan.depth} levels, 2 components"):
+            server.evaluate(message)
+    assert struct.unpack("<id", backend.encrypt_to_bytes(values)[4:16]) == (fresh.level, fresh.scale)
+    client.decrypt_logits(server.evaluate(client.encrypt_input(np.random.rand(1, SIZE, SIZE))))  # still serving
+
+
 def test_evaluation_keys_for_another_plan_are_refused(model, plan):
     other_plan = compile_torch(nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double(), (1, SIZE, SIZE))
     with pytest.raises(InvalidMessage, match="spec"):
