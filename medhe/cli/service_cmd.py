@@ -17,10 +17,8 @@ from medhe.errors import ConfigError
 def _hosted_models(args) -> list:
     """--model NAME_OR_DIR..., --plan DIR..., --encrypted-model DIR... -> hosted models (NAME=PATH
     names one explicitly; otherwise the shipped name or the directory's name)."""
-    from collections import Counter
-
     from medhe.plan import load_plan_dir
-    from medhe.service.hosting import check_name, host_plan
+    from medhe.service.hosting import check_distinct_names, check_name, host_plan
 
     def named(value: str) -> tuple[str, str]:
         name, sep, path = value.partition("=")
@@ -58,11 +56,7 @@ def _hosted_models(args) -> list:
     if not pending:
         raise ConfigError("name at least one model to serve: --model br35h, --batch-model br35h, --plan DIR or "
                           "--encrypted-model DIR")
-    names = Counter(name for name, _ in pending)
-    twice = sorted(name for name, count in names.items() if count > 1)
-    if twice:
-        raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once (name one "
-                          "explicitly with NAME=PATH)")
+    check_distinct_names([name for name, _ in pending], " (name one explicitly with NAME=PATH)")
     for name, _ in pending:
         check_name(name)
     return [host(name) for name, host in pending]

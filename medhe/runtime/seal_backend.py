@@ -323,20 +323,22 @@ class SEALClientBackend(_SEALWire):
         """The secret key, serialized. Only this explicit call ever writes it out."""
         return _save(self._secret_key)
 
-    def encrypt(self, values: np.ndarray):
+    def _slot_values(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
         if values.shape != (self.slot_count,):
             raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
-        return _encrypt_values(self.encoder, self.encryptor, values, 2.0 ** self.params.input_scale_bits)
+        return values
+
+    def encrypt(self, values: np.ndarray):
+        """A public-key ciphertext object (what a helper process, or the model owner, makes)."""
+        return _encrypt_values(self.encoder, self.encryptor, self._slot_values(values),
+                               2.0 ** self.params.input_scale_bits)
 
     def encrypt_to_bytes(self, values: np.ndarray) -> bytes:
         """Slot values -> one serialized ciphertext, encrypted with the secret key in SEAL's seeded
         form (about half the bytes of `serialize(encrypt(values))`; it loads as any ciphertext)."""
-        values = np.asarray(values, dtype=np.float64)
-        if values.shape != (self.slot_count,):
-            raise BackendError(f"expected {self.slot_count} slot values, got shape {values.shape}")
         pt = seal.Plaintext()
-        self.encoder.encode(values.tolist(), 2.0 ** self.params.input_scale_bits, pt)
+        self.encoder.encode(self._slot_values(values).tolist(), 2.0 ** self.params.input_scale_bits, pt)
         return _save(self._symmetric.encrypt_symmetric(pt))
 
     def encrypt_serialized(self, rows: np.ndarray, *, workers: int = 1) -> list[bytes]:

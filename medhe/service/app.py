@@ -44,7 +44,7 @@ from medhe.errors import ConfigError, InvalidMessage
 from medhe.protocol import wire
 from medhe.protocol.server import is_key_id
 from medhe.service.auth import Principal, TokenStore
-from medhe.service.hosting import HostedModel, UploadArea, sweep_stale_files
+from medhe.service.hosting import HostedModel, UploadArea, check_distinct_names, sweep_stale_files
 from medhe.service.metrics import Metrics, RateLimiter
 from medhe.service.workers import InlinePool, PoolBusy, ProcessPool, WorkerFailed
 
@@ -174,10 +174,7 @@ def create_app(models: list[HostedModel], *, data_dir: str | Path, workers: int 
         raise ConfigError("a server hosts at least one model")
     by_name = {m.name: m for m in models}
     by_digest = {m.spec_digest: m for m in models}
-    if len(by_name) != len(models):
-        names = Counter(m.name for m in models)
-        twice = sorted(name for name, count in names.items() if count > 1)
-        raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once")
+    check_distinct_names([m.name for m in models])
     if len(by_digest) != len(models):
         digests = Counter(m.spec_digest for m in models)
         same = [m.name for m in models if digests[m.spec_digest] > 1]

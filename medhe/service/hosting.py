@@ -20,6 +20,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,13 @@ def check_name(name: str, what: str = "model name") -> str:
         raise ConfigError(f"{what} {name!r} must be 1-64 characters of a-z, 0-9, '_', '.', '-' (starting with a "
                           "letter or digit)")
     return name
+
+
+def check_distinct_names(names: list[str], hint: str = "") -> None:
+    """ConfigError naming every model name given more than once (`hint`: how to avoid it)."""
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        raise ConfigError(f"hosted models need distinct names: {', '.join(twice)} named more than once{hint}")
 
 
 def host_plan(data_dir: str | Path, name: str, plan: Plan | BatchPlan, *, backend: str = "seal",
