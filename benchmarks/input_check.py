@@ -2,7 +2,7 @@
 
 For each shipped model, its held-out images (Br35H grouped test split at full resolution,
 PneumoniaMNIST val) as stored, then the mistakes a clinic can make or meet: the other data set's
-images (the wrong modality for this model), inverted intensities (a MONOCHROME1 film read as
+images (the wrong modality for this model), uniform noise, inverted intensities (a MONOCHROME1 film read as
 MONOCHROME2), the image turned 90 degrees or upside down, and the 13 MedMNIST-C chest X-ray
 corruptions pooled by severity (as `medhe evaluate --corruptions` makes them, at 224 px). Per set:
 the fraction the input check flags, and the model's plaintext accuracy on all, on the typical and on
@@ -25,6 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, print_table, write_json  # noqa: E402
+
+
+NOISE_IMAGES = 50
 
 
 def held_out_raw(dataset: str, data_file: str | None) -> tuple[list[np.ndarray], np.ndarray]:
@@ -64,6 +67,7 @@ def model_rows(model_name: str, other: str, data_file: str | None) -> list[dict]
     from medhe.nn.io import load_model, resolve_model_dir
 
     model, card = load_model(resolve_model_dir(model_name))
+    rng = np.random.default_rng(0)
     if card.preprocessing.input_profile is None:
         raise SystemExit(f"{model_name} has no input profile: run `medhe fit-input-profile --model {model_name}`")
     images, labels = held_out_raw(model_name, data_file)
@@ -74,6 +78,8 @@ def model_rows(model_name: str, other: str, data_file: str | None) -> list[dict]
         ("inverted", [1.0 - image for image in images], labels),
         ("rotated 90 degrees", [np.rot90(image).copy() for image in images], labels),
         ("upside down", [image[::-1].copy() for image in images], labels),
+        # Not a scan at all: the check is known to pass this for PneumoniaMNIST (README "Input check").
+        (f"uniform noise ({NOISE_IMAGES}, 200x160)", [rng.random((200, 160)) for _ in range(NOISE_IMAGES)], None),
     )]
     # MedMNIST-C corruptions at 224 px, pooled over the 13 per severity.
     pooled: dict[int, list[np.ndarray]] = {severity: [] for severity in range(1, SEVERITIES + 1)}
